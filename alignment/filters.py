@@ -1,0 +1,46 @@
+"""Filters over a scored polars frame: which grown samples the Improve step trains on.
+
+A scored frame has at least ``prompt_id``, ``completion`` and ``reward``. Every filter keeps
+rows with ``reward >= threshold`` (or the best ``k`` per prompt), adds a ``threshold`` column
+recording the value it used, and can drop identical completions for one prompt first.
+
+The ReST schedule follows Algorithm 1 of the ReST paper (seed notes 004): choose
+``tau_1 > V_pi`` where ``V_pi = E_{D_g}[R(x, y)]`` is the policy's mean reward on the grown
+data, and ``tau_{i+1} > tau_i`` for each further Improve step. Here the thresholds are spread
+evenly between the mean and the best reward seen: ``tau_i = V + i/(I+1) * (R_max - V)``.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+
+def dedupe(scored: pl.DataFrame) -> pl.DataFrame:
+    """Keep the first of identical completions for one prompt (by ``sample_idx`` order)."""
+    order = [c for c in ("prompt_id", "sample_idx") if c in scored.columns]
+    return scored.sort(order).unique(subset=["prompt_id", "completion"], keep="first", maintain_order=True)
+
+
+def rest_thresholds(mean_reward: float, max_reward: float, improve_steps: int) -> list[float]:
+    """Thresholds ``tau_1 < ... < tau_I``, all strictly above the mean reward when ``max > mean``."""
+    gap = max_reward - mean_reward
+    return [mean_reward + (i / (improve_steps + 1)) * gap for i in range(1, improve_steps + 1)]
+
+
+def fixed(scored: pl.DataFrame, threshold: float) -> pl.DataFrame:
+    """Keep rows with ``reward >= threshold``."""
+    return scored.filter(pl.col("reward") >= threshold).with_columns(pl.lit(float(threshold)).alias("threshold"))
+
+
+def quantile(scored: pl.DataFrame, q: float) -> pl.DataFrame:
+    """Keep rows whose reward is at or above the ``q``-quantile of all rewards (scale-free)."""
+    tau = float(scored["reward"].quantile(q, interpolation="linear")) if scored.height else 0.0
+    return fixed(scored, tau)
+
+
+def top_k(scored: pl.DataFrame, k: int) -> pl.DataFrame:
+    """Keep the ``k`` highest-reward rows per prompt (ties broken by ``sample_idx``)."""
+    ranked = scored.sort(["prompt_id", "reward", "sample_idx"], descending=[False, True, False])
+    kept = ranked.group_by("prompt_id", maintain_order=True).head(k)
+    # The threshold of a top-k filter is per prompt: the lowest reward kept for that prompt.
+    return kept.with_columns(pl.col("reward").min().over("prompt_id").alias("threshold"))

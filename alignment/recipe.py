@@ -1,0 +1,220 @@
+"""Recipes: the typed, loud configuration of a flywheel run (STYLE #3, #4).
+
+A recipe is YAML validated by these pydantic models. Every model forbids unknown keys (a typo is
+an error naming the key), every field has a description (Prefect renders them as the UI form),
+and ``--set dotted.key=value`` overrides are parsed as YAML scalars and validated the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(Strict):
+    """Where prompts, references and labelled warm-start data come from."""
+
+    builtin: Literal["arithmetic"] | None = Field(
+        "arithmetic", description="A built-in task; set to null and give `prompts` to bring your own."
+    )
+    prompts: str | None = Field(None, description="JSONL or Parquet file of training prompts (with references).")
+    eval: str | None = Field(None, description="JSONL or Parquet file of held-out prompts with references.")
+    labelled: str | None = Field(
+        None, description="JSONL or Parquet file of labelled (prompt, completion) pairs for the warm start."
+    )
+    prompt_column: str = Field("prompt", description="Column holding the prompt text.")
+    reference_column: str = Field("reference", description="Column holding the reference answer.")
+    completion_column: str = Field("completion", description="Column holding the labelled completion.")
+    n_labelled: int = Field(200, ge=1, description="Built-in task: labelled examples for the warm start.")
+    n_prompts: int = Field(600, ge=1, description="Built-in task: prompts to grow from.")
+    n_eval: int = Field(200, ge=1, description="Built-in task: held-out prompts.")
+
+    @model_validator(mode="after")
+    def _source(self) -> TaskConfig:
+        if self.builtin is None and not (self.prompts and self.eval):
+            raise ValueError("task needs either `builtin` or both `prompts` and `eval` files")
+        return self
+
+
+class ModelConfig(Strict):
+    """The initial policy: the built-in tiny GPT-2, or a local Hugging Face model directory."""
+
+    path: str | None = Field(None, description="Local model directory; null builds the tiny GPT-2 from the data.")
+    trust_remote_code: bool = Field(False, description="Allow custom model code from `path` to run.")
+    n_layer: int = Field(2, ge=1, description="Tiny GPT-2: transformer layers.")
+    n_embd: int = Field(96, ge=8, description="Tiny GPT-2: hidden width.")
+    n_head: int = Field(4, ge=1, description="Tiny GPT-2: attention heads.")
+    n_positions: int = Field(64, ge=8, description="Tiny GPT-2: maximum sequence length.")
+
+
+class TrainSettings(Strict):
+    """Optimiser settings for one fine-tuning stage."""
+
+    epochs: int = Field(3, ge=1, description="Passes over the training data.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    batch_size: int = Field(32, ge=1, description="Examples per optimiser step.")
+    warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up steps.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 trains under autocast on CUDA.")
+
+
+class WarmStart(TrainSettings):
+    """Behaviour cloning on labelled data: Algorithm 1's "Train pi_theta on D"."""
+
+    enabled: bool = Field(True, description="Run the warm start (skip it for an already-tuned model).")
+
+
+class GrowConfig(Strict):
+    """Grow: sample N completions per prompt from the current policy."""
+
+    samples_per_prompt: int = Field(8, ge=1, description="N, completions sampled per prompt.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(8, ge=1, description="Longest completion, in tokens.")
+    batch_size: int = Field(256, ge=1, description="Sequences generated per forward batch.")
+    sampler: Literal["transformers", "vllm", "openai"] = Field("transformers", description="Sampling backend.")
+    sampler_options: dict[str, Any] = Field(
+        default_factory=dict, description="Backend options (e.g. tensor_parallel_size, base_url)."
+    )
+    include_labelled: bool = Field(
+        True, description="Add the labelled data D to every grown dataset (D_g = samples ∪ D, Algorithm 1)."
+    )
+    shards: int = Field(1, ge=1, description="Split prompts into this many shards, sampled as separate tasks.")
+
+
+class FilterConfig(Strict):
+    """Improve's filter F(x, y; tau): which scored samples are trained on."""
+
+    kind: Literal["rest", "fixed", "quantile", "top_k"] = Field(
+        "rest", description="rest: tau_1 above the mean reward, rising each Improve step; or fixed/quantile/top_k."
+    )
+    threshold: float | None = Field(None, description="fixed: keep reward >= threshold.")
+    quantile: float | None = Field(None, ge=0, le=1, description="quantile: keep reward >= this quantile.")
+    k: int | None = Field(None, ge=1, description="top_k: keep the k best completions per prompt.")
+    dedupe: bool = Field(True, description="Drop identical completions of one prompt before filtering.")
+
+    @model_validator(mode="after")
+    def _needs(self) -> FilterConfig:
+        need = {"fixed": "threshold", "quantile": "quantile", "top_k": "k"}.get(self.kind)
+        if need and getattr(self, need) is None:
+            raise ValueError(f"filter.kind={self.kind!r} needs filter.{need}")
+        return self
+
+
+class ImproveConfig(TrainSettings):
+    """Improve: fine-tune on the filtered data."""
+
+    steps: int = Field(1, ge=1, description="I, Improve steps per Grow step (tau rises with each).")
+    restart_from_base: bool = Field(
+        False, description="ReST-EM: fine-tune from the base policy each Grow step instead of the current one."
+    )
+
+
+class EvalConfig(Strict):
+    """Held-out evaluation after every Improve step (greedy decoding)."""
+
+    max_new_tokens: int = Field(8, ge=1, description="Longest greedy completion, in tokens.")
+    batch_size: int = Field(256, ge=1, description="Prompts per generation batch.")
+    patience: int = Field(
+        1, ge=1, description="Stop after this many Improve steps without a better held-out reward."
+    )
+
+
+class MlflowConfig(Strict):
+    """Tracking and the model registry."""
+
+    tracking_uri: str = Field("sqlite:///mlflow/mlflow.db", description="MLflow tracking URI.")
+    experiment: str = Field("flywheel", description="MLflow experiment name.")
+    model_name: str | None = Field(None, description="Registered model name; defaults to the recipe name.")
+    artifact_location: str | None = Field(
+        None, description="Where a new experiment keeps artifacts (e.g. s3://bucket/mlflow); null = beside the SQLite db."
+    )
+
+
+class S3Config(Strict):
+    """S3 endpoint settings; credentials always come from the standard AWS settings, never the recipe."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint (e.g. http://127.0.0.1:8333); null = AWS default.")
+    region: str | None = Field(None, description="S3 region; null = AWS default.")
+
+
+class Recipe(Strict):
+    """A flywheel run: task, model, loop and where its data and models go."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Recipe name (default model name).")
+    algorithm: Literal["rest", "iterative_dpo"] = Field("rest", description="Which loop to run.")
+    seed: int = Field(0, description="Seed for data splits, model init, sampling and training.")
+    task: TaskConfig = Field(default_factory=TaskConfig, description="Prompts, references and labelled data.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The initial policy.")
+    reward: str = Field("exact_match", description="Built-in reward name or 'package.module:function'.")
+    warm_start: WarmStart = Field(
+        default_factory=lambda: WarmStart(epochs=30, lr=3e-3, batch_size=16),
+        description="Behaviour cloning before the first Grow step.",
+    )
+    grow: GrowConfig = Field(default_factory=GrowConfig, description="Grow step settings.")
+    filter: FilterConfig = Field(default_factory=FilterConfig, description="Improve step filter.")
+    improve: ImproveConfig = Field(default_factory=ImproveConfig, description="Improve step fine-tuning.")
+    grow_steps: int = Field(3, ge=1, description="G, Grow steps (iterations).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    lake: str = Field("file://./lake", description="Where datasets and checkpoints go: file://PATH or s3://BUCKET/PREFIX.")
+    s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint settings for an s3:// lake.")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="Tracking and registry.")
+
+    @property
+    def model_name(self) -> str:
+        return self.mlflow.model_name or self.name
+
+
+class RecipeError(ValueError):
+    """A recipe file or override is wrong; the message says which key and how to fix it."""
+
+
+def _format(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "recipe"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key {key!r}")
+        else:
+            parts.append(f"{key}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""))
+    return "; ".join(parts)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides; values are parsed as YAML scalars (``3``, ``true``, ``null``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"Override {item!r} is not of the form dotted.key=value.")
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"Override {item!r}: {p!r} is not a section.")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file, apply overrides, validate; errors are one sentence naming the key."""
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"Recipe file {path} does not exist; pass the path to a YAML recipe such as recipes/arithmetic-rest.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"Recipe {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"Recipe {path} must be a YAML mapping of keys to values.")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"Recipe {path} is invalid: {_format(exc)}.") from exc

@@ -1,0 +1,93 @@
+"""The ``flywheel`` command line: run a recipe, inspect the lake, serve deployments, run the local stack.
+
+    flywheel run RECIPE.yaml [--set key=value ...] [--run-name NAME]
+    flywheel inspect URI [--limit N] [--json]
+    flywheel serve [RECIPE.yaml ...]
+    flywheel stack up|down|status
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def format_table(summary: dict) -> str:
+    """The per-step table: iteration, step, tau, samples, kept, held-out reward."""
+    head = f"{'iter':>4} {'step':>4} {'tau':>7} {'samples':>8} {'kept':>7} {'eval_reward':>12} {'exact':>7} {'version':>8}"
+    lines = [head, "-" * len(head)]
+    b = summary.get("baseline") or {}
+    if b:
+        lines.append(f"{0:>4} {0:>4} {'-':>7} {'-':>8} {'-':>7} {b['eval_reward']:>12.3f} {b['eval_accuracy']:>7.3f} {b['model_version']:>8}")
+    for r in summary.get("iterations", []):
+        tau = "-" if r.get("tau") is None else f"{r['tau']:.3f}"
+        reward = "skipped" if r.get("eval_reward") is None else f"{r['eval_reward']:.3f}"
+        exact = "-" if r.get("eval_accuracy") is None else f"{r['eval_accuracy']:.3f}"
+        version = (r.get("model_version") or "-") + ("*" if r.get("promoted") else "")
+        lines.append(f"{r['iteration']:>4} {r['step']:>4} {tau:>7} {r['samples']:>8} {r['kept']:>7} {reward:>12} {exact:>7} {version:>8}")
+    champ = summary.get("champion")
+    if champ:
+        lines.append(f"champion: models:/{champ['model_name']}@champion = version {champ['version']} (held-out reward {champ['eval_reward']:.3f}); * = promoted")
+    if summary.get("stopped"):
+        lines.append(f"stopped: {summary['stopped']}")
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from alignment.recipe import load_recipe
+    from flows.run import run_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = run_recipe(recipe, args.run_name)
+    print(format_table(summary))
+    print(f"summary: {summary['lake']}/{summary['run']}/summary.json")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from flows.inspect import inspect_uri, render
+
+    report = inspect_uri(args.uri, limit=args.limit)
+    print(json.dumps(report, indent=2, default=str) if args.json else render(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flywheel", description="Self-improvement loops for language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="Run one flywheel run from a recipe.")
+    p.add_argument("recipe", help="Recipe YAML file, e.g. recipes/arithmetic-rest.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override a recipe key, e.g. --set grow.samples_per_prompt=4 (repeatable).")
+    p.add_argument("--run-name", default=None, help="Name of the run; re-using a name resumes that run.")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("inspect", help="Show counts, reward statistics and sample rows of any lake URI.")
+    p.add_argument("uri", help="A run, iteration or stage URI, e.g. file://./lake/RUN or s3://bucket/prefix/RUN")
+    p.add_argument("--limit", type=int, default=5, help="Sample rows to show per stage.")
+    p.add_argument("--json", action="store_true", help="Print JSON for scripts.")
+    p.set_defaults(func=cmd_inspect)
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    from flows.errors import USER_ERRORS
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"flywheel: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

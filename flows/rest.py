@@ -1,0 +1,76 @@
+"""ReST (Reinforced Self-Training) as a Prefect flow — Algorithm 1 of the ReST paper (seed notes 004).
+
+Run it on a laptop (embedded Prefect, SQLite MLflow, a local lake)::
+
+    flywheel run recipes/arithmetic-rest.yaml
+
+On GPU workers, set ``grow.sampler: vllm`` and ``grow.shards`` in the recipe and serve it with
+``flywheel serve`` so Grow and training land on the GPU pool (see infra/prefect.yaml).
+
+Where this departs from the paper: the thresholds ``tau_i`` are spread evenly between the policy's
+mean reward and the best reward seen (any schedule with ``tau_1 > V_pi`` and ``tau_{i+1} > tau_i``
+satisfies Algorithm 1); "while reward improves on D_eval" is applied per Improve step — a step whose
+held-out reward does not beat the best so far is not adopted, and ``eval.patience`` such steps end
+the run. ``improve.restart_from_base`` gives ReST-EM, fine-tuning the warm-started policy each time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from alignment.recipe import Recipe
+from flows.common import open_run
+from tasks.evaluate import evaluate
+from tasks.filter import filter_stage, thresholds
+from tasks.grow import grow
+from tasks.inputs import prepare_inputs
+from tasks.register import register
+from tasks.report import Summary
+from tasks.score import score
+from tasks.train import improve, train_metrics, warm_start
+
+
+@flow(name="rest", log_prints=True, validate_parameters=True)
+def rest(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
+    """Grow a dataset from the policy, filter it with a rising threshold, fine-tune, repeat."""
+    ref = open_run(recipe, run_name)
+    summary = Summary(ref, "rest")
+    inputs = prepare_inputs(ref)
+
+    # Train pi_theta on D (behaviour cloning), and measure where we start.
+    policy = warm_start(ref, inputs["base"]) if recipe.warm_start.enabled else inputs["base"]
+    base = policy
+    metrics = evaluate(ref, policy, 0, 0)
+    reg = register(ref, policy, metrics, 0, 0, [inputs["labelled"], ref.stage(0, "eval", 0)])
+    summary.baseline(metrics, reg)
+    versions = {policy: reg["model_version"]}
+    best, stale = metrics["eval_reward"], 0
+
+    for g in range(1, recipe.grow_steps + 1):
+        # Grow: D_g = samples of pi_theta, annotated with R(x, y).
+        scored = score(ref, grow(ref, policy, g), g)
+        for i, tau in enumerate(thresholds(ref, scored), start=1):
+            # Improve: keep F(x, y; tau_i) and fine-tune on it.
+            kept = filter_stage(ref, scored, g, i, tau)
+            if kept["kept"] == 0:
+                summary.step(g, i, kept, None, None, skipped="filter kept no rows")
+                print(f"iteration {g} step {i}: the filter (tau={tau}) kept no rows; skipping this Improve step")
+                continue
+            start = base if recipe.improve.restart_from_base else policy
+            candidate = improve(ref, start, kept["uri"], g, i)
+            metrics = evaluate(ref, candidate, g, i)
+            datasets = [kept["uri"], ref.stage(g, "eval", i)]
+            reg = register(ref, candidate, metrics, g, i, datasets, parent_version=versions[start],
+                           step_metrics={"tau": tau or 0.0, "kept": kept["kept"], **train_metrics(ref, candidate)})
+            versions[candidate] = reg["model_version"]
+            summary.step(g, i, kept, metrics, reg)
+            # while reward improves on D_eval
+            if metrics["eval_reward"] > best:
+                policy, best, stale = candidate, metrics["eval_reward"], 0
+            else:
+                stale += 1
+            if stale >= recipe.eval.patience:
+                return summary.stop(f"held-out reward did not improve for {stale} Improve step(s)")
+    return summary.stop("completed all Grow steps")

@@ -1,0 +1,31 @@
+"""Evaluate a policy on the held-out prompts after every Improve step ("reward on D_eval")."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from alignment.evaluation import evaluate as run_eval
+from alignment.rewards import resolve_reward
+from alignment.samplers import make_sampler
+from tasks.context import RunRef, log
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=[5])
+def evaluate(ref: RunRef, model_uri: str, iteration: int, step: int) -> dict[str, float]:
+    """Greedy completions for every held-out prompt, committed as ``eval/step={i}``; returns the metrics."""
+    lake, uri = ref.open_lake(), ref.stage(iteration, "eval", step)
+    if not lake.is_done(uri):
+        recipe = ref.recipe
+        prompts = lake.read(ref.stage(0, "eval_prompts")).sort("prompt_id")
+        sampler = make_sampler(
+            "transformers", ref.local_model(model_uri), batch_size=recipe.eval.batch_size,
+            trust_remote_code=recipe.model.trust_remote_code,
+        )
+        frame, metrics = run_eval(
+            sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(), prompts["reference"].to_list(),
+            resolve_reward(recipe.reward), max_new_tokens=recipe.eval.max_new_tokens,
+        )
+        lake.write_stage(uri, [frame], config={"eval": recipe.eval.model_dump()}, parents=[model_uri], extra={"metrics": metrics})
+    metrics = lake.get_json(f"{uri}/_manifest.json")["metrics"]
+    log().info("eval %s: reward %.3f, exact match %.3f", ref.policy_version(model_uri), metrics["eval_reward"], metrics["eval_accuracy"])
+    return metrics

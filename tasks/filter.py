@@ -1,0 +1,47 @@
+"""Improve's filter: choose tau for each Improve step and keep the samples that pass it."""
+
+from __future__ import annotations
+
+import polars as pl
+from prefect import task
+
+from alignment import filters
+from alignment.recipe import FilterConfig
+from tasks.context import RunRef, log
+
+
+@task(name="thresholds")
+def thresholds(ref: RunRef, scored_uri: str) -> list[float | None]:
+    """One threshold per Improve step: tau_1 > V_pi and tau_{i+1} > tau_i for the ReST schedule.
+
+    V_pi is the policy's mean reward on its own samples (labelled rows excluded). Fixed and
+    quantile filters use the same threshold every step; top-k has none (``None``).
+    """
+    cfg: FilterConfig = ref.recipe.filter
+    steps = ref.recipe.improve.steps
+    scored = ref.open_lake().read(scored_uri)
+    if cfg.kind == "rest":
+        own = scored.filter(pl.col("sample_idx") >= 0)["reward"]
+        return filters.rest_thresholds(float(own.mean() or 0.0), float(scored["reward"].max() or 0.0), steps)
+    if cfg.kind == "fixed":
+        return [cfg.threshold] * steps
+    if cfg.kind == "quantile":
+        return [float(scored["reward"].quantile(cfg.quantile, interpolation="linear"))] * steps
+    return [None] * steps
+
+
+@task(name="filter", retries=2, retry_delay_seconds=[2, 5])
+def filter_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: float | None) -> dict:
+    """Commit ``filtered/step={i}``: the rows of ``scored`` that F(x, y; tau) keeps. Returns uri and counts."""
+    cfg: FilterConfig = ref.recipe.filter
+    lake, uri = ref.open_lake(), ref.stage(iteration, "filtered", step)
+    if not lake.is_done(uri):
+        scored = lake.read(scored_uri)
+        pool = filters.dedupe(scored) if cfg.dedupe else scored
+        kept = filters.top_k(pool, cfg.k) if cfg.kind == "top_k" else filters.fixed(pool, tau)
+        config = {"filter": cfg.model_dump(), "tau": tau, "step": step}
+        lake.write_stage(uri, [kept], config=config, parents=[scored_uri], extra={"scored_rows": scored.height})
+    m = lake.manifest(uri)
+    scored_rows = lake.manifest(scored_uri).rows
+    log().info("filter g=%d step %d: tau=%s kept %d of %d", iteration, step, tau, m.rows, scored_rows)
+    return {"uri": uri, "kept": m.rows, "samples": scored_rows, "tau": tau}

@@ -1,0 +1,89 @@
+"""Grow: sample N completions per prompt from the current policy (ReST Algorithm 1, "Generate D_g").
+
+Prompts are split into ``grow.shards`` shards, each a task of its own so a distributed task
+runner can place them on different workers; every shard writes one part of the ``samples``
+stage and the stage is committed once all parts exist. Samples are seeded per (prompt, index),
+so the dataset is the same whatever the shard count, runner or batch size.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+from prefect import task, unmapped
+
+from alignment.samplers import SamplingParams, make_sampler
+from tasks.context import RunRef, log
+
+SAMPLE_SCHEMA = {
+    "prompt_id": pl.Int64,
+    "prompt": pl.Utf8,
+    "reference": pl.Utf8,
+    "completion": pl.Utf8,
+    "sample_idx": pl.Int32,
+    "policy_version": pl.Utf8,
+    "num_tokens": pl.Int32,
+}
+
+
+@task(name="grow-shard", retries=1, retry_delay_seconds=[5])
+def grow_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: int) -> dict:
+    """Sample one shard of the prompts and write it as one part of the ``samples`` stage."""
+    recipe, lake = ref.recipe, ref.open_lake()
+    uri = ref.stage(iteration, "samples")
+    prompts = lake.read(ref.stage(0, "prompts")).sort("prompt_id")
+    part = prompts.filter(pl.int_range(pl.len()) % shards == shard)
+    g = recipe.grow
+    sampler = make_sampler(
+        g.sampler, ref.local_model(model_uri), batch_size=g.batch_size,
+        trust_remote_code=recipe.model.trust_remote_code, **g.sampler_options,
+    )
+    params = SamplingParams(g.temperature, g.top_p, g.max_new_tokens, seed=_grow_seed(recipe.seed, iteration))
+    gen = sampler.generate(part["prompt"].to_list(), g.samples_per_prompt, params, part["prompt_id"].to_list())
+    n = g.samples_per_prompt
+    frame = pl.DataFrame(
+        {
+            "prompt_id": [pid for pid in part["prompt_id"] for _ in range(n)],
+            "prompt": [p for p in part["prompt"] for _ in range(n)],
+            "reference": [r for r in part["reference"] for _ in range(n)],
+            "completion": [c for row in gen.completions for c in row],
+            "sample_idx": [j for _ in range(part.height) for j in range(n)],
+            "policy_version": ref.policy_version(model_uri),
+            "num_tokens": [t for row in gen.num_tokens for t in row],
+        },
+        schema=SAMPLE_SCHEMA,
+    )
+    log().info("grow g=%d shard %d/%d: %d prompts -> %d samples", iteration, shard + 1, shards, part.height, frame.height)
+    return lake.write_part(uri, shard, frame)
+
+
+def _grow_seed(seed: int, iteration: int) -> int:
+    return seed * 1000 + iteration
+
+
+@task(name="commit-samples", retries=2, retry_delay_seconds=[2, 5])
+def commit_samples(ref: RunRef, model_uri: str, iteration: int, parts: list[dict]) -> str:
+    """Add the labelled data D when the recipe asks (D_g = samples ∪ D) and commit the stage."""
+    lake, uri = ref.open_lake(), ref.stage(iteration, "samples")
+    parts = sorted(parts, key=lambda p: p["name"])
+    if ref.recipe.grow.include_labelled:
+        labelled = lake.read(ref.stage(0, "labelled"))
+        if labelled.height:
+            frame = labelled.select(
+                "prompt_id", "prompt", "reference", "completion",
+                pl.lit(-1, pl.Int32).alias("sample_idx"), pl.lit("labelled").alias("policy_version"),
+                pl.lit(0, pl.Int32).alias("num_tokens"),
+            ).cast(SAMPLE_SCHEMA)
+            parts.append(lake.write_part(uri, len(parts), frame))
+    config = {"grow": ref.recipe.grow.model_dump(), "seed": ref.recipe.seed, "model": model_uri}
+    return lake.commit(uri, parts, config=config, parents=[model_uri, ref.stage(0, "prompts")]).uri
+
+
+def grow(ref: RunRef, model_uri: str, iteration: int) -> str:
+    """Run the Grow step (sharded) and return the ``samples`` stage URI; a committed stage is reused."""
+    lake, uri = ref.open_lake(), ref.stage(iteration, "samples")
+    if lake.is_done(uri):
+        return uri
+    lake.store.delete_prefix(uri)  # whatever an interrupted attempt left behind
+    shards = ref.recipe.grow.shards
+    futures = grow_shard.map(unmapped(ref), unmapped(model_uri), unmapped(iteration), range(shards), unmapped(shards))
+    return commit_samples(ref, model_uri, iteration, [f.result() for f in futures])

@@ -1,0 +1,114 @@
+"""The run's inputs as iteration 0 of the lake: prompts, held-out prompts, labelled data, base model.
+
+Bad input is caught here, before anything is written: a missing file, a missing column or an
+empty table is one sentence naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import polars as pl
+from prefect import task
+
+from alignment.arithmetic import TaskData, arithmetic_task
+from alignment.models import build_tiny_gpt2
+from alignment.recipe import Recipe, TaskConfig
+from tasks.context import RunRef, log
+
+PROMPT_SCHEMA = {"prompt_id": pl.Int64, "prompt": pl.Utf8, "reference": pl.Utf8}
+
+
+class InputError(ValueError):
+    """A prompt or labelled-data file is missing, unreadable or lacks a needed column."""
+
+
+def _read_table(path: str, what: str) -> pl.DataFrame:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"The {what} file {path} does not exist; fix task.{what} in the recipe or pass --set task.{what}=PATH.")
+    try:
+        if p.suffix in (".jsonl", ".ndjson", ".json"):
+            frame = pl.read_ndjson(p)
+        elif p.suffix == ".parquet":
+            frame = pl.read_parquet(p)
+        else:
+            raise InputError(f"The {what} file {path} must be JSONL (.jsonl) or Parquet (.parquet).")
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"Could not read the {what} file {path} ({type(exc).__name__}: {exc}).") from exc
+    if frame.height == 0:
+        raise InputError(f"The {what} file {path} has no rows; it needs at least one prompt.")
+    return frame
+
+
+def _columns(frame: pl.DataFrame, path: str, what: str, need: dict[str, str]) -> pl.DataFrame:
+    """Rename the recipe's columns to ours, or fail naming the missing one."""
+    missing = [src for src in need.values() if src not in frame.columns]
+    if missing:
+        raise InputError(
+            f"The {what} file {path} has no column {missing[0]!r} (columns: {', '.join(frame.columns)}); "
+            f"rename it or set task.{'prompt' if missing[0] == need.get('prompt') else 'reference'}_column."
+        )
+    out = frame.select([pl.col(src).cast(pl.Utf8).alias(dst) for dst, src in need.items()])
+    return out.with_row_index("prompt_id").with_columns(pl.col("prompt_id").cast(pl.Int64))
+
+
+def load_task(cfg: TaskConfig, seed: int) -> TaskData:
+    """Read (or build) the task's tables and check them."""
+    if cfg.builtin == "arithmetic" and not cfg.prompts:
+        return arithmetic_task(n_labelled=cfg.n_labelled, n_prompts=cfg.n_prompts, n_eval=cfg.n_eval, seed=seed)
+    cols = {"prompt": cfg.prompt_column, "reference": cfg.reference_column}
+    prompts = _columns(_read_table(cfg.prompts, "prompts"), cfg.prompts, "prompts", cols)
+    evals = _columns(_read_table(cfg.eval, "eval"), cfg.eval, "eval", cols)
+    if cfg.labelled:
+        labelled_cols = {"prompt": cfg.prompt_column, "completion": cfg.completion_column}
+        labelled = _columns(_read_table(cfg.labelled, "labelled"), cfg.labelled, "labelled", labelled_cols)
+        labelled = labelled.with_columns(pl.col("completion").alias("reference"))
+    else:
+        labelled = pl.DataFrame(schema={**PROMPT_SCHEMA, "completion": pl.Utf8})
+    # Eval prompts get ids after the training prompts so a prompt_id names one prompt per run.
+    evals = evals.with_columns(pl.col("prompt_id") + prompts.height)
+    labelled = labelled.with_columns(pl.col("prompt_id") + prompts.height + evals.height)
+    return TaskData(prompts=prompts, eval=evals, labelled=labelled)
+
+
+@task(name="prepare-inputs", retries=2, retry_delay_seconds=[2, 5])
+def prepare_inputs(ref: RunRef) -> dict[str, str]:
+    """Write prompts, held-out prompts and labelled data to iteration 0, and the base model: their URIs."""
+    recipe: Recipe = ref.recipe
+    lake = ref.open_lake()
+    uris = {name: ref.stage(0, name) for name in ("prompts", "eval_prompts", "labelled")}
+    if not all(lake.is_done(u) for u in uris.values()):
+        data = load_task(recipe.task, recipe.seed)
+        for name, frame in (("prompts", data.prompts), ("eval_prompts", data.eval), ("labelled", data.labelled)):
+            lake.write_stage(uris[name], [frame], config=recipe.task.model_dump())
+        log().info("inputs: %d prompts, %d held-out, %d labelled", data.prompts.height, data.eval.height, data.labelled.height)
+    uris["base"] = _base_model(ref, uris)
+    return uris
+
+
+def _base_model(ref: RunRef, uris: dict[str, str]) -> str:
+    cfg = ref.recipe.model
+    if cfg.path:
+        if not (Path(cfg.path) / "config.json").exists():
+            raise InputError(f"model.path {cfg.path} is not a model directory (no config.json); point it at a save_pretrained folder.")
+        return str(Path(cfg.path).resolve())
+    lake = ref.open_lake()
+    uri = ref.stage(0, "base")
+    if not lake.is_done(uri):
+        texts = []
+        for name in ("prompts", "eval_prompts", "labelled"):
+            frame = lake.read(uris[name])
+            for col in ("prompt", "reference", "completion"):
+                if col in frame.columns:
+                    texts.extend(frame[col].to_list())
+        with tempfile.TemporaryDirectory() as tmp:
+            build_tiny_gpt2(
+                texts, tmp, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                n_positions=cfg.n_positions, seed=ref.recipe.seed,
+            )
+            lake.put_dir(tmp, uri, extra={"kind": "base-model"})
+    return uri

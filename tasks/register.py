@@ -1,0 +1,186 @@
+"""MLflow: one parent run per flywheel run, a nested run per iteration, a model version per Improve
+step, dataset lineage, and the ``champion`` alias, moved only when held-out reward beats it.
+
+Every call is idempotent, so a resumed run finds its parent run, nested runs and model versions
+by their tags instead of creating them twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from prefect import task
+
+from tasks.context import RunRef, log
+
+CHAMPION = "champion"
+MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15]}
+
+
+def configure(ref: RunRef) -> str:
+    """Point MLflow at the recipe's tracking URI and return the experiment id (created if needed)."""
+    cfg = ref.recipe.mlflow
+    uri = cfg.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        db = Path(uri[len("sqlite:///") :]).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{db}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = cfg.artifact_location
+    if location is None and uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
+    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+
+
+def _find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = str(value)[:500]
+    return out
+
+
+@task(name="start-tracking", **MLFLOW_RETRIES)
+def start_tracking(ref: RunRef) -> str:
+    """The parent MLflow run of this flywheel run (found again on resume); the recipe as params."""
+    experiment_id = configure(ref)
+    client = MlflowClient()
+    tags = {"flywheel.run": ref.run, "flywheel.kind": "parent"}
+    run_id = _find_run(client, experiment_id, tags)
+    if run_id is None:
+        run_id = client.create_run(experiment_id, run_name=ref.run, tags={**tags, "flywheel.lake": ref.lake}).info.run_id
+        params = _flatten("", ref.recipe.model_dump(mode="json"), {})
+        items = list(params.items())
+        for i in range(0, len(items), 90):
+            mlflow.tracking.MlflowClient().log_batch(
+                run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 90]]
+            )
+    return run_id
+
+
+def iteration_run(ref: RunRef, iteration: int) -> str:
+    """The nested run of one iteration (0 is the warm start), created once."""
+    experiment_id = configure(ref)
+    client = MlflowClient()
+    tags = {"flywheel.run": ref.run, "flywheel.iteration": str(iteration)}
+    run_id = _find_run(client, experiment_id, tags)
+    if run_id is None:
+        run_id = client.create_run(
+            experiment_id, run_name=f"{ref.run}-iteration-{iteration}",
+            tags={**tags, "mlflow.parentRunId": ref.mlflow_run_id or ""},
+        ).info.run_id
+    return run_id
+
+
+def _existing_version(client: MlflowClient, name: str, ref: RunRef, iteration: int, step: int):
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    for v in versions:
+        t = v.tags or {}
+        if t.get("flywheel.run") == ref.run and t.get("flywheel.iteration") == str(iteration) and t.get("flywheel.step") == str(step):
+            return v
+    return None
+
+
+def _champion(client: MlflowClient, name: str):
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+@task(name="register", **MLFLOW_RETRIES)
+def register(
+    ref: RunRef,
+    model_uri: str,
+    metrics: dict[str, float],
+    iteration: int,
+    step: int,
+    datasets: list[str],
+    parent_version: str | None = None,
+    step_metrics: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Log metrics and lineage, register the checkpoint as a new version, and move ``champion`` if it wins."""
+    configure(ref)
+    client = MlflowClient()
+    name = ref.recipe.model_name
+    run_id = iteration_run(ref, iteration)
+    lake = ref.open_lake()
+    existing = _existing_version(client, name, ref, iteration, step)
+    if existing is None:
+        for key, value in {**metrics, **(step_metrics or {})}.items():
+            client.log_metric(run_id, key, float(value), step=step)
+            if ref.mlflow_run_id:
+                client.log_metric(ref.mlflow_run_id, key, float(value), step=iteration * 100 + step)
+        lineage = []
+        with mlflow.start_run(run_id=run_id):
+            for uri in datasets:
+                m = lake.manifest(uri)
+                lineage.append({"uri": uri, "sha256": m.sha256, "rows": m.rows})
+                context = "evaluation" if "/eval" in uri else "training"
+                frame = lake.read(uri)
+                stage = uri.split("/iteration=", 1)[-1]
+                mlflow.log_input(
+                    mlflow.data.from_polars(frame, source=uri, name=f"{ref.run}/iteration={stage}", digest=m.sha256[:16]),
+                    context=context,
+                )
+            info = mlflow.pyfunc.log_model(
+                name=f"policy-step-{step}",
+                python_model=_policy_model(),
+                artifacts={"checkpoint": ref.local_model(model_uri)},
+                pip_requirements=_requirements(),
+            )
+        tags = {
+            "flywheel.run": ref.run,
+            "flywheel.iteration": str(iteration),
+            "flywheel.step": str(step),
+            "flywheel.checkpoint": model_uri,
+            "flywheel.eval_reward": repr(metrics["eval_reward"]),
+            "flywheel.eval_accuracy": repr(metrics["eval_accuracy"]),
+            "flywheel.datasets": json.dumps(lineage),
+            "flywheel.parent_version": parent_version or "",
+        }
+        try:
+            client.create_registered_model(name)
+        except MlflowException:
+            pass  # already exists
+        existing = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags)
+    version = existing.version
+    champion = _champion(client, name)
+    best = float(champion.tags.get("flywheel.eval_reward", "-inf")) if champion is not None else float("-inf")
+    promoted = champion is not None and champion.version == version
+    if champion is None or metrics["eval_reward"] > best:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        promoted, best = True, metrics["eval_reward"]
+        log().info("model %s version %s is the new champion (held-out reward %.3f)", name, version, best)
+    return {"model_version": str(version), "promoted": promoted, "champion_reward": best, "model_name": name}
+
+
+def _policy_model():
+    from tasks.policy_model import FlywheelPolicy
+
+    return FlywheelPolicy()
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"torch=={version('torch').split('+')[0]}", f"transformers=={version('transformers')}", "flywheel"]

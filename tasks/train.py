@@ -1,0 +1,56 @@
+"""Fine-tuning tasks: the behaviour-cloning warm start and ReST's Improve step (SFT).
+
+Each writes its checkpoint to ``{run}/iteration={g}/checkpoint/step={i}`` with a manifest, so a
+resumed run reuses a finished checkpoint instead of training it again.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from prefect import task
+
+from alignment.recipe import TrainSettings
+from alignment.training import TrainConfig, sft
+from tasks.context import RunRef, log
+
+
+def _train_config(s: TrainSettings, seed: int) -> TrainConfig:
+    return TrainConfig(epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, warmup_steps=s.warmup_steps, dtype=s.dtype, seed=seed)
+
+
+def _fit(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: TrainSettings, seed: int) -> str:
+    lake = ref.open_lake()
+    if lake.is_done(out_uri):
+        return out_uri
+    data = lake.read(data_uri)
+    Path(ref.cache_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp:
+        metrics = sft(
+            ref.local_model(start_uri), tmp, data["prompt"].to_list(), data["completion"].to_list(),
+            _train_config(settings, seed), trust_remote_code=ref.recipe.model.trust_remote_code,
+        )
+        extra = {"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics}
+        lake.put_dir(tmp, out_uri, extra=extra)
+    log().info("trained %s on %d examples: loss %.4f", ref.policy_version(out_uri), data.height, metrics["train_loss"])
+    return out_uri
+
+
+@task(name="warm-start")
+def warm_start(ref: RunRef, base_uri: str) -> str:
+    """Algorithm 1's "Train pi_theta on D": behaviour cloning on the labelled data."""
+    return _fit(ref, base_uri, ref.stage(0, "labelled"), ref.stage(0, "checkpoint", 0), ref.recipe.warm_start, ref.recipe.seed)
+
+
+@task(name="improve")
+def improve(ref: RunRef, start_uri: str, filtered_uri: str, iteration: int, step: int) -> str:
+    """One Improve step: fine-tune ``start_uri`` on the filtered data, prompt tokens masked."""
+    seed = ref.recipe.seed * 1000 + iteration * 10 + step
+    return _fit(ref, start_uri, filtered_uri, ref.stage(iteration, "checkpoint", step), ref.recipe.improve, seed)
+
+
+def train_metrics(ref: RunRef, model_uri: str) -> dict[str, float]:
+    """The training metrics recorded in a checkpoint's manifest."""
+    raw = ref.open_lake().get_json(f"{model_uri}/_manifest.json")
+    return raw.get("metrics", {})

@@ -1,0 +1,51 @@
+"""Test-wide settings: offline, isolated Prefect home, and the shared fixtures.
+
+Nothing here mocks flywheel or a service we ship with: flows run on the embedded Prefect API,
+MLflow on SQLite in a temporary directory, S3 on a real SeaweedFS server (tests/s3_fixtures.py).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+
+# Before Prefect, MLflow or transformers are imported by any test module.
+_HOME = Path(tempfile.mkdtemp(prefix="flywheel-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_HOME / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_HOME / 'mlflow-default.db'}")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run in a fresh directory so ./lake, ./mlflow and ./.flywheel are per test."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny GPT-2 with a character tokenizer over the arithmetic task's characters."""
+    from alignment.arithmetic import arithmetic_task
+    from alignment.models import build_tiny_gpt2
+
+    task = arithmetic_task()
+    texts = [*task.prompts["prompt"], *task.labelled["completion"], *task.eval["reference"]]
+    return build_tiny_gpt2(texts, tmp_path_factory.mktemp("tiny-model"))
