@@ -141,7 +141,7 @@ class Lake:
                 raise OSError(f"Part {stage_uri}/{f['name']} holds {meta.num_rows} rows, expected {f['rows']}.")
             schema = schema or {n: str(t) for n, t in zip(meta.schema.names, meta.schema.to_arrow_schema().types)}
         manifest = {
-            "stage": stage_uri.rsplit(f"/iteration=", 1)[-1],
+            "stage": stage_uri.rsplit("/iteration=", 1)[-1].split("/", 1)[-1],
             "uri": stage_uri,
             "rows": sum(f["rows"] for f in files),
             "files": files,

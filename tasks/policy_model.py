@@ -13,14 +13,10 @@ class FlywheelPolicy(mlflow.pyfunc.PythonModel):
 
         self.sampler = TransformersSampler(context.artifacts["checkpoint"], progress=False)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
         from alignment.samplers import SamplingParams
 
-        if hasattr(model_input, "columns"):  # pandas DataFrame from a signature-checked call
-            column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-            prompts = [str(p) for p in model_input[column]]
-        else:
-            prompts = [str(p) for p in model_input]
+        prompts = [str(p) for p in model_input]
         max_new = int((params or {}).get("max_new_tokens", 32))
         gen = self.sampler.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=max_new))
         return [c[0] for c in gen.completions]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.s3_fixtures"]
 
 # Before Prefect, MLflow or transformers are imported by any test module.
 _HOME = Path(tempfile.mkdtemp(prefix="flywheel-tests-"))
