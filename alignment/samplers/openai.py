@@ -1,0 +1,283 @@
+"""The ``openai`` sampler: any OpenAI-compatible ``/v1/completions`` server, e.g. a ``vllm serve`` fleet.
+
+One HTTP request per prompt asks for all ``n`` samples with the seed ``row_seed(seed, prompt_id, 0)``,
+so a prompt's samples depend only on ``(seed, prompt_id)`` (on servers that honour ``seed``, as
+vLLM does), not on batching or sharding. Up to ``concurrency`` requests are in flight at once;
+429, 408 and 5xx answers and connection errors are retried with exponential backoff.
+
+The API key is read at call time (``api_key=`` or ``OPENAI_API_KEY``), sent only in the
+``Authorization`` header, and never appears in logs or error messages.
+
+Token counts: the completions API reports only a total per request (``usage``), so a sample's
+count comes from its ``logprobs.tokens`` when the server returned them (ask with
+``extra_body={"logprobs": 0}`` on vLLM), else from ``usage.completion_tokens`` when ``n == 1``,
+else it is 0.
+
+Talks plain HTTP through httpx; the ``openai`` package is not needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from tqdm.auto import tqdm
+
+from alignment.samplers import Generation, SamplingParams, row_seed
+
+logger = logging.getLogger(__name__)
+
+_MAX_RETRY_AFTER_S = 60.0
+_CORE_KEYS = frozenset({"model", "prompt", "n", "seed", "temperature", "top_p", "max_tokens"})
+
+
+class RemoteSamplerError(RuntimeError):
+    """The server could not be reached or refused the work; the message says what to do."""
+
+
+def completions_url(base_url: str) -> str:
+    """``http://host:8000/v1`` or ``http://host:8000`` → ``http://host:8000/v1/completions``."""
+    base = base_url.rstrip("/")
+    if not urlsplit(base).path.endswith("/v1"):
+        base += "/v1"
+    return base + "/completions"
+
+
+def build_request(
+    prompt: str,
+    prompt_id: int,
+    n: int,
+    params: SamplingParams,
+    model: str,
+    extra_body: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON body of one ``/v1/completions`` request: ``n`` samples of ``prompt``, seeded by its id."""
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "n": n,
+        "seed": row_seed(params.seed, prompt_id, 0),
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_tokens": params.max_new_tokens,
+    }
+    return body | (extra_body or {})
+
+
+def build_requests(
+    prompts: Sequence[str],
+    n: int,
+    params: SamplingParams,
+    model: str,
+    prompt_ids: Sequence[int] | None = None,
+    extra_body: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """One request body per prompt, in prompt order; ``prompt_ids`` default to positions."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1 (got {n}): it is the number of samples per prompt.")
+    ids = list(prompt_ids) if prompt_ids is not None else list(range(len(prompts)))
+    if len(ids) != len(prompts):
+        raise ValueError(f"Got {len(ids)} prompt_ids for {len(prompts)} prompts: pass one id per prompt.")
+    return [build_request(p, i, n, params, model, extra_body) for p, i in zip(prompts, ids, strict=True)]
+
+
+def parse_response(body: Any, n: int) -> tuple[list[str], list[int]]:
+    """``(texts, token_counts)`` of one completions response, ordered by choice index.
+
+    Raises ``ValueError`` naming what is missing when ``body`` is not a completions response.
+    """
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list) or not all(isinstance(c, dict) and "text" in c for c in choices):
+        raise ValueError("no 'choices' list of objects with 'text'")
+    if len(choices) != n:
+        raise ValueError(f"{len(choices)} choices for n={n}")
+    choices = sorted(choices, key=lambda c: c.get("index", 0))
+    usage = body.get("usage") or {}
+    return [c["text"] for c in choices], [_token_count(c, usage, n) for c in choices]
+
+
+def _token_count(choice: dict[str, Any], usage: dict[str, Any], n: int) -> int:
+    """Per-sample tokens from logprobs, else the request's usage when it holds one sample, else 0."""
+    logprobs = choice.get("logprobs")
+    if isinstance(logprobs, dict) and isinstance(logprobs.get("tokens"), list):
+        return len(logprobs["tokens"])
+    completion_tokens = usage.get("completion_tokens")
+    if n == 1 and isinstance(completion_tokens, int):
+        return completion_tokens
+    return 0
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """The server's ``Retry-After`` in seconds (numeric form only), capped; 0 when absent."""
+    try:
+        return min(max(float(response.headers.get("retry-after", 0)), 0.0), _MAX_RETRY_AFTER_S)
+    except ValueError:
+        return 0.0
+
+
+def _is_retryable(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+def _error_detail(response: httpx.Response, key: str | None) -> str:
+    """The server's own error message, on one line, short, with any echo of the API key masked."""
+    try:
+        payload = response.json()
+        error = payload.get("error", payload) if isinstance(payload, dict) else payload
+        text = error.get("message", str(error)) if isinstance(error, dict) else str(error)
+    except ValueError:
+        text = response.text
+    if key:
+        text = str(text).replace(key, "***")
+    return " ".join(str(text).split())[:200].rstrip(".") or "no message"
+
+
+class OpenAISampler:
+    """Sample from a model served behind an OpenAI-compatible completions endpoint."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        base_url: str,
+        api_key: str | None = None,
+        model: str | None = None,
+        concurrency: int = 8,
+        max_retries: int = 3,
+        timeout: float = 60.0,
+        retry_backoff: float = 0.5,
+        extra_body: dict[str, Any] | None = None,
+        progress: bool = True,
+    ):
+        """``model`` is the served model name (default ``model_path``, as ``vllm serve PATH`` names it);
+        ``extra_body`` adds server-specific fields (e.g. ``{"top_k": 50}``) to every request."""
+        if concurrency < 1 or max_retries < 0 or timeout <= 0 or retry_backoff < 0:
+            raise ValueError(
+                "OpenAISampler needs concurrency >= 1, max_retries >= 0, timeout > 0 and retry_backoff >= 0 "
+                f"(got {concurrency}, {max_retries}, {timeout}, {retry_backoff})."
+            )
+        clash = sorted(_CORE_KEYS & set(extra_body or {}))
+        if clash:
+            raise ValueError(f"extra_body may not set {clash}: they come from SamplingParams, n and model.")
+        self.url = completions_url(base_url)
+        self.model = model or str(model_path)
+        self.api_key = api_key
+        self.concurrency = concurrency
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.retry_backoff = retry_backoff
+        self.extra_body = dict(extra_body or {})
+        self.progress = progress
+
+    def generate(
+        self, prompts: Sequence[str], n: int, params: SamplingParams, prompt_ids: Sequence[int] | None = None
+    ) -> Generation:
+        """``n`` samples per prompt, in prompt order; ``prompt_ids`` (default: positions) key the seeds."""
+        requests = build_requests(prompts, n, params, self.model, prompt_ids, self.extra_body)
+        if not requests:
+            return Generation(completions=[], num_tokens=[])
+        key = self.api_key if self.api_key is not None else os.environ.get("OPENAI_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        with httpx.Client(headers=headers, timeout=self.timeout, limits=limits) as client:
+            results = self._run_all(client, requests, n, key)
+        return Generation(completions=[r[0] for r in results], num_tokens=[r[1] for r in results])
+
+    def _run_all(
+        self, client: httpx.Client, requests: list[dict[str, Any]], n: int, key: str | None
+    ) -> list[tuple[list[str], list[int]]]:
+        """Send every request with at most ``concurrency`` in flight; the first failure stops the rest."""
+        stop = threading.Event()
+        bar = tqdm(total=len(requests), desc="sampling", unit="prompt", disable=not self.progress, leave=False)
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-sampler") as pool:
+            futures = [pool.submit(self._complete, client, body, i, n, key, stop) for i, body in enumerate(requests)]
+            for future in futures:
+                future.add_done_callback(lambda _: bar.update())
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = _first_failure(futures, done)
+            if failed is not None:
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+        if failed is not None:
+            raise failed
+        return [f.result() for f in futures]
+
+    def _complete(
+        self,
+        client: httpx.Client,
+        body: dict[str, Any],
+        index: int,
+        n: int,
+        key: str | None,
+        stop: threading.Event,
+    ) -> tuple[list[str], list[int]]:
+        """POST one request, retrying transient failures, and parse its choices."""
+        response = self._post_with_retries(client, body, key, stop)
+        status = response.status_code
+        if status in (401, 403):
+            hint = "the API key it was sent" if key else "the request because no API key was sent"
+            raise RemoteSamplerError(
+                f"The server at {self.url} refused {hint} (HTTP {status}): "
+                "set OPENAI_API_KEY or pass api_key= with a key it accepts."
+            )
+        if status >= 400:
+            raise RemoteSamplerError(
+                f"The server at {self.url} rejected the request for prompt {index} "
+                f"(HTTP {status}: {_error_detail(response, key)}): check the model name {self.model!r} and the "
+                "sampling parameters."
+            )
+        try:
+            return parse_response(response.json(), n)
+        except ValueError as exc:
+            raise RemoteSamplerError(
+                f"The server at {self.url} sent something other than a completions response for prompt "
+                f"{index} ({exc}): check that base_url points at an OpenAI-compatible /v1 endpoint."
+            ) from None
+
+    def _post_with_retries(
+        self, client: httpx.Client, body: dict[str, Any], key: str | None, stop: threading.Event
+    ) -> httpx.Response:
+        """The first non-retryable response; raises once ``max_retries`` retries are spent."""
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            if stop.is_set():
+                raise RemoteSamplerError(f"Sampling from {self.url} stopped because another request failed.")
+            delay = self.retry_backoff * 2**attempt
+            try:
+                response = client.post(self.url, json=body)
+            except httpx.TransportError as exc:
+                if attempt == attempts - 1:
+                    raise RemoteSamplerError(
+                        f"Could not reach {self.url} after {attempts} attempts ({type(exc).__name__}): "
+                        "check base_url and that the server is running and reachable from this worker."
+                    ) from exc
+                reason = type(exc).__name__
+            else:
+                if not _is_retryable(response.status_code):
+                    return response
+                if attempt == attempts - 1:
+                    raise RemoteSamplerError(
+                        f"The server at {self.url} kept failing (HTTP {response.status_code}: "
+                        f"{_error_detail(response, key)}) after {attempts} attempts: check that it is up and not "
+                        "overloaded, or raise max_retries."
+                    )
+                reason = f"HTTP {response.status_code}"
+                delay = max(delay, _retry_after(response))
+            logger.warning("Retrying %s in %.2fs after %s.", self.url, delay, reason)
+            stop.wait(delay)
+        raise AssertionError("unreachable: the loop returns or raises on its last attempt")
+
+
+def _first_failure(futures: list[Future], done: set[Future]) -> BaseException | None:
+    """The exception of the earliest-submitted failed future among ``done``, if any."""
+    for future in futures:
+        if future in done and future.exception() is not None:
+            return future.exception()
+    return None

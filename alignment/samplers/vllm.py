@@ -1,0 +1,131 @@
+"""The ``vllm`` sampler: vLLM's offline engine (``vllm.LLM``) on a GPU worker.
+
+One engine request per prompt asks for all ``n`` samples at once (vLLM shares the prompt's KV
+cache across them). Each request carries its own seed, ``row_seed(seed, prompt_id, 0)``; vLLM
+gives the k-th of the ``n`` samples the seed ``request_seed + k``, so a prompt's samples depend only
+on ``(seed, prompt_id)``, not on which other prompts share the batch or shard.
+
+Departures from the ``transformers`` sampler: the noise comes from vLLM's own per-request
+generators, so the two backends draw different samples for the same seed (both are reproducible),
+and vLLM may choose a different precision than transformers under ``dtype="auto"``.
+
+vLLM is imported inside the constructor, so importing this module needs no GPU:
+``pip install 'flywheel[gpu]'`` on GPU workers only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from alignment.samplers import Generation, SamplingParams, row_seed
+
+
+def build_requests(
+    prompts: Sequence[str], n: int, params: SamplingParams, prompt_ids: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
+    """One engine request per prompt: ``{"prompt": text, "sampling_params": kwargs for vllm.SamplingParams}``."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1 (got {n}): it is the number of samples per prompt.")
+    ids = list(prompt_ids) if prompt_ids is not None else list(range(len(prompts)))
+    if len(ids) != len(prompts):
+        raise ValueError(f"Got {len(ids)} prompt_ids for {len(prompts)} prompts: pass one id per prompt.")
+    return [
+        {
+            "prompt": prompt,
+            "sampling_params": {
+                "n": n,
+                "seed": row_seed(params.seed, prompt_id, 0),
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "max_tokens": params.max_new_tokens,
+            },
+        }
+        for prompt, prompt_id in zip(prompts, ids, strict=True)
+    ]
+
+
+def parse_outputs(outputs: Sequence[Any], n: int) -> Generation:
+    """Turn vLLM ``RequestOutput``s (in prompt order) into a ``Generation``, samples ordered by index."""
+    completions: list[list[str]] = []
+    num_tokens: list[list[int]] = []
+    for i, output in enumerate(outputs):
+        samples = sorted(output.outputs, key=lambda s: s.index)
+        if len(samples) != n:
+            raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {i}, expected {n}.")
+        completions.append([s.text for s in samples])
+        num_tokens.append([len(s.token_ids) for s in samples])
+    return Generation(completions=completions, num_tokens=num_tokens)
+
+
+def _import_vllm():
+    """Import vLLM, or say in one sentence how to get it."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ImportError(
+            "The 'vllm' sampler needs the vllm package: install flywheel[gpu] on a GPU worker "
+            "(or use the 'transformers' sampler on this machine)."
+        ) from exc
+    return vllm
+
+
+class VLLMSampler:
+    """Sample from a local checkpoint with vLLM's offline engine; one engine per sampler."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        max_model_len: int | None = None,
+        progress: bool = True,
+        **engine_kwargs: Any,
+    ):
+        """Start the engine; ``engine_kwargs`` go to ``vllm.LLM`` unchanged (e.g. ``enforce_eager=True``)."""
+        vllm = _import_vllm()
+        engine = vllm.LLM(
+            model=str(model_path),
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            max_model_len=max_model_len,
+            **engine_kwargs,
+        )
+        self._bind(engine, vllm.SamplingParams, progress)
+
+    @classmethod
+    def from_engine(
+        cls, engine: Any, make_params: Callable[..., Any] | None = None, *, progress: bool = False
+    ) -> VLLMSampler:
+        """Wrap an engine that is already running (e.g. one colocated with a trainer).
+
+        ``make_params`` builds a request's sampling parameters from keyword arguments; it defaults
+        to ``vllm.SamplingParams``.
+        """
+        sampler = cls.__new__(cls)
+        sampler._bind(engine, make_params or _import_vllm().SamplingParams, progress)
+        return sampler
+
+    def _bind(self, engine: Any, make_params: Callable[..., Any], progress: bool) -> None:
+        self.engine = engine
+        self.make_params = make_params
+        self.progress = progress
+
+    def generate(
+        self, prompts: Sequence[str], n: int, params: SamplingParams, prompt_ids: Sequence[int] | None = None
+    ) -> Generation:
+        """``n`` samples per prompt, in prompt order; ``prompt_ids`` (default: positions) key the seeds."""
+        requests = build_requests(prompts, n, params, prompt_ids)
+        if not requests:
+            return Generation(completions=[], num_tokens=[])
+        outputs = self.engine.generate(
+            [r["prompt"] for r in requests],
+            [self.make_params(**r["sampling_params"]) for r in requests],
+            use_tqdm=self.progress,
+        )
+        return parse_outputs(outputs, n)

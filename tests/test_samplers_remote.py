@@ -1,0 +1,301 @@
+"""The remote samplers: vLLM's offline engine and OpenAI-compatible completion servers.
+
+The OpenAI-compatible sampler is tested against a real HTTP server on 127.0.0.1 backed by the
+transformers sampler over a tiny model. vLLM cannot run on this CPU-only machine, so its
+request building and output parsing run against ``FakeVLLMEngineDouble``, a stand-in for the
+``vllm.LLM`` engine object alone; the end-to-end vLLM test runs only on GPU workers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from types import SimpleNamespace
+
+import pytest
+from openai_compat_server import free_port, serve_completions
+
+from alignment.models import build_tiny_gpt2
+from alignment.samplers import SamplingParams, make_sampler, row_seed
+from alignment.samplers.hf import TransformersSampler
+from alignment.samplers.openai import (
+    OpenAISampler,
+    RemoteSamplerError,
+    build_requests,
+    completions_url,
+    parse_response,
+)
+from alignment.samplers.vllm import VLLMSampler, parse_outputs
+from alignment.samplers.vllm import build_requests as build_vllm_requests
+
+API_KEY = "sk-flywheel-test-5f3a9c"
+PROMPTS = ["12+3=", "7+4=", "90+9="]
+PARAMS = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=6, seed=7)
+
+
+def assert_one_sentence(message: str) -> None:
+    assert "\n" not in message and message.endswith("."), message
+
+
+# --- vLLM: pure request building and parsing ------------------------------------------------
+
+
+class FakeVLLMEngineDouble:
+    """Test double for the ``vllm.LLM`` engine object only: vLLM cannot run on this CPU-only machine.
+
+    Its samples are a function of (prompt, per-sample seed) and it returns them out of index order,
+    as a real engine may, so the sampler's seeding and reordering are what the tests observe.
+    """
+
+    def __init__(self):
+        self.calls: list[tuple[list[str], list[dict], bool]] = []
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        self.calls.append((list(prompts), list(sampling_params), use_tqdm))
+        return [
+            SimpleNamespace(prompt=p, outputs=[self._sample(p, sp, k) for k in reversed(range(sp["n"]))])
+            for p, sp in zip(prompts, sampling_params, strict=True)
+        ]
+
+    @staticmethod
+    def _sample(prompt: str, sp: dict, k: int) -> SimpleNamespace:
+        text = f"{prompt}|{(sp['seed'] + k) % 1000}"[: sp["max_tokens"] + len(prompt)]
+        return SimpleNamespace(index=k, text=text, token_ids=list(range(len(text) - len(prompt))))
+
+
+def test_vllm_requests_carry_one_seed_per_prompt_id():
+    requests = build_vllm_requests(["a", "b"], 4, PARAMS, prompt_ids=[10, 3])
+    assert requests == [
+        {
+            "prompt": prompt,
+            "sampling_params": {
+                "n": 4, "seed": row_seed(7, pid, 0), "temperature": 1.0, "top_p": 0.95, "max_tokens": 6
+            },
+        }
+        for prompt, pid in [("a", 10), ("b", 3)]
+    ]
+    assert [r["sampling_params"]["seed"] for r in build_vllm_requests(["a", "b"], 1, PARAMS)] == [
+        row_seed(7, 0, 0),
+        row_seed(7, 1, 0),
+    ]
+
+
+@pytest.mark.parametrize("n, ids", [(0, None), (2, [1])])
+def test_vllm_requests_reject_bad_arguments(n, ids):
+    with pytest.raises(ValueError) as err:
+        build_vllm_requests(["a", "b"], n, PARAMS, prompt_ids=ids)
+    assert_one_sentence(str(err.value))
+
+
+def test_vllm_outputs_are_ordered_by_sample_index_with_token_counts():
+    sample = lambda k, text, n_tok: SimpleNamespace(index=k, text=text, token_ids=[0] * n_tok)  # noqa: E731
+    outputs = [
+        SimpleNamespace(outputs=[sample(1, "b1", 3), sample(0, "b0", 2)]),
+        SimpleNamespace(outputs=[sample(0, "c0", 5), sample(1, "c1", 1)]),
+    ]
+    generation = parse_outputs(outputs, 2)
+    assert generation.completions == [["b0", "b1"], ["c0", "c1"]]
+    assert generation.num_tokens == [[2, 3], [5, 1]]
+    with pytest.raises(RuntimeError, match="returned 2 samples for prompt 0, expected 3"):
+        parse_outputs(outputs, 3)
+
+
+def test_vllm_sampler_sends_one_batch_and_is_independent_of_batching():
+    engine = FakeVLLMEngineDouble()
+    sampler = VLLMSampler.from_engine(engine, make_params=dict)
+    full = sampler.generate(PROMPTS, 3, PARAMS, prompt_ids=[5, 6, 7])
+    alone = sampler.generate(PROMPTS[2:], 3, PARAMS, prompt_ids=[7])
+    assert len(engine.calls) == 2 and engine.calls[0][0] == PROMPTS and engine.calls[0][2] is False
+    base = row_seed(7, 7, 0)
+    assert full.completions[2] == [f"90+9=|{(base + k) % 1000}"[:11] for k in range(3)]
+    assert alone.completions == full.completions[2:] and alone.num_tokens == full.num_tokens[2:]
+    assert [len(row) for row in full.completions] == [3, 3, 3]
+    assert sampler.generate([], 3, PARAMS).completions == [] and len(engine.calls) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_missing_says_how_to_install_it():
+    with pytest.raises(ImportError) as err:
+        make_sampler("vllm", "/nonexistent/model")
+    assert "flywheel[gpu]" in str(err.value)
+    assert_one_sentence(str(err.value))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="vLLM needs CUDA")
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (GPU workers only)")
+def test_vllm_end_to_end_on_a_tiny_model(tmp_path):
+    # head size 32 and float32 keep every attention backend and the comparison exact enough
+    model = build_tiny_gpt2(PROMPTS, tmp_path / "model", n_embd=128, n_head=4)
+    sampler = VLLMSampler(
+        str(model), dtype="float32", gpu_memory_utilization=0.2, max_model_len=64, enforce_eager=True, progress=False
+    )
+    first = sampler.generate(PROMPTS, 4, PARAMS)
+    again = sampler.generate(PROMPTS, 4, PARAMS)
+    assert [len(row) for row in first.completions] == [4, 4, 4]
+    assert first.completions == again.completions
+    assert all(0 < t <= PARAMS.max_new_tokens for row in first.num_tokens for t in row)
+    assert sampler.generate(PROMPTS[1:2], 4, PARAMS, prompt_ids=[1]).completions == first.completions[1:2]
+
+
+# --- OpenAI-compatible: pure request building and parsing -----------------------------------
+
+
+def test_openai_requests_carry_sampling_fields_and_per_prompt_seeds():
+    bodies = build_requests(["a", "b"], 3, PARAMS, "served", prompt_ids=[4, 9], extra_body={"top_k": 5})
+    assert bodies == [
+        {"model": "served", "prompt": p, "n": 3, "seed": row_seed(7, pid, 0), "temperature": 1.0, "top_p": 0.95,
+         "max_tokens": 6, "top_k": 5}
+        for p, pid in [("a", 4), ("b", 9)]
+    ]
+
+
+def test_openai_sampler_refuses_extra_body_that_overrides_sampling():
+    with pytest.raises(ValueError, match=r"\['n', 'seed'\]"):
+        OpenAISampler("m", base_url="http://127.0.0.1:1/v1", extra_body={"seed": 1, "n": 2})
+
+
+@pytest.mark.parametrize(
+    "base, url",
+    [
+        ("http://h:8000/v1", "http://h:8000/v1/completions"),
+        ("http://h:8000/v1/", "http://h:8000/v1/completions"),
+        ("http://h:8000", "http://h:8000/v1/completions"),
+        ("https://h/openai/v1", "https://h/openai/v1/completions"),
+    ],
+)
+def test_completions_url(base, url):
+    assert completions_url(base) == url
+
+
+def test_openai_response_parsing_orders_choices_and_counts_tokens():
+    body = {
+        "choices": [
+            {"index": 1, "text": "y", "logprobs": {"tokens": ["y", "<eos>"]}},
+            {"index": 0, "text": "x", "logprobs": None},
+        ],
+        "usage": {"completion_tokens": 9},
+    }
+    assert parse_response(body, 2) == (["x", "y"], [0, 2])  # n > 1 and no logprobs: count unknown, 0
+    single = {"choices": [{"index": 0, "text": "z"}], "usage": {"completion_tokens": 4}}
+    assert parse_response(single, 1) == (["z"], [4])
+    for bad in [{"data": []}, [], {"choices": [{"index": 0}]}]:
+        with pytest.raises(ValueError):
+            parse_response(bad, 1)
+    with pytest.raises(ValueError, match="2 choices for n=3"):
+        parse_response(body, 3)
+
+
+# --- OpenAI-compatible: against a real server on 127.0.0.1 ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_gpt2(["0123456789+="], tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with serve_completions(model_dir, api_key=API_KEY) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return TransformersSampler(str(model_dir), device="cpu", progress=False)
+
+
+def remote(model_dir, server, **options) -> OpenAISampler:
+    options = {"api_key": API_KEY, "retry_backoff": 0.01, "progress": False} | options
+    return OpenAISampler(str(model_dir), base_url=server.base_url, **options)
+
+
+def test_openai_sampler_returns_n_completions_per_prompt_in_order(model_dir, server, reference):
+    ids = [3, 8, 5]
+    got = remote(model_dir, server, concurrency=2).generate(PROMPTS, 4, PARAMS, prompt_ids=ids)
+    for prompt, pid, row in zip(PROMPTS, ids, got.completions, strict=True):
+        request_params = SamplingParams(PARAMS.temperature, PARAMS.top_p, PARAMS.max_new_tokens, row_seed(7, pid, 0))
+        assert row == reference.generate([prompt], 4, request_params, prompt_ids=[0]).completions[0]
+    assert got.num_tokens == [[0] * 4] * 3  # n > 1 without logprobs: per-sample counts are unknown
+
+    single = remote(model_dir, server).generate(PROMPTS, 1, PARAMS)
+    for i, (prompt, counts) in enumerate(zip(PROMPTS, single.num_tokens, strict=True)):
+        request_params = SamplingParams(PARAMS.temperature, PARAMS.top_p, PARAMS.max_new_tokens, row_seed(7, i, 0))
+        assert counts == reference.generate([prompt], 1, request_params, prompt_ids=[0]).num_tokens[0]
+    assert all(t > 0 for row in single.num_tokens for t in row)
+
+
+def test_openai_sampler_is_seeded_and_independent_of_batching(model_dir, server):
+    sampler = remote(model_dir, server, concurrency=3)
+    first = sampler.generate(PROMPTS, 3, PARAMS)
+    assert sampler.generate(PROMPTS, 3, PARAMS).completions == first.completions
+    alone = remote(model_dir, server, concurrency=1).generate(PROMPTS[2:], 3, PARAMS, prompt_ids=[2])
+    assert alone.completions == first.completions[2:]
+    other_seed = SamplingParams(PARAMS.temperature, PARAMS.top_p, PARAMS.max_new_tokens, seed=8)
+    assert sampler.generate(PROMPTS, 3, other_seed).completions != first.completions
+
+
+def test_openai_sampler_retries_injected_503s_then_succeeds(model_dir, server, caplog):
+    server.state.fail_next, before = 2, server.state.requests_seen
+    got = remote(model_dir, server, concurrency=1, max_retries=3).generate(PROMPTS, 2, PARAMS)
+    assert [len(row) for row in got.completions] == [2, 2, 2]
+    assert server.state.requests_seen - before == 2 + len(PROMPTS)
+    assert "HTTP 503" in caplog.text and API_KEY not in caplog.text
+
+
+def test_openai_sampler_gives_up_after_max_retries_in_one_sentence(model_dir, server):
+    server.state.fail_next = 100
+    try:
+        with pytest.raises(RemoteSamplerError) as err:
+            remote(model_dir, server, concurrency=1, max_retries=1).generate(PROMPTS[:1], 2, PARAMS)
+    finally:
+        server.state.fail_next = 0
+    message = str(err.value)
+    assert "HTTP 503" in message and "after 2 attempts" in message and server.base_url in message
+    assert_one_sentence(message)
+
+
+def test_openai_sampler_wrong_api_key_is_one_sentence_without_the_key(model_dir, server):
+    wrong = "sk-wrong-key-0a1b2c3d"
+    with pytest.raises(RemoteSamplerError) as err:
+        remote(model_dir, server, api_key=wrong).generate(PROMPTS, 2, PARAMS)
+    message = str(err.value)
+    assert "HTTP 401" in message and "OPENAI_API_KEY" in message
+    assert wrong not in message and "0a1b2c3d" not in message
+    assert_one_sentence(message)
+
+
+def test_openai_sampler_reads_the_key_from_the_environment_at_call_time(model_dir, server, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    sampler = make_sampler("openai", str(model_dir), base_url=server.base_url, retry_backoff=0.01, progress=False)
+    with pytest.raises(RemoteSamplerError, match="no API key was sent"):
+        sampler.generate(PROMPTS[:1], 1, PARAMS)
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    assert len(sampler.generate(PROMPTS[:1], 2, PARAMS).completions[0]) == 2
+
+
+def test_openai_sampler_unknown_model_names_it(model_dir, server):
+    with pytest.raises(RemoteSamplerError) as err:
+        remote(model_dir, server, model="no-such-model").generate(PROMPTS[:1], 1, PARAMS)
+    assert "HTTP 404" in str(err.value) and "'no-such-model'" in str(err.value)
+    assert_one_sentence(str(err.value))
+
+
+def test_openai_sampler_unreachable_endpoint_fails_fast_in_one_sentence(model_dir):
+    base_url = f"http://127.0.0.1:{free_port()}/v1"
+    sampler = OpenAISampler(
+        str(model_dir), base_url=base_url, max_retries=2, retry_backoff=0.01, timeout=5, progress=False
+    )
+    start = time.monotonic()
+    with pytest.raises(RemoteSamplerError) as err:
+        sampler.generate(PROMPTS, 2, PARAMS)
+    assert time.monotonic() - start < 15  # a bound on retries, not a benchmark
+    message = str(err.value)
+    assert f"Could not reach {base_url}/completions after 3 attempts" in message
+    assert_one_sentence(message)
