@@ -116,9 +116,39 @@ class ImproveConfig(TrainSettings):
     )
 
 
+LOSS_NAMES = Literal[
+    "dpo", "hinge", "ipo", "ipo_mean", "exponential", "truncated_quadratic", "savage",
+    "simpo", "orpo", "kto", "rebel", "rloo",
+]
+RewardSpec = str | list[Any] | dict[str, Any]
+
+
+class PreferenceSettings(TrainSettings):
+    """Iterative DPO: how pairs are made and which preference loss trains on them."""
+
+    loss: LOSS_NAMES = Field("dpo", description="Preference loss (alignment.losses.LOSSES).")
+    beta: float | None = Field(None, gt=0, description="The loss's beta; null keeps the loss's default.")
+    hparams: dict[str, float] = Field(default_factory=dict, description="Other loss hyperparameters, e.g. {gamma: 0.5}.")
+    nll_alpha: float = Field(0.0, ge=0, description="Weight of an NLL term on the chosen response (any pairwise loss).")
+    pairing: Literal["best_vs_worst", "best_vs_random", "all_pairs"] = Field(
+        "best_vs_worst", description="How pairs are drawn from the N scored samples of a prompt."
+    )
+    min_margin: float = Field(0.0, ge=0, description="Drop pairs whose reward margin is below this (ties always dropped).")
+    reference: Literal["initial", "previous"] = Field(
+        "initial", description="Reference policy: the initial (warm-started) policy or the previous iterate."
+    )
+    start_from: Literal["previous", "initial"] = Field(
+        "previous", description="Warm-start each iteration from the previous iterate or from the initial policy."
+    )
+    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 trains all weights.")
+
+
 class EvalConfig(Strict):
     """Held-out evaluation after every Improve step (greedy decoding)."""
 
+    reward: RewardSpec | None = Field(
+        None, description="Held-out reward; null uses the recipe's reward (exact match is always reported too)."
+    )
     max_new_tokens: int = Field(8, ge=1, description="Longest greedy completion, in tokens.")
     batch_size: int = Field(256, ge=1, description="Prompts per generation batch.")
     patience: int = Field(
@@ -144,6 +174,21 @@ class S3Config(Strict):
     region: str | None = Field(None, description="S3 region; null = AWS default.")
 
 
+class OrchestrationConfig(Strict):
+    """How the run is orchestrated beyond one process: task runner, schedules, work pools."""
+
+    runner: Literal["thread", "ray"] = Field("thread", description="Task runner for Grow shards and scoring.")
+    ray_address: str | None = Field(None, description="Ray cluster address (e.g. ray://head:10001); null starts a local one.")
+    schedule: str | None = Field(None, description="Cron schedule for `flywheel serve` (e.g. '0 3 * * *'); null = none.")
+    work_pool: str | None = Field(None, description="Work pool the flow's deployment runs on (CPU).")
+    gpu_work_pool: str | None = Field(None, description="Work pool for GPU stages (Grow, training).")
+    score_on_gpu: bool = Field(False, description="Run scoring in the GPU pool too (reward models).")
+    gpu_concurrency_limit: str = Field("gpu", description="Global concurrency limit that holds one GPU job per GPU.")
+    isolate_gpu_stages: bool = Field(
+        False, description="Run Grow and training in their own process so GPU memory is freed between stages."
+    )
+
+
 class Recipe(Strict):
     """A flywheel run: task, model, loop and where its data and models go."""
 
@@ -152,7 +197,11 @@ class Recipe(Strict):
     seed: int = Field(0, description="Seed for data splits, model init, sampling and training.")
     task: TaskConfig = Field(default_factory=TaskConfig, description="Prompts, references and labelled data.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The initial policy.")
-    reward: str = Field("exact_match", description="Built-in reward name or 'package.module:function'.")
+    reward: RewardSpec = Field(
+        "exact_match",
+        description="Built-in reward name, 'package.module:function', 'rm:PATH' (a reward model), "
+        "or an ensemble {ensemble: [spec, ...], reduce: min|mean}.",
+    )
     warm_start: WarmStart = Field(
         default_factory=lambda: WarmStart(epochs=30, lr=3e-3, batch_size=16),
         description="Behaviour cloning before the first Grow step.",
@@ -160,11 +209,18 @@ class Recipe(Strict):
     grow: GrowConfig = Field(default_factory=GrowConfig, description="Grow step settings.")
     filter: FilterConfig = Field(default_factory=FilterConfig, description="Improve step filter.")
     improve: ImproveConfig = Field(default_factory=ImproveConfig, description="Improve step fine-tuning.")
-    grow_steps: int = Field(3, ge=1, description="G, Grow steps (iterations).")
+    preference: PreferenceSettings = Field(
+        default_factory=lambda: PreferenceSettings(epochs=2, lr=5e-4, batch_size=16),
+        description="Iterative DPO: pairing and preference loss.",
+    )
+    grow_steps: int = Field(3, ge=1, description="G, Grow steps (iterations; T for iterative DPO).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
     lake: str = Field("file://./lake", description="Where datasets and checkpoints go: file://PATH or s3://BUCKET/PREFIX.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint settings for an s3:// lake.")
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="Tracking and registry.")
+    orchestration: OrchestrationConfig = Field(
+        default_factory=OrchestrationConfig, description="Task runner, schedule and work pools."
+    )
 
     @property
     def model_name(self) -> str:

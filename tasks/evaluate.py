@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 
 from alignment.evaluation import evaluate as run_eval
-from alignment.rewards import resolve_reward
+from alignment.reward_model import resolve_reward_spec
 from alignment.samplers import make_sampler
 from tasks.context import RunRef, log
 
@@ -23,7 +23,7 @@ def evaluate(ref: RunRef, model_uri: str, iteration: int, step: int) -> dict[str
         )
         frame, metrics = run_eval(
             sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(), prompts["reference"].to_list(),
-            resolve_reward(recipe.reward), max_new_tokens=recipe.eval.max_new_tokens,
+            resolve_reward_spec(recipe.eval.reward or recipe.reward), max_new_tokens=recipe.eval.max_new_tokens,
         )
         lake.write_stage(uri, [frame], config={"eval": recipe.eval.model_dump()}, parents=[model_uri], extra={"metrics": metrics})
     metrics = lake.get_json(f"{uri}/_manifest.json")["metrics"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import polars as pl
 from prefect import task
 
-from alignment.rewards import resolve_reward, score as call_reward
+from alignment.reward_model import resolve_reward_spec
+from alignment.rewards import score as call_reward
 from tasks.context import RunRef, log
 
 
@@ -15,7 +16,7 @@ def score(ref: RunRef, samples_uri: str, iteration: int) -> str:
     lake, uri = ref.open_lake(), ref.stage(iteration, "scored")
     if lake.is_done(uri):
         return uri
-    reward = resolve_reward(ref.recipe.reward)
+    reward = resolve_reward_spec(ref.recipe.reward)
     samples = lake.read(samples_uri)
     rewards = call_reward(reward, samples["prompt"].to_list(), samples["completion"].to_list(), samples["reference"].to_list())
     scored = samples.with_columns(pl.Series("reward", rewards, dtype=pl.Float64))

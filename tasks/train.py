@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import polars as pl
 from prefect import task
 
 from alignment.recipe import TrainSettings
@@ -54,3 +55,36 @@ def train_metrics(ref: RunRef, model_uri: str) -> dict[str, float]:
     """The training metrics recorded in a checkpoint's manifest."""
     raw = ref.open_lake().get_json(f"{model_uri}/_manifest.json")
     return raw.get("metrics", {})
+
+
+def _preference_config(ref: RunRef, seed: int):
+    from alignment.preference import PreferenceConfig
+
+    p = ref.recipe.preference
+    return PreferenceConfig(
+        loss=p.loss, beta=p.beta, hparams=dict(p.hparams), nll_alpha=p.nll_alpha, epochs=p.epochs, lr=p.lr,
+        batch_size=p.batch_size, warmup_steps=p.warmup_steps, seed=seed, dtype=p.dtype, lora_r=p.lora_r,
+    )
+
+
+@task(name="train-preference")
+def train_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str, iteration: int) -> str:
+    """One iterative-DPO training step with the recipe's preference loss; RLOO trains on the scored groups."""
+    from alignment.preference import train_preference as fit_pairs, train_rloo
+
+    lake, out_uri = ref.open_lake(), ref.stage(iteration, "checkpoint", 1)
+    if lake.is_done(out_uri):
+        return out_uri
+    cfg = _preference_config(ref, ref.recipe.seed * 1000 + iteration)
+    if cfg.loss == "rloo":
+        data_uri, data = scored_uri, lake.read(scored_uri).filter(pl.col("sample_idx") >= 0)
+        fit = train_rloo
+    else:
+        data_uri, data = pairs_uri, lake.read(pairs_uri)
+        fit = fit_pairs
+    Path(ref.cache_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp:
+        metrics = fit(ref.local_model(start_uri), tmp, data, cfg, trust_remote_code=ref.recipe.model.trust_remote_code)
+        lake.put_dir(tmp, out_uri, extra={"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics})
+    log().info("trained %s with %s on %d rows: loss %.4f", ref.policy_version(out_uri), cfg.loss, data.height, metrics["train_loss"])
+    return out_uri

@@ -1,0 +1,278 @@
+"""Preference losses as pure functions of per-example sequence log-probabilities.
+
+Every loss returns one value per example (shape ``[B]``); the trainer takes the mean. The maths
+functions take plain tensors, e.g. ``dpo(chosen_logratio, rejected_logratio, beta)``, and
+``LOSSES[name](batch, **hparams)`` is the uniform entry point a trainer picks by name:
+
+- pairwise losses (``LOSS_KIND[name] == "pairwise"``) read a ``LossInputs``: summed completion
+  log-probs of the chosen and rejected responses under the policy and (for those in
+  ``NEEDS_REFERENCE``) the reference model, completion token counts, and (for those in
+  ``NEEDS_REWARDS``) scalar rewards;
+- ``rloo`` (``LOSS_KIND["rloo"] == "group"``) is not pairwise: it reads a ``GroupInputs`` of N
+  samples per prompt with their rewards and prompt group ids.
+
+``compute_loss(name, batch, nll_alpha=..., **hparams)`` fills in the defaults of ``LOSS_HPARAMS``,
+rejects unknown names and hyperparameters, and adds the optional NLL term on the chosen response.
+
+Equations cite the seed notes ``reference/seeds/004_65d128f1dda873f4.txt`` by line. Notation:
+``Δ = log π_θ(y|x) − log π_ref(y|x)`` (a "logratio") and ``h = Δ_w − Δ_l`` (chosen minus rejected).
+Names are precise on purpose: ``ipo`` is the seed's IPO on summed log-probs, ``ipo_mean`` the
+length-normalised variant that TRL ships under the name "ipo".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """One batch of preference pairs, all tensors of shape ``[B]``.
+
+    Log-probs are summed over completion tokens (EOS included); lengths count those tokens.
+    """
+
+    policy_chosen_logps: Tensor
+    policy_rejected_logps: Tensor
+    ref_chosen_logps: Tensor | None = None
+    ref_rejected_logps: Tensor | None = None
+    chosen_lengths: Tensor | None = None
+    rejected_lengths: Tensor | None = None
+    chosen_rewards: Tensor | None = None
+    rejected_rewards: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class GroupInputs:
+    """N sampled completions per prompt: ``logps[i]`` (summed, under the policy), ``rewards[i]``,
+    and ``group_ids[i]`` naming the prompt (any integers; rows of one group need not be adjacent)."""
+
+    logps: Tensor
+    rewards: Tensor
+    group_ids: Tensor
+
+
+# --- The GPO family, f(β·h) for a convex f (seed l.1207, table l.1212-1217) ----------------------
+
+
+def dpo(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float = 0.1) -> Tensor:
+    """Logistic loss, DPO: ``−log σ(β·(Δ_w − Δ_l))`` (seed l.877; GPO f(x) = log(1 + e^−x), l.1212)."""
+    return -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
+
+
+def hinge(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float = 0.1) -> Tensor:
+    """SLiC-HF hinge: ``max(0, 1 − β·h)`` (GPO l.1213). SLiC's calibration loss (l.1165) is
+    ``max(0, δ − h)`` on raw log-probs; this is β·that with δ = 1/β and reference-adjusted h."""
+    return torch.relu(1 - beta * (chosen_logratio - rejected_logratio))
+
+
+def ipo(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float = 0.1) -> Tensor:
+    """IPO on summed log-probs: ``(h − 1/(2β))²`` (seed l.978, the empirical IPO loss)."""
+    return (chosen_logratio - rejected_logratio - 1 / (2 * beta)) ** 2
+
+
+def exponential(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float = 0.1) -> Tensor:
+    """Exponential (AdaBoost-like) GPO loss: ``exp(−β·h)`` (seed l.1215)."""
+    return torch.exp(-beta * (chosen_logratio - rejected_logratio))
+
+
+def truncated_quadratic(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float = 0.1) -> Tensor:
+    """Truncated quadratic GPO loss: ``max(0, 1 − β·h)²`` (seed l.1216)."""
+    return torch.relu(1 - beta * (chosen_logratio - rejected_logratio)) ** 2
+
+
+def savage(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float = 0.1) -> Tensor:
+    """Savage GPO loss: ``1/(1 + exp(β·h))² = σ(−β·h)²`` (seed l.1217)."""
+    return torch.sigmoid(-beta * (chosen_logratio - rejected_logratio)) ** 2
+
+
+# --- Reference-free losses on length-normalised log-probs ------------------------------------
+
+
+def simpo(chosen_avg_logp: Tensor, rejected_avg_logp: Tensor, beta: float = 2.0, gamma: float = 1.0) -> Tensor:
+    """SimPO: ``−log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ)`` (seed l.1067).
+
+    Takes the per-token mean log-probs ``log π(y)/|y|``; no reference model.
+    """
+    return -F.logsigmoid(beta * (chosen_avg_logp - rejected_avg_logp) - gamma)
+
+
+def orpo(chosen_avg_logp: Tensor, rejected_avg_logp: Tensor, lam: float = 0.1) -> Tensor:
+    """ORPO: ``L_SFT + λ·L_OR`` (seed l.1020) with ``L_OR = −log σ(log odds(y_w) − log odds(y_l))`` (l.1022).
+
+    ``odds(y) = p/(1 − p)`` with ``p = exp(mean token log-prob)``; ``L_SFT`` is the chosen NLL
+    averaged over its tokens (l.995). No reference model.
+    """
+    log_odds_ratio = _log_odds(chosen_avg_logp) - _log_odds(rejected_avg_logp)
+    return -chosen_avg_logp - lam * F.logsigmoid(log_odds_ratio)
+
+
+def _log_odds(avg_logp: Tensor) -> Tensor:
+    """``log(p/(1 − p))`` for ``p = exp(avg_logp)``, stable as p → 0 and as p → 1."""
+    return avg_logp - _log1mexp(avg_logp)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """``log(1 − e^x)`` for x < 0 (Mächler 2012): ``log(−expm1 x)`` near 0, ``log1p(−e^x)`` below −log 2.
+
+    x is clamped just below 0 so that both branches, and hence ``torch.where``'s gradient, stay finite
+    when a completion's probability rounds to 1.
+    """
+    x = x.clamp(max=-1e-6)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+# --- Unpaired, reward-regression and on-policy losses ----------------------------------------
+
+
+def kto(
+    chosen_logratio: Tensor,
+    rejected_logratio: Tensor,
+    beta: float = 0.1,
+    lambda_d: float = 1.0,
+    lambda_u: float = 1.0,
+) -> Tensor:
+    """KTO: ``λ_y − v(x, y)`` (seed l.1116) with ``v`` from l.1110, chosen = desirable, rejected = undesirable.
+
+    ``v_D = λ_D·σ(β(Δ_w − z0))`` and ``v_U = λ_U·σ(β(z0 − Δ_l))``. The reference point ``z0`` (l.1106)
+    is ``max(0, mean Δ)`` over the batch's chosen and rejected completions, detached, as in the KTO
+    paper's implementation (which estimates it on mismatched prompt/completion pairs instead). Each
+    pair holds two unpaired examples, so the per-pair value is their mean: the batch mean is then the
+    mean over all 2B examples. Because z0 is a batch statistic, sharding the batch changes it.
+    """
+    z0 = torch.cat([chosen_logratio, rejected_logratio]).mean().clamp(min=0).detach()
+    desirable = lambda_d * (1 - torch.sigmoid(beta * (chosen_logratio - z0)))
+    undesirable = lambda_u * (1 - torch.sigmoid(beta * (z0 - rejected_logratio)))
+    return (desirable + undesirable) / 2
+
+
+def rebel(
+    chosen_logratio: Tensor,
+    rejected_logratio: Tensor,
+    chosen_reward: Tensor,
+    rejected_reward: Tensor,
+    eta: float = 1.0,
+) -> Tensor:
+    """REBEL: ``(1/η·(Δ_w − Δ_l) − (r_w − r_l))²`` (seed l.1261, eq. 1), the reference being π_θt,
+    the policy at the start of the iteration."""
+    return ((chosen_logratio - rejected_logratio) / eta - (chosen_reward - rejected_reward)) ** 2
+
+
+def rloo(logps: Tensor, rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """REINFORCE with a leave-one-out baseline (RLOO, seed l.708): ``−A_i·log π(y_i)``,
+    ``A_i = r_i − 1/(k−1)·Σ_{j≠i} r_j`` over the k samples of the same prompt; A is a constant.
+
+    The seed's KL-shaped reward ``r − β·log(π/π_ref)`` is left to the caller: pass it as ``rewards``.
+    """
+    _, group = torch.unique(group_ids, return_inverse=True)
+    count = torch.bincount(group).to(rewards.dtype)
+    if bool((count < 2).any()):
+        raise ValueError("rloo needs at least 2 samples per prompt (group id) to form a leave-one-out baseline.")
+    total = torch.zeros_like(count).index_add_(0, group, rewards)
+    baseline = (total[group] - rewards) / (count[group] - 1)
+    return -(rewards - baseline).detach() * logps
+
+
+# --- The uniform entry point -----------------------------------------------------------------
+
+
+def _need(batch: LossInputs, *fields: str) -> list[Tensor]:
+    """The named fields of ``batch``; a missing one is an error that says what to provide."""
+    values = [getattr(batch, name) for name in fields]
+    missing = [name for name, value in zip(fields, values) if value is None]
+    if missing:
+        raise ValueError(f"This loss needs LossInputs.{', '.join(missing)}; the batch has None there.")
+    return values
+
+
+def _logratios(b: LossInputs) -> tuple[Tensor, Tensor]:
+    ref_chosen, ref_rejected = _need(b, "ref_chosen_logps", "ref_rejected_logps")
+    return b.policy_chosen_logps - ref_chosen, b.policy_rejected_logps - ref_rejected
+
+
+def _avg_logps(b: LossInputs) -> tuple[Tensor, Tensor]:
+    chosen_len, rejected_len = _need(b, "chosen_lengths", "rejected_lengths")
+    return b.policy_chosen_logps / chosen_len, b.policy_rejected_logps / rejected_len
+
+
+def _avg_logratios(b: LossInputs) -> tuple[Tensor, Tensor]:
+    chosen, rejected = _logratios(b)
+    chosen_len, rejected_len = _need(b, "chosen_lengths", "rejected_lengths")
+    return chosen / chosen_len, rejected / rejected_len
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "dpo": lambda b, **hp: dpo(*_logratios(b), **hp),
+    "hinge": lambda b, **hp: hinge(*_logratios(b), **hp),
+    "ipo": lambda b, **hp: ipo(*_logratios(b), **hp),
+    # TRL's "ipo": the same squared loss on per-token mean logratios.
+    "ipo_mean": lambda b, **hp: ipo(*_avg_logratios(b), **hp),
+    "exponential": lambda b, **hp: exponential(*_logratios(b), **hp),
+    "truncated_quadratic": lambda b, **hp: truncated_quadratic(*_logratios(b), **hp),
+    "savage": lambda b, **hp: savage(*_logratios(b), **hp),
+    "simpo": lambda b, **hp: simpo(*_avg_logps(b), **hp),
+    "orpo": lambda b, **hp: orpo(*_avg_logps(b), **hp),
+    "kto": lambda b, **hp: kto(*_logratios(b), **hp),
+    "rebel": lambda b, **hp: rebel(*_logratios(b), *_need(b, "chosen_rewards", "rejected_rewards"), **hp),
+    "rloo": lambda g, **hp: rloo(g.logps, g.rewards, g.group_ids, **hp),
+}
+
+# Hyperparameters and their defaults; the maths functions above carry the same defaults.
+LOSS_HPARAMS: dict[str, dict[str, float]] = {
+    "dpo": {"beta": 0.1},
+    "hinge": {"beta": 0.1},
+    "ipo": {"beta": 0.1},
+    "ipo_mean": {"beta": 0.1},
+    "exponential": {"beta": 0.1},
+    "truncated_quadratic": {"beta": 0.1},
+    "savage": {"beta": 0.1},
+    "simpo": {"beta": 2.0, "gamma": 1.0},
+    "orpo": {"lam": 0.1},
+    "kto": {"beta": 0.1, "lambda_d": 1.0, "lambda_u": 1.0},
+    "rebel": {"eta": 1.0},
+    "rloo": {},
+}
+
+LOSS_KIND: dict[str, str] = {name: "group" if name == "rloo" else "pairwise" for name in LOSSES}
+NEEDS_REFERENCE: frozenset[str] = frozenset(LOSSES) - {"simpo", "orpo", "rloo"}
+NEEDS_REWARDS: frozenset[str] = frozenset({"rebel", "rloo"})
+# ORPO already contains an NLL term on the chosen response.
+HAS_NLL: frozenset[str] = frozenset({"orpo"})
+
+
+def nll(batch: LossInputs) -> Tensor:
+    """Per-token NLL of the chosen response, ``−log π(y_w|x)/|y_w|`` (the SFT loss, seed l.995)."""
+    (chosen_len,) = _need(batch, "chosen_lengths")
+    return -batch.policy_chosen_logps / chosen_len
+
+
+def with_nll(losses: Tensor, batch: LossInputs, alpha: float) -> Tensor:
+    """Add ``α·NLL(y_w)`` to per-example pairwise losses (the RPO / DPO+NLL regulariser)."""
+    return losses + alpha * nll(batch) if alpha else losses
+
+
+def compute_loss(name: str, batch: LossInputs | GroupInputs, *, nll_alpha: float = 0.0, **hparams: float) -> Tensor:
+    """Per-example losses of ``LOSSES[name]`` with defaults from ``LOSS_HPARAMS``, plus ``nll_alpha``·NLL."""
+    check_loss(name, hparams, nll_alpha)
+    expected = GroupInputs if LOSS_KIND[name] == "group" else LossInputs
+    if not isinstance(batch, expected):
+        raise TypeError(f"Loss {name!r} takes {expected.__name__}, got {type(batch).__name__}.")
+    return with_nll(LOSSES[name](batch, **{**LOSS_HPARAMS[name], **hparams}), batch, nll_alpha)
+
+
+def check_loss(name: str, hparams: dict[str, float], nll_alpha: float = 0.0) -> None:
+    """Raise a ValueError that names the fix if ``name``, ``hparams`` or ``nll_alpha`` don't fit together."""
+    if name not in LOSSES:
+        raise ValueError(f"Unknown loss {name!r}; choose one of: {', '.join(sorted(LOSSES))}.")
+    unknown = sorted(set(hparams) - set(LOSS_HPARAMS[name]))
+    if unknown:
+        allowed = ", ".join(sorted(LOSS_HPARAMS[name])) or "none"
+        raise ValueError(f"Loss {name!r} has no hyperparameter {', '.join(unknown)}; its hyperparameters: {allowed}.")
+    if nll_alpha and (LOSS_KIND[name] != "pairwise" or name in HAS_NLL):
+        raise ValueError(f"nll_alpha applies to pairwise losses without their own NLL term; set it to 0 for {name!r}.")

@@ -1,0 +1,305 @@
+"""Preference fine-tuning: the DPO family on (prompt, chosen, rejected) pairs, and RLOO on sample groups.
+
+One iteration of iterative DPO trains the policy on pairs drawn from its own samples. The reference
+log-probs ``ref_chosen_logp, ref_rejected_logp`` are computed once per iteration with
+``add_reference_logps`` and stored with the pairs, so training holds one model; when the pairs come
+without them, ``train_preference`` computes them from the starting model (the iteration's reference)
+before the first update. Every loss in ``alignment.losses.LOSSES`` is available by name.
+
+Departures, on purpose: dropout is off while training (as TRL's ``disable_dropout``), so the policy and
+reference log-probs of an unchanged model agree exactly; ``rloo`` trains on groups of N samples per
+prompt, not pairs, through ``train_rloo``, and performs one REINFORCE step per batch (no PPO-style
+ratios or clipping, as in the RLOO paper).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from alignment.logprobs import batch_logps, sequence_logps
+from alignment.losses import LOSS_KIND, NEEDS_REWARDS, GroupInputs, LossInputs, check_loss, compute_loss
+from alignment.models import load_policy
+from alignment.training import autocast, collate, encode_pairs
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
+REWARD_COLUMNS = ("chosen_reward", "rejected_reward")
+GROUP_COLUMNS = ("prompt_id", "prompt", "completion", "reward")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """How to train on preferences. Hyperparameters of the loss go in ``beta`` and ``hparams``."""
+
+    loss: str = "dpo"  # a key of alignment.losses.LOSSES
+    beta: float | None = None  # the loss's beta; None keeps its default (LOSS_HPARAMS)
+    hparams: dict[str, float] = field(default_factory=dict)  # other loss hyperparameters, e.g. {"gamma": 0.5}
+    nll_alpha: float = 0.0  # weight of the chosen response's per-token NLL added to a pairwise loss
+    epochs: int = 1
+    lr: float = 1e-6
+    batch_size: int = 16  # pairs per step; for rloo, prompts (groups of samples) per step
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    dtype: str = "float32"  # "bfloat16" trains under bf16 autocast on CUDA
+    ref_batch_size: int = 64  # batch size of the no-grad log-prob passes
+    lora_r: int = 0  # LoRA rank; 0 trains all weights
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ()  # () means c_attn for GPT-2, every linear layer otherwise
+
+    def __post_init__(self) -> None:
+        check_loss(self.loss, self.loss_hparams(), self.nll_alpha)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}.")
+        for name in ("epochs", "batch_size", "ref_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be 0 (LoRA off) or a positive rank, got {self.lora_r}.")
+
+    def loss_hparams(self) -> dict[str, float]:
+        """The hyperparameters passed to the loss: ``hparams`` with ``beta`` when set."""
+        return {**self.hparams, **({} if self.beta is None else {"beta": self.beta})}
+
+
+def pair_logps(
+    model, tokenizer, pairs: pl.DataFrame, batch_size: int = 64, *, dtype: str = "float32"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (no grad, float32, CPU) of each pair's chosen and rejected completion under ``model``."""
+    prompts = pairs["prompt"].to_list()
+    chosen, _ = sequence_logps(model, tokenizer, prompts, pairs["chosen"].to_list(), batch_size, dtype=dtype)
+    rejected, _ = sequence_logps(model, tokenizer, prompts, pairs["rejected"].to_list(), batch_size, dtype=dtype)
+    return chosen, rejected
+
+
+def add_reference_logps(
+    model, tokenizer, pairs: pl.DataFrame, batch_size: int = 64, *, dtype: str = "float32"
+) -> pl.DataFrame:
+    """``pairs`` with ``ref_chosen_logp`` and ``ref_rejected_logp`` computed by ``model`` (the reference)."""
+    _require_columns(pairs, PAIR_COLUMNS, "pairs")
+    chosen, rejected = pair_logps(model, tokenizer, pairs, batch_size, dtype=dtype)
+    return pairs.with_columns(
+        pl.Series(REF_COLUMNS[0], chosen.tolist(), dtype=pl.Float64),
+        pl.Series(REF_COLUMNS[1], rejected.tolist(), dtype=pl.Float64),
+    )
+
+
+def train_preference(
+    model_path: str | Path,
+    out_dir: str | Path,
+    pairs: pl.DataFrame,
+    cfg: PreferenceConfig,
+    *,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """Train the model at ``model_path`` on ``pairs`` with the pairwise loss ``cfg.loss``; save it to ``out_dir``.
+
+    ``pairs`` needs ``prompt, chosen, rejected``; ``ref_chosen_logp, ref_rejected_logp`` are used when
+    present (else computed from the starting model); ``chosen_reward, rejected_reward`` when the loss
+    needs rewards. Returns the last epoch's mean loss and, from a no-grad pass after training, the
+    reward accuracy (share of pairs with Δ_w > Δ_l, Δ = log π − log π_ref), the mean margin Δ_w − Δ_l
+    and the mean change of the chosen and rejected log-probs from the reference.
+    """
+    if LOSS_KIND[cfg.loss] != "pairwise":
+        raise ValueError(f"loss {cfg.loss!r} trains on groups of samples, not pairs: call train_rloo instead.")
+    _require_columns(pairs, PAIR_COLUMNS + (REWARD_COLUMNS if cfg.loss in NEEDS_REWARDS else ()), "pairs")
+    model, tokenizer = _load_trainable(model_path, cfg, trust_remote_code)
+    if not set(REF_COLUMNS) <= set(pairs.columns):
+        pairs = add_reference_logps(model, tokenizer, pairs, cfg.ref_batch_size, dtype=cfg.dtype)
+    prompts = pairs["prompt"].to_list()
+    chosen = encode_pairs(tokenizer, prompts, pairs["chosen"].to_list())
+    rejected = encode_pairs(tokenizer, prompts, pairs["rejected"].to_list())
+    ref_chosen, ref_rejected = (_column(pairs, name) for name in REF_COLUMNS)
+    # Per-pair tensors of LossInputs that come from the frame rather than the forward pass.
+    stored = {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    if cfg.loss in NEEDS_REWARDS:
+        stored |= dict(zip(("chosen_rewards", "rejected_rewards"), (_column(pairs, c) for c in REWARD_COLUMNS)))
+
+    def step_loss(idx: list[int]) -> torch.Tensor:
+        # One forward pass over the chosen rows followed by the rejected rows.
+        batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], tokenizer.pad_token_id)
+        logps, lengths = batch_logps(model, {k: v.to(model.device) for k, v in batch.items()})
+        (chosen_logps, rejected_logps), (chosen_len, rejected_len) = logps.chunk(2), lengths.chunk(2)
+        inputs = LossInputs(
+            chosen_logps, rejected_logps, chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+            **{name: values[idx].to(model.device) for name, values in stored.items()},
+        )  # fmt: skip
+        return compute_loss(cfg.loss, inputs, nll_alpha=cfg.nll_alpha, **cfg.loss_hparams()).mean()
+
+    losses = _fit(model, [[i] for i in range(len(pairs))], step_loss, cfg, progress, on_step)
+    after_chosen, after_rejected = pair_logps(model, tokenizer, pairs, cfg.ref_batch_size, dtype=cfg.dtype)
+    _save(model, tokenizer, out_dir)
+    chosen_change, rejected_change = after_chosen - ref_chosen, after_rejected - ref_rejected
+    return {
+        "train_loss": _last_epoch_mean(losses, cfg.epochs),
+        "reward_accuracy": (chosen_change > rejected_change).float().mean().item(),
+        "margin": (chosen_change - rejected_change).mean().item(),
+        "chosen_logp_change": chosen_change.mean().item(),
+        "rejected_logp_change": rejected_change.mean().item(),
+        "train_steps": float(len(losses)),
+        "train_pairs": float(len(pairs)),
+    }
+
+
+def train_rloo(
+    model_path: str | Path,
+    out_dir: str | Path,
+    samples: pl.DataFrame,
+    cfg: PreferenceConfig,
+    *,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """Train with RLOO on ``samples`` (columns ``prompt_id, prompt, completion, reward``; N ≥ 2 per prompt).
+
+    Each step takes ``cfg.batch_size`` whole prompt groups, so every leave-one-out baseline sees its
+    full group. Returns the last epoch's mean loss and the mean log-prob change of the samples that
+    beat their baseline (should rise) and of those below it (should fall).
+    """
+    if cfg.loss != "rloo":
+        raise ValueError(f"train_rloo trains the 'rloo' loss; set PreferenceConfig(loss='rloo'), not {cfg.loss!r}.")
+    _require_columns(samples, GROUP_COLUMNS, "samples")
+    if samples.group_by("prompt_id").len()["len"].min() < 2:
+        raise ValueError("rloo needs at least 2 samples per prompt_id for its leave-one-out baseline.")
+    model, tokenizer = _load_trainable(model_path, cfg, trust_remote_code)
+    prompts, completions = samples["prompt"].to_list(), samples["completion"].to_list()
+    before, _ = sequence_logps(model, tokenizer, prompts, completions, cfg.ref_batch_size, dtype=cfg.dtype)
+    examples = encode_pairs(tokenizer, prompts, completions)
+    rewards = _column(samples, "reward")
+    group_ids = torch.tensor(samples["prompt_id"].rank("dense").to_list(), dtype=torch.long)
+    groups = samples.with_row_index("_row").group_by("prompt_id", maintain_order=True).agg("_row")["_row"].to_list()
+
+    def step_loss(idx: list[int]) -> torch.Tensor:
+        batch = collate([examples[i] for i in idx], tokenizer.pad_token_id)
+        logps, _ = batch_logps(model, {k: v.to(model.device) for k, v in batch.items()})
+        inputs = GroupInputs(logps, rewards[idx].to(model.device), group_ids[idx].to(model.device))
+        return compute_loss("rloo", inputs).mean()
+
+    losses = _fit(model, groups, step_loss, cfg, progress, on_step)
+    after, _ = sequence_logps(model, tokenizer, prompts, completions, cfg.ref_batch_size, dtype=cfg.dtype)
+    _save(model, tokenizer, out_dir)
+    # The sign of the RLOO advantage is the sign of r_i minus its group's mean reward.
+    group_mean = torch.tensor(samples.select(pl.col("reward").mean().over("prompt_id")).to_series().to_list())
+    advantage = rewards - group_mean
+    change = after - before
+    return {
+        "train_loss": _last_epoch_mean(losses, cfg.epochs),
+        "logp_change_above_baseline": _masked_mean(change, advantage > 0),
+        "logp_change_below_baseline": _masked_mean(change, advantage < 0),
+        "train_steps": float(len(losses)),
+        "train_samples": float(len(samples)),
+        "train_prompts": float(len(groups)),
+    }
+
+
+# --- Plumbing shared by both trainers --------------------------------------------------------
+
+
+def _fit(
+    model,
+    units: Sequence[list[int]],
+    step_loss: Callable[[list[int]], torch.Tensor],
+    cfg: PreferenceConfig,
+    progress: bool,
+    on_step: Callable[[int, float], None] | None,
+) -> list[float]:
+    """AdamW over seeded shuffles of ``units`` (lists of row indices), ``cfg.batch_size`` units a step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    rng = random.Random(cfg.seed)
+    total = math.ceil(len(units) / cfg.batch_size) * cfg.epochs
+    bar = tqdm(total=total, desc=f"training ({cfg.loss})", unit="step", disable=not progress, leave=False)
+    losses: list[float] = []
+    model.train()
+    for _ in range(cfg.epochs):
+        order = list(range(len(units)))
+        rng.shuffle(order)
+        for start in range(0, len(order), cfg.batch_size):
+            idx = [row for u in order[start : start + cfg.batch_size] for row in units[u]]
+            with autocast(model.device, cfg.dtype):
+                loss = step_loss(idx)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    bar.close()
+    model.eval()
+    return losses
+
+
+def _load_trainable(model_path: str | Path, cfg: PreferenceConfig, trust_remote_code: bool):
+    """Load the policy with dropout off and, when ``cfg.lora_r > 0``, LoRA adapters on it."""
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_policy(model_path, trust_remote_code=trust_remote_code)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if cfg.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        gpt2 = model.config.model_type == "gpt2"
+        targets = list(cfg.lora_target_modules) or (["c_attn"] if gpt2 else "all-linear")
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            fan_in_fan_out=gpt2,  # GPT-2's Conv1D stores weights transposed
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model, tokenizer
+
+
+def _save(model, tokenizer, out_dir: str | Path) -> None:
+    """Save as a plain Hugging Face model: LoRA adapters are merged into the weights first."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _require_columns(frame: pl.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"The {what} frame lacks column(s) {', '.join(missing)}; it has {', '.join(frame.columns)}.")
+    if frame.height == 0:
+        raise ValueError(f"Nothing to train on: the {what} frame is empty.")
+
+
+def _column(frame: pl.DataFrame, name: str) -> torch.Tensor:
+    """A numeric column as a float32 tensor; nulls are an error that names the column."""
+    nulls = frame[name].null_count()
+    if nulls:
+        raise ValueError(f"Column {name} has {nulls} null value(s); fill them or drop those rows before training.")
+    return torch.tensor(frame[name].cast(pl.Float64).to_list(), dtype=torch.float32)
+
+
+def _last_epoch_mean(losses: list[float], epochs: int) -> float:
+    tail = losses[-max(1, len(losses) // epochs) :]
+    return sum(tail) / len(tail)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return values[mask].mean().item() if bool(mask.any()) else float("nan")
