@@ -1,0 +1,301 @@
+"""Learned rewards: a Bradley–Terry reward model, its pairwise accuracy, and ensembles of rewards.
+
+The reward model ``r_phi(x, y)`` is a causal LM with a scalar head read at the last token (Hugging
+Face ``AutoModelForSequenceClassification`` with ``num_labels=1``), initialised from a policy
+checkpoint: the backbone loads, the head is new. It is fitted by maximum likelihood under the
+Bradley–Terry model (seed notes 004, "Reward Model (RM) training objective function"):
+
+    log p_ij / (1 - p_ij) = r(x, y_i; phi) - r(x, y_j; phi)   =>   p_ij = sigma(r(x, y_i) - r(x, y_j))
+    max_phi  sum_{(x, y_w, y_l) in D} log sigma(r(x, y_w; phi) - r(x, y_l; phi))
+
+(the same MLE as ``l_D(theta)`` in seed notes 003). A trained model is a reward like any other:
+``RewardModel(path)(prompts, completions, references) -> list[float]``. Its scale is arbitrary
+(BT is invariant to adding a constant), so filter its scores with scale-free rules such as
+``filters.quantile`` rather than fixed thresholds.
+
+``Ensemble(members, reduce="min")`` is pessimism by ensemble (seed notes 003, "RLHF with
+Pessimism"): ``r_hat(x, a) = min_k r_k(x, a)`` over independently trained reward models; ``"mean"``
+averages instead. Members are combined as they are, with no rescaling: give it rewards on one scale.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Literal, Union
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from alignment.models import default_device
+from alignment.rewards import RewardError, RewardFn, resolve_reward, score
+from alignment.training import autocast, encode_pairs
+
+RewardSpec = Union[str, Sequence["RewardSpec"], Mapping[str, object]]
+
+REDUCTIONS: dict[str, Callable[[Sequence[float]], float]] = {"min": min, "mean": statistics.fmean}
+
+
+class RewardModelConfig(BaseModel):
+    """How to fit a Bradley–Terry reward model to preference pairs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(3, ge=1, description="Passes over the preference pairs.")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate: 1e-3 suits the tiny model, ~1e-5 a 1B+ one.")
+    batch_size: int = Field(32, ge=1, description="Pairs per optimiser step; each pair runs two sequences.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(10, ge=0, description="Steps of linear learning-rate warm-up from ~0 to lr.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="'bfloat16' trains under bf16 autocast on CUDA; ignored on CPU."
+    )
+    seed: int = Field(0, description="Seeds the new head's initialisation and the pair order.")
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Per-pair ``-log sigma(r_w - r_l)``: the negative Bradley–Terry log-likelihood (seed 004)."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards)
+
+
+def load_reward_model(
+    path: str | Path, *, device: str | None = None, trust_remote_code: bool = False
+) -> tuple[torch.nn.Module, object]:
+    """``(model, tokenizer)``: a one-output sequence classifier from a local causal-LM or reward-model directory."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"No model at {path}: the directory needs a config.json (save the model with save_pretrained)."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # The classifier scores the rightmost non-pad token, so it needs to know which id pads.
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        trust_remote_code=trust_remote_code,
+        local_files_only=True,
+    )
+    model.to(device or default_device())
+    return model, tokenizer
+
+
+def train_reward_model(
+    base_path: str | Path,
+    out_dir: str | Path,
+    pairs: pl.DataFrame,
+    cfg: RewardModelConfig | None = None,
+    *,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """Fit ``r_phi`` on ``pairs`` (prompt, chosen, rejected) by Bradley–Terry MLE and save it to ``out_dir``.
+
+    Each step scores the chosen and rejected sequences of a batch in one forward pass and minimises
+    the mean of ``-log sigma(r_w - r_l)`` (seed notes 004). Returns the last epoch's mean loss and
+    pairwise training accuracy, the step count and the pair count.
+    """
+    cfg = cfg or RewardModelConfig()
+    _check_pairs(pairs)
+    torch.manual_seed(cfg.seed)  # before loading: the new score head is initialised here
+    model, tokenizer = load_reward_model(base_path, trust_remote_code=trust_remote_code)
+    model.train()
+    prompts = pairs["prompt"].to_list()
+    chosen = _encode(tokenizer, prompts, pairs["chosen"].to_list(), model.config)
+    rejected = _encode(tokenizer, prompts, pairs["rejected"].to_list(), model.config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    steps_per_epoch = math.ceil(pairs.height / cfg.batch_size)
+    bar = tqdm(total=steps_per_epoch * cfg.epochs, desc="reward model", unit="step", disable=not progress, leave=False)
+    rng = random.Random(cfg.seed)
+    losses: list[float] = []
+    wins: list[float] = []
+    for _ in range(cfg.epochs):
+        order = list(range(pairs.height))
+        rng.shuffle(order)
+        for start in range(0, len(order), cfg.batch_size):
+            rows = order[start : start + cfg.batch_size]
+            batch = [chosen[i] for i in rows] + [rejected[i] for i in rows]
+            loss, win = _train_step(model, tokenizer, optimizer, batch, cfg)
+            schedule.step()
+            losses.append(loss)
+            wins.append(win)
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return {
+        "train_loss": statistics.fmean(losses[-steps_per_epoch:]),
+        "train_accuracy": statistics.fmean(wins[-steps_per_epoch:]),
+        "train_steps": float(len(losses)),
+        "train_pairs": float(pairs.height),
+    }
+
+
+class RewardModel:
+    """A trained reward model as a reward function ``(prompts, completions, references) -> list[float]``.
+
+    Sequences are scored ``batch_size`` at a time in order of length, so a batch holds similar
+    lengths and little padding; scores come back in the caller's order. Right padding keeps every
+    token's position, so a score does not depend on the batch it lands in. References are unused.
+    """
+
+    def __init__(
+        self, path: str | Path, batch_size: int = 64, *, device: str | None = None, trust_remote_code: bool = False
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.path = Path(path)
+        self.batch_size = batch_size
+        self.model, self.tokenizer = load_reward_model(path, device=device, trust_remote_code=trust_remote_code)
+        self.model.eval()
+
+    def __repr__(self) -> str:
+        return f"RewardModel({str(self.path)!r})"
+
+    @torch.inference_mode()
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str]) -> list[float]:
+        encoded = _encode(self.tokenizer, prompts, completions, self.model.config)
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        scores = [0.0] * len(encoded)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            values = self.model(**_collate([encoded[i] for i in rows], self.tokenizer.pad_token_id, self.model.device))
+            for i, value in zip(rows, values.logits[:, 0].float().tolist(), strict=True):
+                scores[i] = value
+        return scores
+
+
+class Ensemble:
+    """Several rewards combined per row: ``min`` is pessimism, ``r_hat = min_k r_k`` (seed 003); or ``mean``."""
+
+    def __init__(self, members: Sequence[RewardFn], reduce: str = "min"):
+        if not members:
+            raise RewardError("An ensemble needs at least one member reward.")
+        if reduce not in REDUCTIONS:
+            raise RewardError(f"Unknown ensemble reduce {reduce!r}: use one of {sorted(REDUCTIONS)}.")
+        self.members = list(members)
+        self.reduce = reduce
+
+    def __repr__(self) -> str:
+        return f"Ensemble({self.members!r}, reduce={self.reduce!r})"
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str]) -> list[float]:
+        # ``score`` checks each member, so a bad value names the member that produced it.
+        columns = [score(member, prompts, completions, references) for member in self.members]
+        combine = REDUCTIONS[self.reduce]
+        return [combine(row) for row in zip(*columns, strict=True)]
+
+
+def pairwise_accuracy(reward_fn: RewardFn, pairs: pl.DataFrame) -> float:
+    """Fraction of pairs with ``r(x, chosen) > r(x, rejected)``: a tie counts as a miss."""
+    _check_pairs(pairs, ("prompt", "reference", "chosen", "rejected"))
+    n = pairs.height
+    prompts, references = pairs["prompt"].to_list(), pairs["reference"].to_list()
+    completions = pairs["chosen"].to_list() + pairs["rejected"].to_list()
+    rewards = score(reward_fn, prompts * 2, completions, references * 2)
+    return sum(w > l for w, l in zip(rewards[:n], rewards[n:], strict=True)) / n
+
+
+def resolve_reward_spec(spec: RewardSpec) -> RewardFn:
+    """A reward from a spec, extending ``rewards.resolve_reward``.
+
+    - ``"exact_match"`` or ``"package.module:function"``: as ``resolve_reward``;
+    - ``"rm:/path/to/model"``: ``RewardModel`` over a saved reward-model directory;
+    - ``[spec, ...]``: ``Ensemble`` with ``reduce="min"`` (pessimism);
+    - ``{"ensemble": [spec, ...], "reduce": "min" | "mean"}``: ``Ensemble`` with that reduce.
+    """
+    if isinstance(spec, str):
+        return _reward_model(spec.removeprefix("rm:")) if spec.startswith("rm:") else resolve_reward(spec)
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - {"ensemble", "reduce"})
+        if unknown or "ensemble" not in spec:
+            raise RewardError(
+                f"A reward ensemble is {{'ensemble': [spec, ...], 'reduce': 'min' | 'mean'}}; got keys {sorted(spec)}."
+            )
+        return _ensemble(spec["ensemble"], str(spec.get("reduce", "min")))
+    if isinstance(spec, Sequence):
+        return _ensemble(spec, "min")
+    raise RewardError(
+        f"A reward spec is a name, 'module:function', 'rm:PATH', a list or an ensemble dict; got {type(spec).__name__}."
+    )
+
+
+def _ensemble(members: object, reduce: str) -> Ensemble:
+    if isinstance(members, str) or not isinstance(members, Sequence):
+        raise RewardError(f"An ensemble's members must be a list of reward specs, got {members!r}.")
+    return Ensemble([resolve_reward_spec(m) for m in members], reduce=reduce)
+
+
+def _reward_model(path: str) -> RewardModel:
+    if not (Path(path) / "config.json").is_file():
+        raise RewardError(
+            f"Reward 'rm:{path}': no reward model there (expected a directory with config.json, "
+            "as written by train_reward_model)."
+        )
+    return RewardModel(path)
+
+
+def _check_pairs(pairs: pl.DataFrame, columns: Sequence[str] = ("prompt", "chosen", "rejected")) -> None:
+    missing = [c for c in columns if c not in pairs.columns]
+    if missing:
+        raise ValueError(f"The pairs frame lacks column(s) {missing}; build it with alignment.pairs.make_pairs.")
+    if pairs.height == 0:
+        raise ValueError("No preference pairs: every prompt's samples tied; sample more or lower min_margin.")
+
+
+def _encode(tokenizer, prompts: Sequence[str], completions: Sequence[str], config) -> list[list[int]]:
+    """Token ids of prompt + completion + EOS, tokenised as the policy sees them (``training.encode_pairs``)."""
+    encoded = [ids for ids, _ in encode_pairs(tokenizer, list(prompts), list(completions))]
+    limit = getattr(config, "max_position_embeddings", None)
+    longest = max(range(len(encoded)), key=lambda i: len(encoded[i]), default=None)
+    if limit is not None and longest is not None and len(encoded[longest]) > limit:
+        raise ValueError(
+            f"A prompt + completion is {len(encoded[longest])} tokens but the model reads at most {limit} "
+            f"(prompt {prompts[longest]!r}); shorten max_new_tokens or use a model with more positions."
+        )
+    return encoded
+
+
+def _collate(sequences: Sequence[list[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad: every real token keeps its position, and the head reads the rightmost non-pad token."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def _train_step(model, tokenizer, optimizer, batch: list[list[int]], cfg: RewardModelConfig) -> tuple[float, float]:
+    """One step on the mean ``-log sigma(r_w - r_l)`` of a chosen-then-rejected batch: (loss, share ranked right)."""
+    r_w, r_l = _rewards(model, batch, tokenizer, cfg.dtype)
+    loss = bradley_terry_loss(r_w, r_l).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), (r_w > r_l).float().mean().item()
+
+
+def _rewards(model, sequences: list[list[int]], tokenizer, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of a batch laid out as chosen then rejected, split into ``(r_w, r_l)``."""
+    with autocast(model.device, dtype):
+        scores = model(**_collate(sequences, tokenizer.pad_token_id, model.device)).logits[:, 0].float()
+    half = len(sequences) // 2
+    return scores[:half], scores[half:]
