@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from alignment.logprobs import batch_logps, sequence_logps
 from alignment.losses import LOSS_KIND, NEEDS_REWARDS, GroupInputs, LossInputs, check_loss, compute_loss
 from alignment.models import load_policy
+from alignment.lora import add_lora, save_merged
 from alignment.training import autocast, collate, encode_pairs
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -141,7 +142,7 @@ def train_preference(
 
     losses = _fit(model, [[i] for i in range(len(pairs))], step_loss, cfg, progress, on_step)
     after_chosen, after_rejected = pair_logps(model, tokenizer, pairs, cfg.ref_batch_size, dtype=cfg.dtype)
-    _save(model, tokenizer, out_dir)
+    save_merged(model, tokenizer, out_dir)
     chosen_change, rejected_change = after_chosen - ref_chosen, after_rejected - ref_rejected
     return {
         "train_loss": _last_epoch_mean(losses, cfg.epochs),
@@ -191,7 +192,7 @@ def train_rloo(
 
     losses = _fit(model, groups, step_loss, cfg, progress, on_step)
     after, _ = sequence_logps(model, tokenizer, prompts, completions, cfg.ref_batch_size, dtype=cfg.dtype)
-    _save(model, tokenizer, out_dir)
+    save_merged(model, tokenizer, out_dir)
     # The sign of the RLOO advantage is the sign of r_i minus its group's mean reward.
     group_mean = torch.tensor(samples.select(pl.col("reward").mean().over("prompt_id")).to_series().to_list())
     advantage = rewards - group_mean
@@ -256,28 +257,8 @@ def _load_trainable(model_path: str | Path, cfg: PreferenceConfig, trust_remote_
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     if cfg.lora_r:
-        from peft import LoraConfig, get_peft_model
-
-        gpt2 = model.config.model_type == "gpt2"
-        targets = list(cfg.lora_target_modules) or (["c_attn"] if gpt2 else "all-linear")
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=targets,
-            fan_in_fan_out=gpt2,  # GPT-2's Conv1D stores weights transposed
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
+        model = add_lora(model, cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target_modules)
     return model, tokenizer
-
-
-def _save(model, tokenizer, out_dir: str | Path) -> None:
-    """Save as a plain Hugging Face model: LoRA adapters are merged into the weights first."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
 
 
 def _require_columns(frame: pl.DataFrame, columns: Sequence[str], what: str) -> None:

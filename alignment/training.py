@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from alignment.lora import add_lora, save_merged
 from alignment.models import load_policy
 
 IGNORE = -100
@@ -32,6 +33,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     dtype: str = "float32"  # "bfloat16" trains under bf16 autocast on CUDA
     seed: int = 0
+    lora_r: int = 0  # LoRA rank; 0 trains all weights
 
 
 def encode_pairs(tokenizer, prompts: Sequence[str], completions: Sequence[str]) -> list[tuple[list[int], list[int]]]:
@@ -79,9 +81,12 @@ def sft(
         raise ValueError("Nothing to train on: the filtered dataset is empty.")
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(model_path, trust_remote_code=trust_remote_code)
+    if cfg.lora_r:
+        model = add_lora(model, cfg.lora_r)
     model.train()
     examples = encode_pairs(tokenizer, prompts, completions)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -98,7 +103,7 @@ def sft(
             with autocast(model.device, cfg.dtype):
                 loss = model(**batch).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -110,7 +115,6 @@ def sft(
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_merged(model, tokenizer, out_dir)
     tail = losses[-steps_per_epoch:]
     return {"train_loss": sum(tail) / len(tail), "train_steps": float(step), "train_examples": float(len(examples))}
