@@ -12,6 +12,8 @@ evenly between the mean and the best reward seen: ``tau_i = V + i/(I+1) * (R_max
 
 from __future__ import annotations
 
+import math
+
 import polars as pl
 
 
@@ -22,9 +24,17 @@ def dedupe(scored: pl.DataFrame) -> pl.DataFrame:
 
 
 def rest_thresholds(mean_reward: float, max_reward: float, improve_steps: int) -> list[float]:
-    """Thresholds ``tau_1 < ... < tau_I``, all strictly above the mean reward when ``max > mean``."""
-    gap = max_reward - mean_reward
-    return [mean_reward + (i / (improve_steps + 1)) * gap for i in range(1, improve_steps + 1)]
+    """Thresholds ``tau_1 < ... < tau_I``, all strictly above the mean reward.
+
+    When no reward beats the mean (every sample scored the same) the thresholds sit just above
+    it, so the filter keeps nothing rather than training on samples no better than the policy.
+    """
+    gap = max(0.0, max_reward - mean_reward)
+    taus, prev = [], mean_reward
+    for i in range(1, improve_steps + 1):
+        prev = max(mean_reward + (i / (improve_steps + 1)) * gap, math.nextafter(prev, math.inf))
+        taus.append(prev)
+    return taus
 
 
 def fixed(scored: pl.DataFrame, threshold: float) -> pl.DataFrame:

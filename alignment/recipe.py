@@ -62,6 +62,7 @@ class TrainSettings(Strict):
     batch_size: int = Field(32, ge=1, description="Examples per optimiser step.")
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up steps.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 trains under autocast on CUDA.")
+    lora_r: int = Field(0, ge=0, description="LoRA rank (peft adapters, merged before saving); 0 trains all weights.")
 
 
 class WarmStart(TrainSettings):
@@ -140,7 +141,6 @@ class PreferenceSettings(TrainSettings):
     start_from: Literal["previous", "initial"] = Field(
         "previous", description="Warm-start each iteration from the previous iterate or from the initial policy."
     )
-    lora_r: int = Field(0, ge=0, description="LoRA rank; 0 trains all weights.")
 
 
 class EvalConfig(Strict):
@@ -213,7 +213,7 @@ class Recipe(Strict):
         default_factory=lambda: PreferenceSettings(epochs=2, lr=5e-4, batch_size=16),
         description="Iterative DPO: pairing and preference loss.",
     )
-    grow_steps: int = Field(3, ge=1, description="G, Grow steps (iterations; T for iterative DPO).")
+    grow_steps: int = Field(3, ge=0, description="G, Grow steps (iterations; T for iterative DPO); 0 = warm start only.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
     lake: str = Field("file://./lake", description="Where datasets and checkpoints go: file://PATH or s3://BUCKET/PREFIX.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint settings for an s3:// lake.")

@@ -7,10 +7,10 @@ from prefect import task
 from alignment.evaluation import evaluate as run_eval
 from alignment.reward_model import resolve_reward_spec
 from alignment.samplers import make_sampler
-from tasks.context import RunRef, log
+from tasks.context import RunRef, log, retry_on_io
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=[5])
+@task(name="evaluate", retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_on_io)
 def evaluate(ref: RunRef, model_uri: str, iteration: int, step: int) -> dict[str, float]:
     """Greedy completions for every held-out prompt, committed as ``eval/step={i}``; returns the metrics."""
     lake, uri = ref.open_lake(), ref.stage(iteration, "eval", step)

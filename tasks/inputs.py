@@ -15,7 +15,7 @@ from prefect import task
 from alignment.arithmetic import TaskData, arithmetic_task
 from alignment.models import build_tiny_gpt2
 from alignment.recipe import Recipe, TaskConfig
-from tasks.context import RunRef, log
+from tasks.context import RunRef, log, retry_on_io
 
 PROMPT_SCHEMA = {"prompt_id": pl.Int64, "prompt": pl.Utf8, "reference": pl.Utf8}
 
@@ -38,6 +38,8 @@ def _read_table(path: str, what: str) -> pl.DataFrame:
     except InputError:
         raise
     except Exception as exc:
+        if p.suffix != ".parquet" and not p.read_text(errors="replace").strip():  # polars can't read nothing
+            raise InputError(f"The {what} file {path} has no rows; it needs at least one prompt.") from None
         raise InputError(f"Could not read the {what} file {path} ({type(exc).__name__}: {exc}).") from exc
     if frame.height == 0:
         raise InputError(f"The {what} file {path} has no rows; it needs at least one prompt.")
@@ -75,7 +77,7 @@ def load_task(cfg: TaskConfig, seed: int) -> TaskData:
     return TaskData(prompts=prompts, eval=evals, labelled=labelled)
 
 
-@task(name="prepare-inputs", retries=2, retry_delay_seconds=[2, 5])
+@task(name="prepare-inputs", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
 def prepare_inputs(ref: RunRef) -> dict[str, str]:
     """Write prompts, held-out prompts and labelled data to iteration 0, and the base model: their URIs."""
     recipe: Recipe = ref.recipe

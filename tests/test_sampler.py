@@ -1,0 +1,138 @@
+"""The transformers sampler: seeded, reproducible whatever the batching, n samples per prompt, exact greedy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignment.models import load_policy
+from alignment.samplers import SamplingParams, make_sampler, row_seed
+from alignment.samplers.hf import TransformersSampler
+
+PROMPTS = ["1+2=", "37+5=", "99+9=", "0+0=", "5+4=", "61+3="]  # different lengths: batches need padding
+IDS = [10, 11, 12, 13, 14, 15]
+PARAMS = SamplingParams(temperature=1.0, max_new_tokens=6, seed=7)
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny_model_dir):
+    return TransformersSampler(str(tiny_model_dir), batch_size=256, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(sampler):
+    return sampler.generate(PROMPTS, 4, PARAMS, IDS)
+
+
+def test_n_samples_per_prompt_with_token_counts(reference):
+    assert len(reference.completions) == len(PROMPTS) and len(reference.num_tokens) == len(PROMPTS)
+    for texts, counts in zip(reference.completions, reference.num_tokens, strict=True):
+        assert len(texts) == 4 and len(counts) == 4
+        assert all(isinstance(t, str) for t in texts)
+        # One token per character; special tokens (eos, pad) count but are not in the text.
+        assert all(len(t) <= c <= PARAMS.max_new_tokens for t, c in zip(texts, counts, strict=True))
+    # A randomly initialised policy at temperature 1 gives varied samples.
+    assert len({t for row in reference.completions for t in row}) > len(PROMPTS)
+
+
+def test_same_seed_same_samples(sampler, reference):
+    again = sampler.generate(PROMPTS, 4, PARAMS, IDS)
+    assert again.completions == reference.completions
+    assert again.num_tokens == reference.num_tokens
+
+
+def test_a_fresh_sampler_reproduces_the_samples(tiny_model_dir, reference):
+    fresh = make_sampler("transformers", str(tiny_model_dir), device="cpu", progress=False)
+    assert fresh.generate(PROMPTS, 4, PARAMS, IDS).completions == reference.completions
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7])
+def test_samples_do_not_depend_on_batch_size(tiny_model_dir, reference, batch_size):
+    small = TransformersSampler(str(tiny_model_dir), batch_size=batch_size, device="cpu", progress=False)
+    out = small.generate(PROMPTS, 4, PARAMS, IDS)
+    assert out.completions == reference.completions
+    assert out.num_tokens == reference.num_tokens
+
+
+def test_samples_follow_the_prompt_id_not_its_position(sampler, reference):
+    order = [4, 0, 5, 2, 1, 3]
+    shuffled = sampler.generate([PROMPTS[i] for i in order], 4, PARAMS, [IDS[i] for i in order])
+    assert shuffled.completions == [reference.completions[i] for i in order]
+    assert shuffled.num_tokens == [reference.num_tokens[i] for i in order]
+    subset = sampler.generate([PROMPTS[5], PROMPTS[1]], 4, PARAMS, [IDS[5], IDS[1]])
+    assert subset.completions == [reference.completions[5], reference.completions[1]]
+
+
+def test_fewer_samples_are_a_prefix_of_more(sampler, reference):
+    assert sampler.generate(PROMPTS, 2, PARAMS, IDS).completions == [row[:2] for row in reference.completions]
+
+
+def test_without_prompt_ids_the_position_is_the_id(sampler):
+    implicit = sampler.generate(PROMPTS, 2, PARAMS)
+    explicit = sampler.generate(PROMPTS, 2, PARAMS, list(range(len(PROMPTS))))
+    assert implicit.completions == explicit.completions
+
+
+def test_different_seed_or_prompt_id_gives_different_samples(sampler, reference):
+    other_seed = sampler.generate(PROMPTS, 4, SamplingParams(1.0, 1.0, PARAMS.max_new_tokens, seed=8), IDS)
+    assert other_seed.completions != reference.completions
+    other_ids = sampler.generate(PROMPTS, 4, PARAMS, [i + 100 for i in IDS])
+    assert other_ids.completions != reference.completions
+    # Per-sample seeds are distinct across seeds, prompts and sample indices.
+    seeds = {row_seed(s, p, j) for s in range(3) for p in range(50) for j in range(8)}
+    assert len(seeds) == 3 * 50 * 8
+
+
+def _manual_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """Greedy decoding by hand: argmax of the next-token logits until EOS or the length limit."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([ids + out])).logits[0, -1]
+            out.append(int(logits.argmax()))
+            if out[-1] == tokenizer.eos_token_id:
+                break
+    return out
+
+
+def test_greedy_is_deterministic_seed_free_and_matches_argmax_decoding(tiny_model_dir, sampler):
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6, seed=0)
+    out = sampler.generate(PROMPTS, 3, greedy, IDS)
+    assert sampler.generate(PROMPTS, 3, SamplingParams(0.0, 1.0, 6, seed=99), [0] * len(PROMPTS)).completions == out.completions
+    model, tokenizer = load_policy(tiny_model_dir, device="cpu")
+    for prompt, texts, counts in zip(PROMPTS, out.completions, out.num_tokens, strict=True):
+        expected = _manual_greedy(model, tokenizer, prompt, greedy.max_new_tokens)
+        assert texts == [tokenizer.decode(expected, skip_special_tokens=True)] * 3
+        assert counts == [len(expected)] * 3
+
+
+def test_top_p_that_keeps_one_token_is_greedy(sampler):
+    greedy = sampler.generate(PROMPTS, 1, SamplingParams(0.0, 1.0, 6), IDS)
+    nucleus = sampler.generate(PROMPTS, 3, SamplingParams(1.0, 1e-6, 6, seed=3), IDS)
+    assert nucleus.completions == [row * 3 for row in greedy.completions]
+
+
+def test_first_token_frequencies_follow_softmax_of_logits_over_temperature(tiny_model_dir, tmp_path):
+    # Sharpen the random model so its next-token distribution is far from uniform.
+    model, tokenizer = load_policy(tiny_model_dir, device="cpu")
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(25.0)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    prompt, temperature, n = "37+5=", 0.7, 3000
+    with torch.no_grad():
+        logits = model(torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])).logits[0, -1]
+    probs = torch.softmax(logits / temperature, dim=-1)
+    assert probs.max() > 0.2, "the sharpened model should not be near-uniform"
+
+    sharp = TransformersSampler(str(tmp_path), batch_size=1024, device="cpu", progress=False)
+    gen = sharp.generate([prompt], n, SamplingParams(temperature, 1.0, 1, seed=0), [0])
+    assert gen.num_tokens == [[1] * n]
+    vocab = tokenizer.get_vocab()
+    for token, token_id in vocab.items():
+        if token_id in tokenizer.all_special_ids:
+            continue
+        freq = sum(t == token for t in gen.completions[0]) / n
+        # 5 standard deviations of a binomial frequency at n = 3000 is at most 0.046.
+        assert abs(freq - float(probs[token_id])) < 0.046, (token, freq, float(probs[token_id]))
