@@ -23,6 +23,7 @@ from prefect import flow
 
 from alignment.recipe import Recipe
 from flows.common import open_run
+from tasks.artifacts import publish_iteration
 from tasks.evaluate import evaluate
 from tasks.grow import grow
 from tasks.inputs import prepare_inputs
@@ -63,5 +64,6 @@ def iterative_dpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]
                        parent_version=versions[start], step_metrics={"pairs": pairs["kept"], **train_metrics(ref, candidate)})
         versions[candidate] = reg["model_version"]
         summary.step(t, 1, pairs, metrics, reg, loss=cfg.loss)
+        publish_iteration(ref, t, scored, pairs["uri"])
         policy = candidate
     return summary.stop("completed all iterations")

@@ -22,6 +22,7 @@ from prefect import flow
 
 from alignment.recipe import Recipe
 from flows.common import open_run
+from tasks.artifacts import publish_iteration
 from tasks.evaluate import evaluate
 from tasks.filter import filter_stage, thresholds
 from tasks.grow import grow
@@ -66,6 +67,7 @@ def rest(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
                            step_metrics={"tau": tau or 0.0, "kept": kept["kept"], **train_metrics(ref, candidate)})
             versions[candidate] = reg["model_version"]
             summary.step(g, i, kept, metrics, reg)
+            publish_iteration(ref, g, scored, kept["uri"])
             # while reward improves on D_eval
             if metrics["eval_reward"] > best:
                 policy, best, stale = candidate, metrics["eval_reward"], 0

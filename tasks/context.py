@@ -35,8 +35,13 @@ class RunRef(BaseModel):
         return str(self.open_lake().get_dir(model_uri, Path(self.cache_dir) / "models"))
 
     def policy_version(self, model_uri: str) -> str:
-        """A checkpoint's name within its run, e.g. ``iteration=1/checkpoint/step=1`` (stable across re-runs)."""
-        return model_uri.split(f"/{self.run}/", 1)[-1]
+        """A checkpoint's name within its run, e.g. ``iteration=1/checkpoint/step=1`` (stable across re-runs).
+
+        Cut at the run's own prefix, not at the first ``/{run}/``: a lake under a folder that shares
+        the run's name (``.../exp/lake/exp/...``) must not leak its path into the datasets.
+        """
+        prefix = f"{self.open_lake().run_uri(self.run)}/"
+        return model_uri[len(prefix):] if model_uri.startswith(prefix) else model_uri
 
 
 def log() -> logging.Logger:
@@ -47,3 +52,22 @@ def log() -> logging.Logger:
         return get_run_logger()  # type: ignore[return-value]
     except Exception:
         return logging.getLogger("flywheel")
+
+
+def retry_on_io(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry I/O failures, never a mistake that is the user's to fix.
+
+    A missing prompt file or a broken reward fails the same way every time; retrying it only
+    repeats the error and its traceback after a delay (STYLE #6: retries are for I/O).
+    """
+    from alignment.recipe import RecipeError
+    from alignment.rewards import RewardError
+    from tasks.inputs import InputError
+
+    try:
+        state.result()
+    except (RecipeError, RewardError, InputError):
+        return False
+    except BaseException:
+        return True
+    return True

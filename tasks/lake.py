@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -200,11 +202,21 @@ class Lake:
             return local
         dest = Path(cache_root) / m.sha256[:16]
         if not (dest / MANIFEST).exists():
-            tmp = dest.with_name(dest.name + ".partial")
-            for f in m.files:
-                self.store.get_file(f"{uri}/{f['name']}", tmp / f["name"])
-            (tmp / MANIFEST).write_text("{}")
-            tmp.rename(dest)
+            # A private download folder renamed into place: threads (Grow shards) and processes that
+            # fetch the same checkpoint at once never write into each other's files.
+            Path(cache_root).mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".{dest.name}-", suffix=".partial"))
+            try:
+                for f in m.files:
+                    self.store.get_file(f"{uri}/{f['name']}", tmp / f["name"])
+                (tmp / MANIFEST).write_text("{}")
+                try:
+                    tmp.rename(dest)
+                except OSError:
+                    if not (dest / MANIFEST).exists():  # not a copy someone else just finished: a real error
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
     # -- small JSON documents ----------------------------------------------------------------

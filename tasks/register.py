@@ -8,6 +8,7 @@ by their tags instead of creating them twice.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,20 @@ from prefect import task
 from tasks.context import RunRef, log
 
 CHAMPION = "champion"
+PROMOTED_TAG = "flywheel.promoted"  # set once the champion decision for a version is made
 MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15]}
 
 
 def configure(ref: RunRef) -> str:
-    """Point MLflow at the recipe's tracking URI and return the experiment id (created if needed)."""
+    """Point MLflow at the recipe's tracking URI and return the experiment id (created if needed).
+
+    With ``mlflow.artifact_location: s3://...`` MLflow's own S3 client stores the artifacts; it reads
+    its endpoint from ``MLFLOW_S3_ENDPOINT_URL`` (else boto3's ``AWS_ENDPOINT_URL``), so the recipe's
+    ``s3.endpoint_url`` is handed to it here, at call time. Credentials stay in the AWS settings.
+    """
     cfg = ref.recipe.mlflow
+    if ref.recipe.s3.endpoint_url:
+        os.environ["MLFLOW_S3_ENDPOINT_URL"] = ref.recipe.s3.endpoint_url
     uri = cfg.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         db = Path(uri[len("sqlite:///") :]).resolve()
@@ -153,6 +162,7 @@ def register(
             "flywheel.iteration": str(iteration),
             "flywheel.step": str(step),
             "flywheel.checkpoint": model_uri,
+            "flywheel.checkpoint_sha256": _checkpoint_sha256(lake, model_uri),
             "flywheel.eval_reward": repr(metrics["eval_reward"]),
             "flywheel.eval_accuracy": repr(metrics["eval_accuracy"]),
             "flywheel.datasets": json.dumps(lineage),
@@ -164,14 +174,30 @@ def register(
             pass  # already exists
         existing = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags)
     version = existing.version
+    decided = (existing.tags or {}).get(PROMOTED_TAG)
+    if decided is not None:  # a resumed run replaying this step: report the decision made then
+        promoted = decided == "true"
+        champion = _champion(client, name)
+        best = metrics["eval_reward"] if promoted else _reward(champion)
+        return {"model_version": str(version), "promoted": promoted, "champion_reward": best, "model_name": name}
     champion = _champion(client, name)
-    best = float(champion.tags.get("flywheel.eval_reward", "-inf")) if champion is not None else float("-inf")
-    promoted = champion is not None and champion.version == version
+    best = _reward(champion)
+    promoted = champion is not None and str(champion.version) == str(version)  # MLflow mixes int and str versions
     if champion is None or metrics["eval_reward"] > best:
         client.set_registered_model_alias(name, CHAMPION, version)
         promoted, best = True, metrics["eval_reward"]
         log().info("model %s version %s is the new champion (held-out reward %.3f)", name, version, best)
+    client.set_model_version_tag(name, version, PROMOTED_TAG, "true" if promoted else "false")
     return {"model_version": str(version), "promoted": promoted, "champion_reward": best, "model_name": name}
+
+
+def _reward(version) -> float:
+    return float(version.tags.get("flywheel.eval_reward", "-inf")) if version is not None else float("-inf")
+
+
+def _checkpoint_sha256(lake, model_uri: str) -> str:
+    """The committed checkpoint's manifest hash; empty for a user's own model directory used in place."""
+    return lake.manifest(model_uri).sha256 if model_uri.startswith(("file://", "s3://")) else ""
 
 
 def _policy_model():

@@ -1,0 +1,207 @@
+"""What a person looks at after each iteration: Prefect artifacts in the UI and plots in MLflow.
+
+``publish_iteration`` runs at the end of every iteration of both loops and publishes, from the
+lake alone (so a resumed run publishes exactly what an uninterrupted one would):
+
+- Prefect artifacts keyed ``{run}-iteration-{g}-{what}`` (lowercase letters, digits and dashes:
+  Prefect's rule for keys; a new version per call, the UI shows the latest):
+  ``rewards`` a table of reward statistics per stage, ``lake`` a link to the iteration's prefix in
+  the lake (``s3://...`` or ``file://...``), ``samples`` markdown with kept and dropped rows;
+- two PNG plots on the parent MLflow run, overwritten as the run goes:
+  ``plots/reward_distribution.png`` (the policy's own samples' rewards, one curve per iteration) and
+  ``plots/heldout_reward.png`` (held-out reward and exact match after every Improve step, from
+  ``summary.json``).
+
+Nothing here holds credentials: links and tables carry lake URIs and numbers only.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import polars as pl
+from prefect import task
+
+from tasks.context import RunRef, log
+
+SAMPLE_COLUMNS = ["prompt_id", "sample_idx", "prompt", "completion", "reference", "reward"]
+PAIR_COLUMNS = ["prompt_id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"]
+REWARD_PLOT = "plots/reward_distribution.png"
+HELDOUT_PLOT = "plots/heldout_reward.png"
+
+
+def artifact_key(run: str, iteration: int, what: str) -> str:
+    """A Prefect artifact key: lowercase letters, digits and dashes only."""
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{run}-iteration-{iteration}-{what}".lower()).strip("-")
+    return re.sub(r"-{2,}", "-", slug)
+
+
+@task(name="publish-iteration", retries=2, retry_delay_seconds=[2, 5])
+def publish_iteration(ref: RunRef, iteration: int, scored_uri: str, kept_uri: str) -> dict[str, str]:
+    """Publish iteration ``iteration``'s artifacts and refresh the run's plots; returns the artifact keys.
+
+    ``kept_uri`` is what training used: a ``filtered/step={i}`` stage (ReST) or the ``pairs`` stage
+    (iterative DPO); rows of ``scored_uri`` it does not use are the dropped ones.
+    """
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    lake = ref.open_lake()
+    scored, kept = lake.read(scored_uri), lake.read(kept_uri)
+    keys = {what: artifact_key(ref.run, iteration, what) for what in ("rewards", "lake", "samples")}
+    create_table_artifact(
+        table=reward_table(ref, iteration, scored, kept, kept_uri), key=keys["rewards"],
+        description=f"Reward statistics of iteration {iteration} of run {ref.run}.",
+    )
+    prefix = f"{lake.run_uri(ref.run)}/iteration={iteration}"
+    create_link_artifact(
+        link=prefix, link_text=prefix, key=keys["lake"],
+        description=f"Every committed stage of iteration {iteration} (hive-partitioned Parquet; `_manifest.json` marks a commit).",
+    )
+    create_markdown_artifact(markdown=samples_markdown(scored, kept, kept_uri), key=keys["samples"],
+                             description=f"Kept and dropped rows of iteration {iteration}.")
+    log_plots(ref, iteration)
+    log().info("published artifacts %s and plots for iteration %d", ", ".join(keys.values()), iteration)
+    return keys
+
+
+# -- the table --------------------------------------------------------------------------------
+def _stats(stage: str, rewards: pl.Series) -> dict[str, Any]:
+    r = rewards.drop_nulls().cast(pl.Float64)
+    if r.len() == 0:
+        return {"stage": stage, "rows": 0, "mean": None, "std": None, "min": None, "p50": None, "max": None, "positive": None}
+    return {
+        "stage": stage, "rows": r.len(), "mean": round(float(r.mean()), 4), "std": round(float(r.std() or 0.0), 4),
+        "min": float(r.min()), "p50": float(r.quantile(0.5, interpolation="linear")), "max": float(r.max()),
+        "positive": round(float((r > 0).mean()), 4),
+    }
+
+
+def reward_table(ref: RunRef, iteration: int, scored: pl.DataFrame, kept: pl.DataFrame, kept_uri: str) -> list[dict]:
+    """One row per stage: everything scored, the policy's own samples, what was kept, held-out eval."""
+    rows = [_stats("scored", scored["reward"])]
+    if "sample_idx" in scored.columns:
+        rows.append(_stats("scored (policy samples)", scored.filter(pl.col("sample_idx") >= 0)["reward"]))
+    name = _stage_name(kept_uri)
+    if "reward" in kept.columns:
+        rows.append(_stats(name, kept["reward"]))
+    elif "chosen_reward" in kept.columns:
+        rows += [_stats(f"{name} (chosen)", kept["chosen_reward"]), _stats(f"{name} (rejected)", kept["rejected_reward"])]
+    lake = ref.open_lake()
+    for step in range(0, ref.recipe.improve.steps + 1):
+        uri = ref.stage(iteration, "eval", step)
+        if lake.is_done(uri):
+            rows.append(_stats(f"eval/step={step}", lake.read(uri)["reward"]))
+    return rows
+
+
+def _stage_name(uri: str) -> str:
+    return uri.rsplit("/iteration=", 1)[-1].split("/", 1)[-1]
+
+
+# -- the markdown -----------------------------------------------------------------------------
+def _cell(value: Any) -> str:
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")[:120]
+
+
+def _markdown_table(frame: pl.DataFrame) -> str:
+    if frame.height == 0:
+        return "_none_"
+    head = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.iter_rows()]
+    return "\n".join([head, rule, *body])
+
+
+def samples_markdown(scored: pl.DataFrame, kept: pl.DataFrame, kept_uri: str, limit: int = 10) -> str:
+    """Up to ``limit`` kept rows and the ``limit`` best-rewarded dropped rows, as markdown tables."""
+    if "chosen" in kept.columns:  # pairs: a sample is used when it is the chosen or rejected side of a pair
+        used = pl.concat([
+            kept.select("prompt_id", pl.col("chosen_idx").alias("sample_idx")),
+            kept.select("prompt_id", pl.col("rejected_idx").alias("sample_idx")),
+        ]).unique()
+        shown = kept.select([c for c in PAIR_COLUMNS if c in kept.columns])
+    else:
+        used = kept.select("prompt_id", "sample_idx")
+        own_first = kept.sort(pl.col("sample_idx") < 0, "prompt_id", "sample_idx")  # labelled rows (-1) last
+        shown = own_first.select([c for c in SAMPLE_COLUMNS if c in kept.columns])
+    dropped = scored.join(used.cast({"sample_idx": scored["sample_idx"].dtype}), on=["prompt_id", "sample_idx"], how="anti")
+    dropped = dropped.sort("reward", "prompt_id", "sample_idx", descending=[True, False, False])
+    return "\n".join([
+        f"### Kept: {kept.height} rows of `{_stage_name(kept_uri)}` (of {scored.height} scored)",
+        _markdown_table(shown.head(limit)),
+        "",
+        f"### Dropped: {dropped.height} scored rows, best reward first",
+        _markdown_table(dropped.select([c for c in SAMPLE_COLUMNS if c in dropped.columns]).head(limit)),
+    ])
+
+
+# -- the plots --------------------------------------------------------------------------------
+def log_plots(ref: RunRef, iteration: int) -> None:
+    """Draw both plots from the lake and log them to the parent MLflow run (replacing the previous ones)."""
+    from mlflow import MlflowClient
+
+    from tasks.register import configure
+
+    if not ref.mlflow_run_id:
+        return
+    configure(ref)
+    client = MlflowClient()
+    for path, figure in ((REWARD_PLOT, reward_figure(ref, iteration)), (HELDOUT_PLOT, heldout_figure(ref))):
+        client.log_figure(ref.mlflow_run_id, figure, path)
+
+
+def _figure(title: str, xlabel: str, ylabel: str):
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; and a Figure without pyplot keeps no global state between threads
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def reward_figure(ref: RunRef, last: int):
+    """The reward of the policy's own samples, one step histogram per iteration committed so far."""
+    lake = ref.open_lake()
+    per_iteration = {}
+    for g in range(1, last + 1):
+        uri = ref.stage(g, "scored")
+        if lake.is_done(uri):
+            frame = lake.read(uri)
+            per_iteration[g] = frame.filter(pl.col("sample_idx") >= 0)["reward"].drop_nulls().to_numpy()
+    fig, ax = _figure(f"Reward of sampled completions per iteration ({ref.run})", "reward", "share of samples")
+    values = [v for v in per_iteration.values() if len(v)]
+    if values:
+        lo, hi = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
+        bins = 20 if hi > lo else 1
+        for g, v in per_iteration.items():
+            if len(v):
+                weights = [1.0 / len(v)] * len(v)
+                ax.hist(v, bins=bins, range=(lo, hi if hi > lo else lo + 1), weights=weights, histtype="step",
+                        linewidth=1.5, label=f"iteration {g} (mean {v.mean():.3f})")
+        ax.legend(loc="best", fontsize="small")
+    return fig
+
+
+def heldout_figure(ref: RunRef):
+    """Held-out reward and exact match after the warm start and every Improve step, from ``summary.json``."""
+    lake = ref.open_lake()
+    uri = f"{lake.run_uri(ref.run)}/summary.json"
+    summary = lake.get_json(uri) if lake.store.exists(uri) else {}
+    points = []
+    if summary.get("baseline"):
+        points.append(("0", summary["baseline"]))
+    points += [(f"{r['iteration']}.{r['step']}", r) for r in summary.get("iterations", []) if r.get("eval_reward") is not None]
+    fig, ax = _figure(f"Held-out reward per Improve step ({ref.run})", "iteration.step", "held-out score")
+    if points:
+        xs = list(range(len(points)))
+        ax.plot(xs, [p["eval_reward"] for _, p in points], marker="o", label="reward")
+        ax.plot(xs, [p.get("eval_accuracy") for _, p in points], marker="x", linestyle="--", label="exact match")
+        ax.set_xticks(xs, [label for label, _ in points])
+        ax.legend(loc="best", fontsize="small")
+    return fig

@@ -1,0 +1,307 @@
+"""Resuming: a run killed at any point continues from its first unfinished stage, to the same data.
+
+- A lake writer SIGKILLed between its parts and its manifest leaves nothing any reader sees, and
+  the next attempt replaces what it left (file:// and s3://), fast.
+- Registering the same checkpoint again (a resumed run replaying a step) finds its model version
+  by tags and reports the promotion decided the first time, fast.
+- ``flywheel run`` killed with SIGKILL during Grow and again during training, then re-run with the
+  same ``--run-name``, ends with exactly the datasets of an uninterrupted run with the same seed,
+  no orphaned stage and one model version per (run, iteration, step) (slow: three small runs).
+
+Run: ``.venv/bin/python -m pytest tests/test_resume.py -q`` (add ``-m 'not slow'`` for the fast ones).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from alignment.recipe import load_recipe
+from flows.inspect import inspect_uri
+from tasks.context import RunRef
+from tasks.lake import MANIFEST, Lake
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "arithmetic-rest.yaml"
+# Small enough for 2 busy cores; grow.batch_size=4 stretches Grow (same samples: they are seeded
+# per prompt and index) so a kill lands inside it; patience keeps both iterations.
+SMALL = [
+    "task.n_prompts=100", "task.n_eval=50", "task.n_labelled=100", "warm_start.epochs=4", "grow_steps=2",
+    "grow.samples_per_prompt=4", "grow.batch_size=4", "improve.epochs=2", "eval.patience=5",
+]
+DATASETS = ("samples", "scored", "filtered/step=1", "eval/step=1")
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _frame(n: int, tag: str) -> pl.DataFrame:
+    return pl.DataFrame({"prompt_id": list(range(n)), "completion": [f"{tag}{i}" for i in range(n)], "reward": [0.5] * n})
+
+
+_WRITER = r"""
+import sys, time
+import polars as pl
+from tasks.lake import Lake
+lake, stage = Lake(sys.argv[1]), sys.argv[2]
+lake.store.delete_prefix(stage)
+for shard in range(3):
+    lake.write_part(stage, shard, pl.DataFrame({"prompt_id": [shard], "completion": ["killed"], "reward": [0.0]}))
+print("parts written", flush=True)
+time.sleep(600)  # killed here: between the parts and the manifest
+"""
+
+
+def _kill_writer_mid_stage(lake_uri: str, stage: str) -> None:
+    """Run a real writer process and SIGKILL it after its parts, before its manifest."""
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, lake_uri, stage], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "parts written"  # bounded: the child exits on error
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _check_killed_stage_invisible_then_replaced(lake: Lake, run: str) -> None:
+    committed = lake.stage_uri(run, 1, "scored")
+    lake.write_stage(committed, [_frame(4, "ok")])
+    stage = lake.stage_uri(run, 1, "filtered", 1)
+    _kill_writer_mid_stage(lake.uri, stage)
+
+    assert len(lake.store.list(stage)) == 3  # the parts are there...
+    assert not lake.is_done(stage)  # ...but the stage is not
+    report = inspect_uri(lake.run_uri(run))
+    assert [s["stage"] for s in report["stages"]] == ["scored"]
+    with pytest.raises(FileNotFoundError):
+        lake.read(stage)
+
+    lake.write_stage(stage, [_frame(2, "new")])  # the re-run
+    assert lake.store.list(stage) == [f"{stage}/{MANIFEST}", f"{stage}/part-00000.parquet"]
+    assert lake.read(stage).equals(_frame(2, "new"))
+    assert lake.read(committed).equals(_frame(4, "ok"))
+
+
+def test_killed_writer_leaves_nothing_visible_local(tmp_path: Path) -> None:
+    _check_killed_stage_invisible_then_replaced(Lake(str(tmp_path / "lake")), "run-1")
+
+
+def test_killed_writer_leaves_nothing_visible_s3(s3_lake: str) -> None:
+    _check_killed_stage_invisible_then_replaced(Lake(s3_lake), "run-1")
+
+
+# -- MLflow registration replayed -----------------------------------------------------------------
+def _ref(workdir: Path, run: str) -> RunRef:
+    recipe = load_recipe(RECIPE, [f"lake={workdir / 'lake'}", f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+                                  "mlflow.experiment=resume-test"])
+    return RunRef(run=run, lake=Lake(recipe.lake).uri, recipe=recipe, cache_dir=str(workdir / "cache"))
+
+
+def test_replayed_registration_reuses_the_version_and_its_decision(workdir: Path, tiny_model_dir) -> None:
+    from mlflow import MlflowClient
+
+    from tasks.register import CHAMPION, PROMOTED_TAG, register, start_tracking
+
+    ref = _ref(workdir, "replay")
+    lake = ref.open_lake()
+    ref = ref.model_copy(update={"mlflow_run_id": start_tracking.fn(ref)})
+    data, evals = ref.stage(0, "labelled"), ref.stage(0, "eval", 0)
+    lake.write_stage(data, [_frame(3, "d")])
+    lake.write_stage(evals, [_frame(3, "e")])
+    ckpt = [lake.put_dir(tiny_model_dir, ref.stage(g, "checkpoint", 1)).uri for g in (0, 1)]
+
+    first = register.fn(ref, ckpt[0], {"eval_reward": 0.2, "eval_accuracy": 0.2}, 0, 1, [data, evals])
+    second = register.fn(ref, ckpt[1], {"eval_reward": 0.5, "eval_accuracy": 0.5}, 1, 1, [data, evals],
+                         parent_version=first["model_version"])
+    assert (first["promoted"], second["promoted"]) == (True, True)
+
+    # A resumed run replays both steps: same versions, same decisions, the champion stays put.
+    assert register.fn(ref, ckpt[0], {"eval_reward": 0.2, "eval_accuracy": 0.2}, 0, 1, [data, evals]) == first
+    client = MlflowClient()
+    name = ref.recipe.model_name
+    # Killed after the version was created but before the champion decision: the replay decides.
+    client.delete_model_version_tag(name, second["model_version"], PROMOTED_TAG)
+    client.delete_registered_model_alias(name, CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, first["model_version"])
+    replay = register.fn(ref, ckpt[1], {"eval_reward": 0.5, "eval_accuracy": 0.5}, 1, 1, [data, evals],
+                         parent_version=first["model_version"])
+    assert replay == second
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == second["model_version"]
+
+    # Killed after the alias moved but before the decision was recorded: still promoted, nothing moves.
+    client.delete_model_version_tag(name, second["model_version"], PROMOTED_TAG)
+    assert register.fn(ref, ckpt[1], {"eval_reward": 0.5, "eval_accuracy": 0.5}, 1, 1, [data, evals],
+                       parent_version=first["model_version"]) == second
+
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert sorted(str(v.version) for v in versions) == sorted([first["model_version"], second["model_version"]])
+    tags = client.get_model_version(name, second["model_version"]).tags
+    assert tags["flywheel.parent_version"] == first["model_version"]
+    assert tags[PROMOTED_TAG] == "true"
+    assert tags["flywheel.checkpoint"] == ckpt[1]
+    assert tags["flywheel.checkpoint_sha256"] == lake.manifest(ckpt[1]).sha256
+    assert json.loads(tags["flywheel.datasets"]) == [
+        {"uri": u, "sha256": lake.manifest(u).sha256, "rows": 3} for u in (data, evals)
+    ]
+
+
+# -- the real command, killed and resumed -----------------------------------------------------------
+class Launch:
+    """One ``flywheel run`` in its own process group (so SIGKILL takes its Prefect server too)."""
+
+    def __init__(self, cwd: Path, run: str, tag: str):
+        self.cwd, self.run = cwd, run
+        self.err = cwd / f"{run}-{tag}.stderr"
+        self.out = cwd / f"{run}-{tag}.stdout"
+        cmd = [sys.executable, "-m", "flows.cli", "run", str(RECIPE), "--run-name", run,
+               *[a for s in SMALL for a in ("--set", s)]]
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, start_new_session=True)
+
+    def stderr(self, start: int = 0) -> str:
+        with self.err.open("rb") as fh:
+            fh.seek(start)
+            return fh.read().decode(errors="replace")
+
+    def stderr_size(self) -> int:
+        return self.err.stat().st_size
+
+    def wait_for(self, what: str, ready: Callable[[], bool], timeout: float = 900) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"flywheel run ended (rc={self.proc.returncode}) before {what}:\n{self.stderr()[-3000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"no {what} within {timeout:.0f} s")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=60)
+
+    def finish(self, timeout: float = 1500) -> None:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        assert self.proc.returncode == 0, self.stderr()[-4000:]
+
+
+def _lake_dir(cwd: Path, run: str) -> Path:
+    return cwd / "lake" / run
+
+
+def _manifest_exists(cwd: Path, run: str, rel: str) -> bool:
+    return (_lake_dir(cwd, run) / rel / MANIFEST).exists()
+
+
+def _uncommitted(cwd: Path, run: str) -> list[str]:
+    """Stage folders with files but no manifest (anywhere in the run)."""
+    root = _lake_dir(cwd, run)
+    found = []
+    for folder in sorted({p.parent for p in root.rglob("*") if p.is_file()}):
+        covered = [d for d in (folder, *folder.parents) if d != root and root in d.parents and (d / MANIFEST).exists()]
+        if folder != root and not covered:  # a checkpoint's sub-folders are covered by its manifest
+            found.append(folder.relative_to(root).as_posix())
+    return found
+
+
+def _check_commits(cwd: Path, run: str) -> None:
+    """Every manifest lists files that exist with their size; no stage folder without a manifest."""
+    root = _lake_dir(cwd, run)
+    for manifest in root.rglob(MANIFEST):
+        for f in json.loads(manifest.read_text())["files"]:
+            assert (manifest.parent / f["name"]).stat().st_size == f["bytes"], f"{manifest.parent}/{f['name']}"
+    assert _uncommitted(cwd, run) == []
+    assert [p for p in root.rglob(".tmp-*")] == []
+
+
+def _datasets(cwd: Path, run: str) -> dict[str, pl.DataFrame]:
+    lake = Lake(str(cwd / "lake"))
+    out = {}
+    for g in (1, 2):
+        for name in DATASETS:
+            stage, _, step = name.partition("/step=")
+            frame = lake.read(lake.stage_uri(run, g, stage, int(step) if step else None))
+            keys = [c for c in ("prompt_id", "sample_idx") if c in frame.columns]
+            out[f"iteration={g}/{name}"] = frame.sort(keys)
+    return out
+
+
+def _versions_per_step(cwd: Path, run: str) -> dict[tuple[str, str], int]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow' / 'mlflow.db'}")
+    counts: dict[tuple[str, str], int] = {}
+    for v in client.search_model_versions("name = 'arithmetic-rest'"):
+        assert v.tags["flywheel.run"] == run
+        key = (v.tags["flywheel.iteration"], v.tags["flywheel.step"])
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.mark.slow
+def test_run_killed_during_grow_and_training_resumes_to_the_same_data(tmp_path: Path) -> None:
+    resumed_dir, reference_dir = tmp_path / "resumed", tmp_path / "reference"
+    resumed_dir.mkdir()
+    reference_dir.mkdir()
+    reference = Launch(reference_dir, "uninterrupted", "only")  # alongside, in its own folder and MLflow
+
+    # 1. Killed during Grow: after the warm start's summary, once sampling has begun (or a part is written).
+    first = Launch(resumed_dir, "resumed", "grow")
+    summary = _lake_dir(resumed_dir, "resumed") / "summary.json"
+    first.wait_for("the warm start", summary.exists)
+    seen = first.stderr_size()
+    samples = _lake_dir(resumed_dir, "resumed") / "iteration=1" / "samples"
+    first.wait_for("Grow", lambda: "sampling" in first.stderr(seen) or any(samples.glob("part-*")))
+    first.kill()
+    assert not _manifest_exists(resumed_dir, "resumed", "iteration=1/samples")
+    assert not (_lake_dir(resumed_dir, "resumed") / "iteration=1" / "scored").exists()
+    assert "samples" not in {s["stage"] for s in inspect_uri(str(_lake_dir(resumed_dir, "resumed")))["stages"]}
+
+    # 2. Killed during the first Improve step's training (its scratch checkpoint folder exists).
+    second = Launch(resumed_dir, "resumed", "train")
+    cache = resumed_dir / ".flywheel" / "cache"
+    second.wait_for(
+        "Improve training",
+        lambda: _manifest_exists(resumed_dir, "resumed", "iteration=1/filtered/step=1") and any(cache.glob("tmp*")),
+    )
+    second.kill()
+    assert not _manifest_exists(resumed_dir, "resumed", "iteration=1/checkpoint/step=1")
+    assert _versions_per_step(resumed_dir, "resumed") == {("0", "0"): 1}
+
+    # 3. The same --run-name again, to the end.
+    third = Launch(resumed_dir, "resumed", "finish")
+    third.finish()
+    reference.finish()
+
+    resumed, uninterrupted = _datasets(resumed_dir, "resumed"), _datasets(reference_dir, "uninterrupted")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, frame in resumed.items():
+        assert frame.height > 0, name
+        assert frame.equals(uninterrupted[name]), name
+        if "policy_version" in frame.columns:
+            assert not frame["policy_version"].str.contains("resumed").any()
+
+    _check_commits(resumed_dir, "resumed")
+    _check_commits(reference_dir, "uninterrupted")
+    steps = {("0", "0"): 1, ("1", "1"): 1, ("2", "1"): 1}
+    assert _versions_per_step(resumed_dir, "resumed") == steps
+    assert _versions_per_step(reference_dir, "uninterrupted") == steps
+
+    def comparable(run_dir: Path, run: str) -> list[dict]:
+        doc = json.loads((_lake_dir(run_dir, run) / "summary.json").read_text())
+        return [doc["baseline"], *doc["iterations"], doc["champion"], doc["stopped"]]
+
+    assert comparable(resumed_dir, "resumed") == comparable(reference_dir, "uninterrupted")
