@@ -64,6 +64,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve
+
+    serve(args.recipes, args.overrides, limit=args.limit)
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from infra import stack
+
+    try:
+        if args.action == "up":
+            ports = {"prefect": args.prefect_port, "mlflow": args.mlflow_port, "s3": args.s3_port}
+            report = stack.up(".", ports, ui=not args.no_ui, timeout=args.timeout)
+        elif args.action == "down":
+            done = stack.down(".")
+            print(f"stopped: {', '.join(done['stopped']) or 'nothing was running'}")
+            if done["still_listening"]:
+                print(f"still listening on 127.0.0.1: {done['still_listening']}")
+            return 1 if done["still_listening"] else 0
+        else:
+            report = stack.status(".")
+    except stack.StackError as exc:
+        print(f"flywheel: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, s in report.items():
+            state = "healthy" if s["healthy"] else ("running, not answering" if s["running"] else "stopped")
+            print(f"{name:8} {state:24} {s['url'] or '-':30} pid {s['pid'] or '-':<8} log {s['log']}")
+        if args.action == "up":
+            print(f"\nclients: source {stack.STACK_DIR}/env   (PREFECT_API_URL, MLFLOW_TRACKING_URI, AWS_* for the S3 server)")
+            print("recipes: --set lake=s3://lake/flywheel --set mlflow.tracking_uri=" + report["mlflow"]["url"])
+    return 0 if all(s["healthy"] for s in report.values()) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flywheel", description="Self-improvement loops for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,8 +115,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=5, help="Sample rows to show per stage.")
     p.add_argument("--json", action="store_true", help="Print JSON for scripts.")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("serve", help="Serve recipes as Prefect deployments (schedules, runs from the UI or API).")
+    p.add_argument("recipes", nargs="*", help="Recipe YAML files (default: every recipes/*.yaml).")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override a key in every recipe, e.g. --set mlflow.tracking_uri=http://127.0.0.1:5000")
+    p.add_argument("--limit", type=int, default=None, help="Most flow runs this process executes at once.")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("stack", help="Start, stop or check the local Prefect, MLflow and S3 servers (127.0.0.1).")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--prefect-port", type=int, default=4200, help="Prefect server and UI port.")
+    p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port.")
+    p.add_argument("--s3-port", type=int, default=8333, help="SeaweedFS S3 port.")
+    p.add_argument("--no-ui", action="store_true", help="Start the Prefect server without its UI.")
+    p.add_argument("--timeout", type=float, default=180.0, help="Seconds to wait for each service to answer.")
+    p.add_argument("--json", action="store_true", help="Print JSON for scripts.")
+    p.set_defaults(func=cmd_stack)
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    if args.command != "stack":  # the stack commands load no model library: keep them quick
+        _quiet_libraries()
     from flows.errors import USER_ERRORS
 
     try:

@@ -1,18 +1,88 @@
-"""Run a recipe with the flow its ``algorithm`` names."""
+"""Run a recipe with the flow its ``algorithm`` names, on the task runner its ``orchestration`` names.
+
+``orchestration.runner: thread`` (the default) runs Grow and scoring shards on the flow's thread
+pool; ``ray`` runs them on a Ray cluster through prefect-ray's ``RayTaskRunner``: the one at
+``orchestration.ray_address`` (``ray://head:10001``, or ``auto`` for the node's cluster), else a
+local one started for the run (or the one this process already ``ray.init``-ed). Samples are
+seeded per (prompt, sample), so a seeded run writes the same datasets whichever runner it uses.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from alignment.recipe import Recipe
 
 
+def check_lake(recipe: Recipe) -> None:
+    """One cheap request to the lake before the flow starts.
+
+    Wrong credentials, a missing bucket or a stopped S3 server then fail as one ``LakeAccessError``
+    sentence, before Prefect starts, logs a failed flow run, or anything is written.
+    """
+    from tasks.lake import MANIFEST, Lake
+
+    lake = Lake(recipe.lake, recipe.s3.model_dump(exclude_none=True))
+    bucket_only = lake.uri.startswith("s3://") and "/" not in lake.uri[len("s3://"):]
+    lake.store.exists(f"{lake.uri}/{MANIFEST}" if bucket_only else lake.uri)
+
+
 def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     from flows.common import default_run_name
 
+    check_lake(recipe)
     name = run_name or default_run_name(recipe)
+    flow = flow_for(recipe).with_options(flow_run_name=name)
+    with api_for_workers(recipe):
+        return flow(recipe=recipe, run_name=name)
+
+
+def flow_for(recipe: Recipe):
+    """The recipe's flow (``rest`` or ``iterative_dpo``) with the recipe's task runner."""
     if recipe.algorithm == "rest":
         from flows.rest import rest as flow
     else:
         from flows.iterative_dpo import iterative_dpo as flow
-    return flow.with_options(flow_run_name=name)(recipe=recipe, run_name=name)
+    runner = task_runner(recipe)
+    return flow if runner is None else flow.with_options(task_runner=runner)
+
+
+def task_runner(recipe: Recipe):
+    """A ``RayTaskRunner`` for ``runner: ray``; ``None`` keeps the flow's thread pool."""
+    orch = recipe.orchestration
+    if orch.runner == "thread":
+        return None
+    try:
+        from prefect_ray.task_runners import RayTaskRunner
+    except ImportError as exc:
+        from alignment.recipe import RecipeError
+
+        raise RecipeError(
+            "orchestration.runner is 'ray' but prefect-ray is not installed: pip install -e '.[ray]'."
+        ) from exc
+    # A local cluster started for the run needs no dashboard; a remote one keeps its own settings.
+    return RayTaskRunner(address=orch.ray_address, init_kwargs={} if orch.ray_address else {"include_dashboard": False})
+
+
+@contextlib.contextmanager
+def api_for_workers(recipe: Recipe) -> Iterator[None]:
+    """Give Ray workers the address of this process's embedded Prefect server.
+
+    Without a configured ``PREFECT_API_URL``, every process that reports a task run starts its own
+    embedded server on the same SQLite database (slow, and they lock each other out). Ray tasks run
+    in worker processes that receive the flow's settings, so start the embedded server here and put
+    its URL in those settings; with a real server configured nothing changes.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if recipe.orchestration.runner != "ray" or PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the same singleton Prefect's client would start
+    server.start()
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield

@@ -13,6 +13,7 @@ from prefect import task, unmapped
 
 from alignment.samplers import SamplingParams, make_sampler
 from tasks.context import RunRef, log
+from tasks.gpu import MODEL_LOAD_LOCK, run_gpu_stage
 
 SAMPLE_SCHEMA = {
     "prompt_id": pl.Int64,
@@ -27,16 +28,22 @@ SAMPLE_SCHEMA = {
 
 @task(name="grow-shard", retries=1, retry_delay_seconds=[5])
 def grow_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: int) -> dict:
-    """Sample one shard of the prompts and write it as one part of the ``samples`` stage."""
+    """Sample one shard of the prompts and write it as one part of the ``samples`` stage (a GPU stage)."""
+    return run_gpu_stage(ref.recipe, sample_shard, ref, model_uri, iteration, shard, shards)
+
+
+def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: int) -> dict:
+    """The body of ``grow_shard``: a plain function, so it can run in a fresh process."""
     recipe, lake = ref.recipe, ref.open_lake()
     uri = ref.stage(iteration, "samples")
     prompts = lake.read(ref.stage(0, "prompts")).sort("prompt_id")
     part = prompts.filter(pl.int_range(pl.len()) % shards == shard)
     g = recipe.grow
-    sampler = make_sampler(
-        g.sampler, ref.local_model(model_uri), batch_size=g.batch_size,
-        trust_remote_code=recipe.model.trust_remote_code, **g.sampler_options,
-    )
+    with MODEL_LOAD_LOCK:  # shards on the thread runner load their models one at a time
+        sampler = make_sampler(
+            g.sampler, ref.local_model(model_uri), batch_size=g.batch_size,
+            trust_remote_code=recipe.model.trust_remote_code, **g.sampler_options,
+        )
     params = SamplingParams(g.temperature, g.top_p, g.max_new_tokens, seed=_grow_seed(recipe.seed, iteration))
     gen = sampler.generate(part["prompt"].to_list(), g.samples_per_prompt, params, part["prompt_id"].to_list())
     n = g.samples_per_prompt

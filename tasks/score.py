@@ -1,24 +1,67 @@
-"""Score: annotate D_g with the reward R(x, y) (ReST Algorithm 1, "Annotate D_g")."""
+"""Score: annotate D_g with the reward R(x, y) (ReST Algorithm 1, "Annotate D_g").
+
+Scoring is sharded like Grow: one ``score-shard`` task per part of the ``samples`` stage (one part
+per Grow shard, plus the labelled data), mapped over the flow's task runner so a Ray cluster scores
+the parts in parallel; the ``scored`` stage is committed once, after every part is written. Its
+rows are those of ``samples`` in the same order, whatever the shard count or runner.
+"""
 
 from __future__ import annotations
 
+import io
+from contextlib import nullcontext
+
 import polars as pl
-from prefect import task
+from prefect import task, unmapped
+from prefect.futures import wait
 
 from alignment.reward_model import resolve_reward_spec
 from alignment.rewards import score as call_reward
-from tasks.context import RunRef, log
+from tasks.context import RunRef, log, retry_on_io
+from tasks.gpu import MODEL_LOAD_LOCK, gpu_slot
 
 
-@task(name="score", retries=2, retry_delay_seconds=[2, 5])
+@task(name="score-shard", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
+def score_shard(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: int) -> dict:
+    """Add a ``reward`` column to one part of ``samples`` and write it as part ``shard`` of ``scored``."""
+    return score_part(ref, samples_uri, iteration, part, shard)
+
+
+def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: int) -> dict:
+    """The body of ``score_shard``, a plain module-level function (Ray pickles it by reference)."""
+    lake, uri = ref.open_lake(), ref.stage(iteration, "scored")
+    samples = pl.read_parquet(io.BytesIO(lake.store.get(f"{samples_uri}/{part}")))
+    # A reward model is a GPU job too when the recipe says so (orchestration.score_on_gpu).
+    with gpu_slot(ref.recipe) if ref.recipe.orchestration.score_on_gpu else nullcontext():
+        with MODEL_LOAD_LOCK:  # a reward model loads like a policy: one at a time per process
+            reward = resolve_reward_spec(ref.recipe.reward)
+        rewards = call_reward(reward, samples["prompt"].to_list(), samples["completion"].to_list(), samples["reference"].to_list())
+    scored = samples.with_columns(pl.Series("reward", rewards, dtype=pl.Float64))
+    log().info("score g=%d part %s: %d rows, mean reward %.3f", iteration, part, scored.height, scored["reward"].mean() or 0.0)
+    return lake.write_part(uri, shard, scored)
+
+
+@task(name="commit-scored", retries=2, retry_delay_seconds=[2, 5])
+def commit_scored(ref: RunRef, samples_uri: str, iteration: int, parts: list[dict]) -> str:
+    """Verify the parts and commit the ``scored`` stage."""
+    lake, uri = ref.open_lake(), ref.stage(iteration, "scored")
+    manifest = lake.commit(uri, sorted(parts, key=lambda p: p["name"]), config={"reward": ref.recipe.reward}, parents=[samples_uri])
+    log().info("score g=%d: committed %d rows in %d parts", iteration, manifest.rows, len(parts))
+    return manifest.uri
+
+
 def score(ref: RunRef, samples_uri: str, iteration: int) -> str:
-    """Add a ``reward`` column to every sample and commit the ``scored`` stage."""
+    """Score every part of ``samples`` (sharded) and return the ``scored`` stage URI; a committed stage is reused."""
     lake, uri = ref.open_lake(), ref.stage(iteration, "scored")
     if lake.is_done(uri):
         return uri
-    reward = resolve_reward_spec(ref.recipe.reward)
-    samples = lake.read(samples_uri)
-    rewards = call_reward(reward, samples["prompt"].to_list(), samples["completion"].to_list(), samples["reference"].to_list())
-    scored = samples.with_columns(pl.Series("reward", rewards, dtype=pl.Float64))
-    log().info("score g=%d: %d rows, mean reward %.3f", iteration, scored.height, scored["reward"].mean() or 0.0)
-    return lake.write_stage(uri, [scored], config={"reward": ref.recipe.reward}, parents=[samples_uri]).uri
+    lake.store.delete_prefix(uri)  # whatever an interrupted attempt left behind
+    names = [f["name"] for f in lake.manifest(samples_uri).files]
+    futures = score_shard.map(unmapped(ref), unmapped(samples_uri), unmapped(iteration), names, range(len(names)))
+    wait(futures)  # every shard has finished or failed before anything is cleaned up
+    try:
+        parts = [f.result() for f in futures]
+    except Exception:
+        lake.store.delete_prefix(uri)  # a failed shard (a broken reward) leaves no half-scored stage behind
+        raise
+    return commit_scored(ref, samples_uri, iteration, parts)

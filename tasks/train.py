@@ -15,16 +15,25 @@ from prefect import task
 from alignment.recipe import TrainSettings
 from alignment.training import TrainConfig, sft
 from tasks.context import RunRef, log
+from tasks.gpu import run_gpu_stage
 
 
 def _train_config(s: TrainSettings, seed: int) -> TrainConfig:
-    return TrainConfig(epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, warmup_steps=s.warmup_steps, dtype=s.dtype, seed=seed)
+    return TrainConfig(
+        epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, warmup_steps=s.warmup_steps, dtype=s.dtype, seed=seed,
+        lora_r=s.lora_r,
+    )
 
 
 def _fit(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: TrainSettings, seed: int) -> str:
-    lake = ref.open_lake()
-    if lake.is_done(out_uri):
+    if ref.open_lake().is_done(out_uri):
         return out_uri
+    return run_gpu_stage(ref.recipe, _sft, ref, start_uri, data_uri, out_uri, settings, seed)
+
+
+def _sft(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: TrainSettings, seed: int) -> str:
+    """SFT of ``start_uri`` on ``data_uri`` into the checkpoint ``out_uri`` (a GPU stage; may run in its own process)."""
+    lake = ref.open_lake()
     data = lake.read(data_uri)
     Path(ref.cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp:
@@ -70,11 +79,17 @@ def _preference_config(ref: RunRef, seed: int):
 @task(name="train-preference")
 def train_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str, iteration: int) -> str:
     """One iterative-DPO training step with the recipe's preference loss; RLOO trains on the scored groups."""
+    out_uri = ref.stage(iteration, "checkpoint", 1)
+    if ref.open_lake().is_done(out_uri):
+        return out_uri
+    return run_gpu_stage(ref.recipe, _fit_preference, ref, start_uri, pairs_uri, scored_uri, iteration, out_uri)
+
+
+def _fit_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str, iteration: int, out_uri: str) -> str:
+    """The body of ``train_preference`` (a GPU stage; may run in its own process)."""
     from alignment.preference import train_preference as fit_pairs, train_rloo
 
-    lake, out_uri = ref.open_lake(), ref.stage(iteration, "checkpoint", 1)
-    if lake.is_done(out_uri):
-        return out_uri
+    lake = ref.open_lake()
     cfg = _preference_config(ref, ref.recipe.seed * 1000 + iteration)
     if cfg.loss == "rloo":
         data_uri, data = scored_uri, lake.read(scored_uri).filter(pl.col("sample_idx") >= 0)
