@@ -16,6 +16,7 @@ against a direct transcription of the DPO loss (seed 004 l.877) instead.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import tempfile
@@ -235,6 +236,11 @@ def main() -> None:
     if abs(loss_a - loss_b) > TOLERANCE or grad_diff > TOLERANCE:
         raise SystemExit(f"FAIL: step 1 loss or gradient differs by more than {TOLERANCE}.")
     print(f"\nstep 1 loss and gradient agree within {TOLERANCE}; ours is {'no slower' if t_a <= t_b else 'slower'}.")
+    print(json.dumps({
+        "bench": "dpo_step", "ratio": round(t_a / t_b, 3), "ratio_means": "ours/peer seconds per DPO step",
+        "target": "<=1", "peer": peer.name, "loss_diff_step1": abs(loss_a - loss_b), "grad_diff_step1": grad_diff,
+        "ours_ms": round(t_a * 1e3, 2), "peer_ms": round(t_b * 1e3, 2),
+    }))
 
 
 def row(label: str, ours: str, peer: str, diff: str) -> None:
