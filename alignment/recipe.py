@@ -128,9 +128,13 @@ class PreferenceSettings(TrainSettings):
     """Iterative DPO: how pairs are made and which preference loss trains on them."""
 
     loss: LOSS_NAMES = Field("dpo", description="Preference loss (alignment.losses.LOSSES).")
-    beta: float | None = Field(None, gt=0, description="The loss's beta; null keeps the loss's default.")
+    beta: float | None = Field(
+        None, gt=0, description="The loss's beta; null keeps the loss's default; unused by losses without one (orpo, rebel, rloo)."
+    )
     hparams: dict[str, float] = Field(default_factory=dict, description="Other loss hyperparameters, e.g. {gamma: 0.5}.")
-    nll_alpha: float = Field(0.0, ge=0, description="Weight of an NLL term on the chosen response (any pairwise loss).")
+    nll_alpha: float = Field(
+        0.0, ge=0, description="Weight of an NLL term on the chosen response (pairwise losses; orpo has its own)."
+    )
     pairing: Literal["best_vs_worst", "best_vs_random", "all_pairs"] = Field(
         "best_vs_worst", description="How pairs are drawn from the N scored samples of a prompt."
     )
@@ -140,6 +144,28 @@ class PreferenceSettings(TrainSettings):
     )
     start_from: Literal["previous", "initial"] = Field(
         "previous", description="Warm-start each iteration from the previous iterate or from the initial policy."
+    )
+
+
+    @model_validator(mode="after")
+    def _loss_settings(self) -> PreferenceSettings:
+        try:
+            preference_config(self, seed=0)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+def preference_config(p: PreferenceSettings, seed: int):
+    """The trainer's config for these settings: beta and the NLL term go only to losses that take them."""
+    from alignment.losses import HAS_NLL, LOSS_HPARAMS, LOSS_KIND
+    from alignment.preference import PreferenceConfig
+
+    takes_nll = LOSS_KIND[p.loss] == "pairwise" and p.loss not in HAS_NLL
+    return PreferenceConfig(
+        loss=p.loss, beta=p.beta if "beta" in LOSS_HPARAMS[p.loss] else None, hparams=dict(p.hparams),
+        nll_alpha=p.nll_alpha if takes_nll else 0.0, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
+        warmup_steps=p.warmup_steps, seed=seed, dtype=p.dtype, lora_r=p.lora_r,
     )
 
 
@@ -175,13 +201,15 @@ class S3Config(Strict):
 
 
 class OrchestrationConfig(Strict):
-    """How the run is orchestrated beyond one process: task runner, schedules, work pools."""
+    """How the run is orchestrated beyond one process: task runner, schedule, GPU admission.
+
+    Work pools are chosen per deployment (infra/prefect.yaml): the whole flow runs on the pool's
+    worker; there is no per-stage pool routing.
+    """
 
     runner: Literal["thread", "ray"] = Field("thread", description="Task runner for Grow shards and scoring.")
     ray_address: str | None = Field(None, description="Ray cluster address (e.g. ray://head:10001); null starts a local one.")
     schedule: str | None = Field(None, description="Cron schedule for `flywheel serve` (e.g. '0 3 * * *'); null = none.")
-    work_pool: str | None = Field(None, description="Work pool the flow's deployment runs on (CPU).")
-    gpu_work_pool: str | None = Field(None, description="Work pool for GPU stages (Grow, training).")
     score_on_gpu: bool = Field(False, description="Run scoring in the GPU pool too (reward models).")
     gpu_concurrency_limit: str = Field("gpu", description="Global concurrency limit that holds one GPU job per GPU.")
     isolate_gpu_stages: bool = Field(
@@ -238,7 +266,8 @@ def _format(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key {key!r}")
         else:
-            parts.append(f"{key}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""))
+            msg = e["msg"].removeprefix("Value error, ").rstrip(".")
+            parts.append(f"{key}: {msg}" + (f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""))
     return "; ".join(parts)
 
 

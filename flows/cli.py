@@ -15,6 +15,8 @@ import sys
 
 
 def _quiet_libraries() -> None:
+    # Spinning OpenMP threads slow torch down many times over on small, shared CPUs.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -36,7 +36,12 @@ from tasks.train import train_metrics, train_preference, warm_start
 
 @flow(name="iterative-dpo", log_prints=True, validate_parameters=True)
 def iterative_dpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
-    """Sample, score, pair best against worst, train with a preference loss, repeat T times."""
+    """Sample, score, pair best against worst, train with a preference loss, repeat T times.
+
+    Args:
+        recipe: The experiment: task, model, reward, loop settings, lake and MLflow (recipes/*.yaml).
+        run_name: Name of the run in the lake and MLflow; re-using a name resumes that run.
+    """
     ref = open_run(recipe, run_name)
     summary = Summary(ref, "iterative_dpo")
     inputs = prepare_inputs(ref)

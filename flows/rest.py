@@ -35,7 +35,12 @@ from tasks.train import improve, train_metrics, warm_start
 
 @flow(name="rest", log_prints=True, validate_parameters=True)
 def rest(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
-    """Grow a dataset from the policy, filter it with a rising threshold, fine-tune, repeat."""
+    """Grow a dataset from the policy, filter it with a rising threshold, fine-tune, repeat.
+
+    Args:
+        recipe: The experiment: task, model, reward, loop settings, lake and MLflow (recipes/*.yaml).
+        run_name: Name of the run in the lake and MLflow; re-using a name resumes that run.
+    """
     ref = open_run(recipe, run_name)
     summary = Summary(ref, "rest")
     inputs = prepare_inputs(ref)

@@ -179,7 +179,9 @@ def register(
         promoted = decided == "true"
         champion = _champion(client, name)
         best = metrics["eval_reward"] if promoted else _reward(champion)
-        return {"model_version": str(version), "promoted": promoted, "champion_reward": best, "model_name": name}
+        holder = str(version) if promoted or champion is None else str(champion.version)
+        return {"model_version": str(version), "promoted": promoted, "champion_reward": best, "model_name": name,
+                "champion_version": holder}
     champion = _champion(client, name)
     best = _reward(champion)
     promoted = champion is not None and str(champion.version) == str(version)  # MLflow mixes int and str versions
@@ -188,7 +190,9 @@ def register(
         promoted, best = True, metrics["eval_reward"]
         log().info("model %s version %s is the new champion (held-out reward %.3f)", name, version, best)
     client.set_model_version_tag(name, version, PROMOTED_TAG, "true" if promoted else "false")
-    return {"model_version": str(version), "promoted": promoted, "champion_reward": best, "model_name": name}
+    holder = str(version) if promoted else str(champion.version)
+    return {"model_version": str(version), "promoted": promoted, "champion_reward": best, "model_name": name,
+            "champion_version": holder}
 
 
 def _reward(version) -> float:

@@ -43,9 +43,11 @@ class Summary:
         return self.doc
 
     def _champion(self, reg: dict[str, Any]) -> None:
-        if reg["promoted"]:
+        # The first registration records whoever holds the alias (possibly another run's model that
+        # this run never beats); after that, only a promotion changes it.
+        if reg["promoted"] or self.doc["champion"] is None:
             self.doc["champion"] = {
-                "model_name": reg["model_name"], "version": reg["model_version"], "eval_reward": reg["champion_reward"],
+                "model_name": reg["model_name"], "version": reg["champion_version"], "eval_reward": reg["champion_reward"],
             }
 
 

@@ -67,13 +67,9 @@ def train_metrics(ref: RunRef, model_uri: str) -> dict[str, float]:
 
 
 def _preference_config(ref: RunRef, seed: int):
-    from alignment.preference import PreferenceConfig
+    from alignment.recipe import preference_config
 
-    p = ref.recipe.preference
-    return PreferenceConfig(
-        loss=p.loss, beta=p.beta, hparams=dict(p.hparams), nll_alpha=p.nll_alpha, epochs=p.epochs, lr=p.lr,
-        batch_size=p.batch_size, warmup_steps=p.warmup_steps, seed=seed, dtype=p.dtype, lora_r=p.lora_r,
-    )
+    return preference_config(ref.recipe.preference, seed)
 
 
 @task(name="train-preference")

@@ -21,6 +21,13 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_HOME / 'mlflow-default.db'}")
+# On 2 shared cores, OpenMP threads that spin while waiting slow torch down many times over.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# Prefect binds its console handler to the stderr current at its first import; importing it here,
+# before any test captures stderr, keeps a capsys test from leaving it a closed stream.
+import prefect  # noqa: E402,F401
 
 
 def pytest_collection_modifyitems(config, items):
