@@ -45,8 +45,8 @@ def build_tiny_gpt2(
     return out
 
 
-def load_policy(path: str | Path, *, trust_remote_code: bool = False, device: str | None = None):
-    """Load ``(model, tokenizer)`` from a local directory; never reaches a model hub."""
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    """The tokenizer of a local model directory (pad = eos when it has none); never reaches a model hub."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
@@ -55,6 +55,12 @@ def load_policy(path: str | Path, *, trust_remote_code: bool = False, device: st
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(path: str | Path, *, trust_remote_code: bool = False, device: str | None = None):
+    """Load ``(model, tokenizer)`` from a local directory; never reaches a model hub."""
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     model.to(device or default_device())
     model.eval()

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
-from alignment.models import default_device
+from alignment.models import default_device, load_tokenizer
 from alignment.rewards import RewardError, RewardFn, resolve_reward, score
 from alignment.training import autocast, encode_pairs
 
@@ -69,14 +69,7 @@ def load_reward_model(
     path: str | Path, *, device: str | None = None, trust_remote_code: bool = False
 ) -> tuple[torch.nn.Module, object]:
     """``(model, tokenizer)``: a one-output sequence classifier from a local causal-LM or reward-model directory."""
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"No model at {path}: the directory needs a config.json (save the model with save_pretrained)."
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     # The classifier scores the rightmost non-pad token, so it needs to know which id pads.
     model = AutoModelForSequenceClassification.from_pretrained(
         path,

@@ -7,7 +7,10 @@ from pathlib import Path
 
 from alignment.recipe import Recipe
 from tasks.context import RunRef
-from tasks.register import start_tracking
+from tasks.evaluate import evaluate
+from tasks.register import register, start_tracking
+from tasks.report import Summary
+from tasks.train import warm_start
 from tasks.storage import normalize_uri
 
 
@@ -21,3 +24,15 @@ def open_run(recipe: Recipe, run_name: str | None) -> RunRef:
     cache = Path(".flywheel/cache").resolve()
     ref = RunRef(run=run, lake=normalize_uri(recipe.lake), recipe=recipe, cache_dir=str(cache))
     return ref.model_copy(update={"mlflow_run_id": start_tracking(ref)})
+
+
+def warm_start_and_baseline(ref: RunRef, inputs: dict[str, str], summary: Summary) -> tuple[str, float, dict[str, str]]:
+    """Algorithm 1's "Train pi_theta on D", then measure and register where the run starts.
+
+    Returns the starting policy, its held-out reward, and ``{checkpoint: model version}``.
+    """
+    policy = warm_start(ref, inputs["base"]) if ref.recipe.warm_start.enabled else inputs["base"]
+    metrics = evaluate(ref, policy, 0, 0)
+    reg = register(ref, policy, metrics, 0, 0, [inputs["labelled"], ref.stage(0, "eval", 0)])
+    summary.baseline(metrics, reg)
+    return policy, metrics["eval_reward"], {policy: reg["model_version"]}

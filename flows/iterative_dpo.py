@@ -22,7 +22,7 @@ from typing import Any
 from prefect import flow
 
 from alignment.recipe import Recipe
-from flows.common import open_run
+from flows.common import open_run, warm_start_and_baseline
 from tasks.artifacts import publish_iteration
 from tasks.evaluate import evaluate
 from tasks.grow import grow
@@ -31,7 +31,7 @@ from tasks.pair import pair
 from tasks.register import register
 from tasks.report import Summary
 from tasks.score import score
-from tasks.train import train_metrics, train_preference, warm_start
+from tasks.train import train_metrics, train_preference
 
 
 @flow(name="iterative-dpo", log_prints=True, validate_parameters=True)
@@ -47,12 +47,8 @@ def iterative_dpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]
     inputs = prepare_inputs(ref)
     cfg = recipe.preference
 
-    policy = warm_start(ref, inputs["base"]) if recipe.warm_start.enabled else inputs["base"]
+    policy, _, versions = warm_start_and_baseline(ref, inputs, summary)
     initial = policy
-    metrics = evaluate(ref, policy, 0, 0)
-    reg = register(ref, policy, metrics, 0, 0, [inputs["labelled"], ref.stage(0, "eval", 0)])
-    summary.baseline(metrics, reg)
-    versions = {policy: reg["model_version"]}
 
     for t in range(1, recipe.grow_steps + 1):
         scored = score(ref, grow(ref, policy, t), t)

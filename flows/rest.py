@@ -21,7 +21,7 @@ from typing import Any
 from prefect import flow
 
 from alignment.recipe import Recipe
-from flows.common import open_run
+from flows.common import open_run, warm_start_and_baseline
 from tasks.artifacts import publish_iteration
 from tasks.evaluate import evaluate
 from tasks.filter import filter_stage, thresholds
@@ -30,7 +30,7 @@ from tasks.inputs import prepare_inputs
 from tasks.register import register
 from tasks.report import Summary
 from tasks.score import score
-from tasks.train import improve, train_metrics, warm_start
+from tasks.train import improve, train_metrics
 
 
 @flow(name="rest", log_prints=True, validate_parameters=True)
@@ -46,13 +46,8 @@ def rest(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     inputs = prepare_inputs(ref)
 
     # Train pi_theta on D (behaviour cloning), and measure where we start.
-    policy = warm_start(ref, inputs["base"]) if recipe.warm_start.enabled else inputs["base"]
-    base = policy
-    metrics = evaluate(ref, policy, 0, 0)
-    reg = register(ref, policy, metrics, 0, 0, [inputs["labelled"], ref.stage(0, "eval", 0)])
-    summary.baseline(metrics, reg)
-    versions = {policy: reg["model_version"]}
-    best, stale = metrics["eval_reward"], 0
+    policy, best, versions = warm_start_and_baseline(ref, inputs, summary)
+    base, stale = policy, 0
 
     for g in range(1, recipe.grow_steps + 1):
         # Grow: D_g = samples of pi_theta, annotated with R(x, y).

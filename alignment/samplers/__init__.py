@@ -45,6 +45,16 @@ def row_seed(seed: int, prompt_id: int, sample_idx: int) -> int:
     return x & (2**63 - 1)
 
 
+def request_ids(prompts: Sequence[str], n: int, prompt_ids: Sequence[int] | None) -> list[int]:
+    """The prompt ids a sampler seeds with (positions by default), after checking ``n`` and their count."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1 (got {n}): it is the number of samples per prompt.")
+    ids = list(prompt_ids) if prompt_ids is not None else list(range(len(prompts)))
+    if len(ids) != len(prompts):
+        raise ValueError(f"Got {len(ids)} prompt_ids for {len(prompts)} prompts: pass one id per prompt.")
+    return ids
+
+
 def make_sampler(backend: str, model_path: str, **options: Any) -> Sampler:
     """Build the sampler for ``backend`` over the model at ``model_path``."""
     if backend == "transformers":

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 from tqdm.auto import tqdm
 
-from alignment.samplers import Generation, SamplingParams, row_seed
+from alignment.samplers import Generation, SamplingParams, request_ids, row_seed
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +79,7 @@ def build_requests(
     extra_body: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One request body per prompt, in prompt order; ``prompt_ids`` default to positions."""
-    if n < 1:
-        raise ValueError(f"n must be at least 1 (got {n}): it is the number of samples per prompt.")
-    ids = list(prompt_ids) if prompt_ids is not None else list(range(len(prompts)))
-    if len(ids) != len(prompts):
-        raise ValueError(f"Got {len(ids)} prompt_ids for {len(prompts)} prompts: pass one id per prompt.")
+    ids = request_ids(prompts, n, prompt_ids)
     return [build_request(p, i, n, params, model, extra_body) for p, i in zip(prompts, ids, strict=True)]
 
 

@@ -18,18 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from alignment.samplers import Generation, SamplingParams, row_seed
+from alignment.samplers import Generation, SamplingParams, request_ids, row_seed
 
 
 def build_requests(
     prompts: Sequence[str], n: int, params: SamplingParams, prompt_ids: Sequence[int] | None = None
 ) -> list[dict[str, Any]]:
     """One engine request per prompt: ``{"prompt": text, "sampling_params": kwargs for vllm.SamplingParams}``."""
-    if n < 1:
-        raise ValueError(f"n must be at least 1 (got {n}): it is the number of samples per prompt.")
-    ids = list(prompt_ids) if prompt_ids is not None else list(range(len(prompts)))
-    if len(ids) != len(prompts):
-        raise ValueError(f"Got {len(ids)} prompt_ids for {len(prompts)} prompts: pass one id per prompt.")
+    ids = request_ids(prompts, n, prompt_ids)
     return [
         {
             "prompt": prompt,
