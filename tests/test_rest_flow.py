@@ -1,9 +1,12 @@
-"""ReST end to end through the real CLI (``flows.cli.main``): the lake, MLflow, determinism, a user's own
-task, bad input and resuming.
+"""ReST end to end through the real CLI (``flows.cli.main``) on the built-in arithmetic task: one run
+inspected from every side (summary, lake, manifests, readers, champion, MLflow), determinism, steps
+that do not improve or keep nothing, and resuming a run whose last stage was left unfinished.
 
 Everything is real: flows on the embedded Prefect API, MLflow on SQLite in a temporary directory,
 the lake on the local filesystem, the built-in tiny GPT-2 on CPU. Each run is kept small enough for
-the default tier on two busy cores; the ``slow`` tests repeat the learning checks at demo-like sizes.
+the default tier on two busy cores; the ``slow`` test repeats the learning check at demo-like size.
+Bad input is in ``test_bad_input.py``, a user's own task in ``test_user_task.py``; the helpers all
+three share are in ``flywheel_helpers.py``.
 
 Run: ``.venv/bin/python -m pytest tests/test_rest_flow.py -q`` (``-m 'not slow'`` for the fast ones).
 """
@@ -13,11 +16,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import itertools
 import json
 import logging
-import math
-import random
 import re
 from pathlib import Path
 
@@ -32,20 +32,21 @@ import pytest
 from prefect import flow as _prefect_flow  # noqa: F401
 
 from alignment import filters
-from flows.cli import main
+from tests.flywheel_helpers import (
+    FAST,
+    MANIFEST,
+    MODEL,
+    RECIPE,
+    client_for,
+    flywheel,
+    one_torch_thread,  # noqa: F401  (autouse: one intra-op thread for this module)
+    partial_stages,
+    read_stage,
+    summary_of,
+    tracking_uri,
+    versions_of,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
-RECIPE = ROOT / "recipes" / "arithmetic-rest.yaml"
-MANIFEST = "_manifest.json"
-MODEL = "arithmetic-rest"  # the demo recipe's name: its registered model
-
-# Small but not trivial: the warm start gets some sums right (about 1 in 8 held out), so Grow/Improve
-# has samples to keep and to drop. About 15 s of compute on one core.
-FAST = [
-    "task.n_labelled=100", "task.n_prompts=60", "task.n_eval=40", "warm_start.epochs=25",
-    "grow_steps=2", "grow.samples_per_prompt=4", "improve.epochs=2", "eval.patience=2",
-]
 # The issue's small recipe (slow tier): big enough that held-out reward visibly rises.
 SMALL = [
     "task.n_prompts=200", "task.n_eval=100", "warm_start.epochs=20", "grow_steps=2", "grow.samples_per_prompt=4",
@@ -53,85 +54,12 @@ SMALL = [
 SUMMARY_ROW = {"iteration", "step", "tau", "samples", "kept", "eval_reward", "eval_accuracy", "model_version", "promoted"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """On two cores shared with other jobs a second intra-op thread mostly waits: training gets ~10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- helpers -----------------------------------------------------------------------------------
-def flywheel(recipe: Path | str, *sets: str, run: str) -> int:
-    """``flywheel run RECIPE --run-name RUN --set ...`` in this process; returns the exit code."""
-    argv = ["run", str(recipe), "--run-name", run]
-    for s in sets:
-        argv += ["--set", s]
-    return main(argv)
-
-
 @contextlib.contextmanager
 def chdir(path: Path):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(path)
         yield
-
-
-def tracking_uri(workdir: Path) -> str:
-    return f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}"
-
-
-def client_for(workdir: Path):
-    from mlflow import MlflowClient
-
-    uri = tracking_uri(workdir)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def versions_of(workdir: Path, name: str = MODEL) -> list:
-    if not (workdir / "mlflow" / "mlflow.db").exists():
-        return []
-    return sorted(client_for(workdir).search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
-
-
-def summary_of(workdir: Path, run: str) -> dict:
-    return json.loads((workdir / "lake" / run / "summary.json").read_text())
-
-
-def read_stage(stage_dir: Path) -> pl.DataFrame:
-    """The rows of a committed stage, read from the parts its manifest lists, in order."""
-    manifest = json.loads((stage_dir / MANIFEST).read_text())
-    frames = [pl.read_parquet(stage_dir / f["name"]) for f in manifest["files"]]
-    return pl.concat(frames) if frames else pl.DataFrame()
-
-
-def partial_stages(lake: Path) -> list[str]:
-    """Folders under a run that hold files but no manifest: a stage someone could half-see."""
-    bad = []
-    for run_dir in (p for p in lake.iterdir() if p.is_dir()) if lake.exists() else []:
-        for d in (p for p in run_dir.rglob("*") if p.is_dir()):
-            files = [p.name for p in d.iterdir() if p.is_file()]
-            if files and MANIFEST not in files:
-                bad.append(str(d.relative_to(lake)))
-            bad += [str(d / f) for f in files if f.startswith(".tmp-")]
-    return bad
-
-
-def one_sentence(message: str) -> bool:
-    return "\n" not in message and message.endswith(".") and re.search(r"[.!?]\s+[A-Z]", message) is None
-
-
-def cli_error(err: str) -> str:
-    """The CLI's error line: exactly one ``flywheel: ...`` line and no traceback on stderr."""
-    lines = [line for line in err.splitlines() if line.startswith("flywheel:")]
-    assert len(lines) == 1, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    message = lines[0].removeprefix("flywheel: ")
-    assert one_sentence(message), message
-    return message
 
 
 def file_digests(root: Path) -> dict[str, tuple[str, int]]:
@@ -141,29 +69,6 @@ def file_digests(root: Path) -> dict[str, tuple[str, int]]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-
-
-# -- user rewards (found by import path "test_rest_flow:NAME") ------------------------------------
-def letters_matched(prompts, completions, references):
-    """Partial credit: matching positions over the longer of completion and reference."""
-    out = []
-    for c, r in zip(completions, references, strict=True):
-        c = c.strip()
-        out.append(sum(a == b for a, b in zip(c, r)) / max(len(c), len(r), 1))
-    return out
-
-
-def wrong_length(prompts, completions, references):
-    return [1.0] * (len(completions) - 1)
-
-
-def nan_reward(prompts, completions, references):
-    return [math.nan if i % 7 == 3 else 0.0 for i in range(len(completions))]
-
-
-def nan_on_grown_samples(prompts, completions, references):
-    """Fine on the 40 held-out prompts, NaN on the 240 grown samples: fails at Score, not at the baseline."""
-    return [math.nan if len(completions) > 100 else 1.0 for _ in completions]
 
 
 # -- (a) one run, inspected from every side ------------------------------------------------------
@@ -394,200 +299,7 @@ def test_a_step_that_does_not_improve_is_registered_but_not_promoted(workdir, ca
     assert [str(v.version) for v in versions_of(workdir)] == ["1", "2"]
 
 
-# -- (c) a user's task unlike the built-in one ----------------------------------------------------
-USER_RECIPE = """\
-name: reverse-letters
-seed: 0
-task:
-  builtin: null
-  prompts: data/prompts.jsonl
-  eval: data/eval.jsonl
-  labelled: data/labelled.parquet
-  prompt_column: question
-  reference_column: answer
-  completion_column: answer
-reward: test_rest_flow:letters_matched
-warm_start:
-  epochs: 6
-  lr: 0.003
-  batch_size: 16
-grow:
-  samples_per_prompt: 4
-  max_new_tokens: 5
-  include_labelled: false   # Improve learns from the policy's own samples only
-improve:
-  epochs: 3
-eval:
-  max_new_tokens: 5
-  patience: 2
-grow_steps: 2
-"""
-
-
-def write_reverse_task(root: Path, n_labelled: int, n_prompts: int, n_eval: int) -> None:
-    """The task "reverse the letters" (``"abc>"`` -> ``"cba"``): prompts as JSONL, labelled data as Parquet."""
-    words = ["".join(p) for n in (3, 4) for p in itertools.product("abcde", repeat=n)]
-    random.Random(0).shuffle(words)
-    labelled, prompts, evals = (
-        words[:n_labelled], words[n_labelled : n_labelled + n_prompts], words[n_labelled + n_prompts :][:n_eval]
-    )
-    data = root / "data"
-    data.mkdir()
-    for name, ws in (("prompts", prompts), ("eval", evals)):
-        with (data / f"{name}.jsonl").open("w") as fh:
-            for w in ws:
-                fh.write(json.dumps({"question": f"{w}>", "answer": w[::-1], "source": "test"}) + "\n")
-    pl.DataFrame({"question": [f"{w}>" for w in labelled], "answer": [w[::-1] for w in labelled]}).write_parquet(
-        data / "labelled.parquet"
-    )
-    (root / "reverse.yaml").write_text(USER_RECIPE)
-
-
-def _user_task_rises(workdir: Path, monkeypatch, sizes: tuple[int, int, int], *sets: str) -> dict:
-    monkeypatch.syspath_prepend(str(HERE))  # the reward lives in this test module
-    write_reverse_task(workdir, *sizes)
-    rc = flywheel(workdir / "reverse.yaml", *sets, run="reverse")
-    assert rc == 0
-    s = summary_of(workdir, "reverse")
-    evals = read_stage(workdir / "lake" / "reverse" / "iteration=0" / "eval" / "step=0")
-    assert evals.height == sizes[2]
-    # Partial credit: the baseline gets some letters right but not all.
-    assert 0.0 < s["baseline"]["eval_reward"] < 1.0
-    assert evals["reward"].n_unique() > 2
-    scored = read_stage(workdir / "lake" / "reverse" / "iteration=1" / "scored")
-    assert (scored["sample_idx"] >= 0).all(), "grow.include_labelled=false: only the policy's own samples"
-    assert s["champion"]["model_name"] == "reverse-letters" and s["champion"]["version"] != "1"
-    return s
-
-
-def test_a_users_own_task_rises_over_its_baseline(workdir, monkeypatch):
-    s = _user_task_rises(workdir, monkeypatch, (40, 200, 100), "grow_steps=1")
-    assert s["iterations"][0]["eval_reward"] > s["baseline"]["eval_reward"] + 0.05, s
-
-
-@pytest.mark.slow
-def test_a_users_own_task_keeps_rising_over_three_grow_steps(workdir, monkeypatch):
-    s = _user_task_rises(workdir, monkeypatch, (40, 400, 150), "grow_steps=3", "warm_start.epochs=5", "eval.patience=3")
-    rewards = [s["baseline"]["eval_reward"]] + [r["eval_reward"] for r in s["iterations"]]
-    assert s["champion"]["eval_reward"] > rewards[0] + 0.1, rewards
-    assert s["champion"]["eval_reward"] == max(rewards)
-
-
-@pytest.mark.slow
-def test_the_issue_small_recipe_improves_on_the_arithmetic_task(workdir):
-    rc = flywheel(RECIPE, *SMALL, "eval.patience=2", run="small")
-    assert rc == 0
-    s = summary_of(workdir, "small")
-    assert len(s["iterations"]) == 2
-    assert s["champion"]["eval_reward"] > s["baseline"]["eval_reward"] + 0.1, s
-    assert partial_stages(workdir / "lake") == []
-
-
-# -- (d) bad input: exit code 2, one sentence, nothing half-written --------------------------------
-def _bad_run(workdir: Path, capsys, caplog, recipe: Path | str, *sets: str) -> str:
-    caplog.set_level(logging.INFO)
-    rc = flywheel(recipe, *sets, run="bad")
-    err = capsys.readouterr().err
-    assert rc == 2, err[-3000:]
-    message = cli_error(err)
-    # A mistake in the input fails the same way every time: it is not retried.
-    assert not [r.getMessage() for r in caplog.records if "will start" in r.getMessage()]
-    assert partial_stages(workdir / "lake") == []
-    assert versions_of(workdir) == []
-    assert not (workdir / "lake" / "bad" / "iteration=0" / "eval").exists()
-    return message
-
-
-def _user_files(workdir: Path, prompts: str | None = None) -> list[str]:
-    data = workdir / "data"
-    data.mkdir(exist_ok=True)
-    rows = "".join(json.dumps({"prompt": f"{a}+{b}=", "reference": str(a + b)}) + "\n" for a in range(5) for b in range(4))
-    (data / "prompts.jsonl").write_text(rows if prompts is None else prompts)
-    (data / "eval.jsonl").write_text(rows)
-    return ["task.builtin=null", "task.prompts=data/prompts.jsonl", "task.eval=data/eval.jsonl"]
-
-
-QUICK = [*FAST, "warm_start.enabled=false"]  # bad input should fail before any training
-
-
-def test_missing_prompt_file(workdir, capsys, caplog):
-    sets = [*_user_files(workdir), "task.prompts=data/nope.jsonl"]
-    message = _bad_run(workdir, capsys, caplog, RECIPE, *QUICK, *sets)
-    assert "data/nope.jsonl" in message and "does not exist" in message and "task.prompts" in message
-
-
-def test_prompt_file_without_the_prompt_column(workdir, capsys, caplog):
-    sets = _user_files(workdir, prompts='{"question": "1+1=", "reference": "2"}\n')
-    message = _bad_run(workdir, capsys, caplog, RECIPE, *QUICK, *sets)
-    assert "data/prompts.jsonl" in message and "no column 'prompt'" in message and "task.prompt_column" in message
-
-
-@pytest.mark.parametrize("content", ["", "\n\n"], ids=["empty", "blank-lines"])
-def test_empty_prompt_file(workdir, capsys, caplog, content):
-    message = _bad_run(workdir, capsys, caplog, RECIPE, *QUICK, *_user_files(workdir, prompts=content))
-    assert "data/prompts.jsonl" in message and "no rows" in message
-
-
-def test_model_dir_without_config_json(workdir, capsys, caplog):
-    (workdir / "my-model").mkdir()
-    message = _bad_run(workdir, capsys, caplog, RECIPE, *QUICK, "model.path=my-model")
-    assert "my-model" in message and "config.json" in message
-
-
-@pytest.mark.parametrize(
-    ("reward", "expected"),
-    [
-        ("exact-match", ["Unknown reward 'exact-match'", "exact_match"]),
-        ("no_such_reward_module:score", ["'no_such_reward_module'", "ModuleNotFoundError"]),
-        ("test_rest_flow:no_such_function", ["no callable 'no_such_function'"]),
-        ("test_rest_flow:wrong_length", ["wrong_length returned 39 values for 40 completions"]),
-        ("test_rest_flow:nan_reward", ["nan_reward returned a non-finite value", "row(s): 3, 10, 17, 24, 31, 38"]),
-    ],
-    ids=["unknown-name", "failing-import", "not-callable", "wrong-length", "nan"],
-)
-def test_bad_reward(workdir, capsys, caplog, monkeypatch, reward, expected):
-    monkeypatch.syspath_prepend(str(HERE))
-    message = _bad_run(workdir, capsys, caplog, RECIPE, *QUICK, f"reward={reward}")
-    for text in expected:
-        assert text in message, message
-
-
-def test_reward_failing_on_grown_samples_leaves_no_half_scored_stage(workdir, capsys, caplog, monkeypatch):
-    monkeypatch.syspath_prepend(str(HERE))
-    caplog.set_level(logging.INFO)
-    rc = flywheel(RECIPE, *QUICK, "reward=test_rest_flow:nan_on_grown_samples", run="bad")
-    err = capsys.readouterr().err
-    assert rc == 2, err[-3000:]
-    message = cli_error(err)
-    assert "nan_on_grown_samples returned a non-finite value" in message and "for 240 row(s)" in message
-    assert partial_stages(workdir / "lake") == []
-    assert not (workdir / "lake" / "bad" / "iteration=1" / "scored").exists()
-    assert [str(v.version) for v in versions_of(workdir)] == ["1"]  # the baseline, nothing for iteration 1
-    assert not [r.getMessage() for r in caplog.records if "will start" in r.getMessage()]  # not retried
-
-
-@pytest.mark.parametrize(
-    ("sets", "expected"),
-    [
-        (["grow.samples=4"], "unknown key 'grow.samples'"),
-        (["grow.samples_per_prompt=many"], "grow.samples_per_prompt: Input should be a valid integer"),
-        (["filter.kind=best"], "filter.kind: Input should be 'rest', 'fixed', 'quantile' or 'top_k'"),
-    ],
-    ids=["unknown-key", "wrong-type", "not-allowed"],
-)
-def test_bad_recipe_writes_nothing(workdir, capsys, caplog, sets, expected):
-    message = _bad_run(workdir, capsys, caplog, RECIPE, *sets)
-    assert expected in message
-    assert not (workdir / "lake").exists() and not (workdir / "mlflow").exists()
-
-
-def test_bad_recipe_file_key(workdir, capsys, caplog):
-    path = workdir / "typo.yaml"
-    path.write_text(RECIPE.read_text().replace("grow_steps: 3", "grow_step: 3"))
-    message = _bad_run(workdir, capsys, caplog, path)
-    assert "unknown key 'grow_step'" in message and str(path) in message
-
-
+# -- a Grow step whose filter keeps nothing ------------------------------------------------------
 def test_a_filter_that_keeps_nothing_skips_improve_and_the_run_completes(workdir, capsys, caplog):
     caplog.set_level(logging.INFO)
     rc = flywheel(RECIPE, *FAST, "filter.kind=fixed", "filter.threshold=2.0", run="none-kept")
@@ -641,3 +353,14 @@ def test_resume_redoes_only_the_unfinished_stage(workdir, capsys):
     assert sorted(r.info.run_id for r in client.search_runs([experiment])) == runs  # nor runs
     table = lambda text: [line for line in text.splitlines() if re.match(r"^\s+\d+\s+\d+\s", line)]  # noqa: E731
     assert table(second) == table(first)
+
+
+# -- learning at demo-like size ------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_issue_small_recipe_improves_on_the_arithmetic_task(workdir):
+    rc = flywheel(RECIPE, *SMALL, "eval.patience=2", run="small")
+    assert rc == 0
+    s = summary_of(workdir, "small")
+    assert len(s["iterations"]) == 2
+    assert s["champion"]["eval_reward"] > s["baseline"]["eval_reward"] + 0.1, s
+    assert partial_stages(workdir / "lake") == []
