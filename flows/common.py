@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from alignment.recipe import Recipe
-from tasks.context import RunRef
+from tasks.context import RunRef, local_cache_dir
 from tasks.evaluate import evaluate
+from tasks.placement import check_stage_deployments
 from tasks.register import register, start_tracking
 from tasks.report import Summary
 from tasks.train import warm_start
@@ -20,9 +20,9 @@ def default_run_name(recipe: Recipe) -> str:
 
 def open_run(recipe: Recipe, run_name: str | None) -> RunRef:
     """A reference to the run named ``run_name`` (re-using it resumes the run)."""
+    check_stage_deployments(recipe)  # a run triggered from a deployment did not pass through run_recipe
     run = run_name or default_run_name(recipe)
-    cache = Path(".flywheel/cache").resolve()
-    ref = RunRef(run=run, lake=normalize_uri(recipe.lake), recipe=recipe, cache_dir=str(cache))
+    ref = RunRef(run=run, lake=normalize_uri(recipe.lake), recipe=recipe, cache_dir=local_cache_dir())
     return ref.model_copy(update={"mlflow_run_id": start_tracking(ref)})
 
 

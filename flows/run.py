@@ -31,8 +31,10 @@ def check_lake(recipe: Recipe) -> None:
 
 def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     from flows.common import default_run_name
+    from tasks.placement import check_stage_deployments
 
     check_lake(recipe)
+    check_stage_deployments(recipe)
     name = run_name or default_run_name(recipe)
     flow = flow_for(recipe).with_options(flow_run_name=name)
     with api_for_workers(recipe):

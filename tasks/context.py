@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -42,6 +43,11 @@ class RunRef(BaseModel):
         """
         prefix = f"{self.open_lake().run_uri(self.run)}/"
         return model_uri[len(prefix):] if model_uri.startswith(prefix) else model_uri
+
+
+def local_cache_dir() -> str:
+    """This machine's cache of models fetched from the lake: ``$FLYWHEEL_CACHE_DIR``, else ``./.flywheel/cache``."""
+    return str(Path(os.environ.get("FLYWHEEL_CACHE_DIR") or ".flywheel/cache").resolve())
 
 
 def log() -> logging.Logger:

@@ -8,6 +8,8 @@ from alignment.evaluation import evaluate as run_eval
 from alignment.reward_model import resolve_reward_spec
 from alignment.samplers import make_sampler
 from tasks.context import RunRef, log, retry_on_io
+from tasks.gpu import MODEL_LOAD_LOCK
+from tasks.placement import run_stage
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_on_io)
@@ -15,17 +17,24 @@ def evaluate(ref: RunRef, model_uri: str, iteration: int, step: int) -> dict[str
     """Greedy completions for every held-out prompt, committed as ``eval/step={i}``; returns the metrics."""
     lake, uri = ref.open_lake(), ref.stage(iteration, "eval", step)
     if not lake.is_done(uri):
-        recipe = ref.recipe
-        prompts = lake.read(ref.stage(0, "eval_prompts")).sort("prompt_id")
+        run_stage(ref, "evaluate", write_eval, model_uri, iteration, step, label=f"g={iteration} step {step}")
+    metrics = lake.get_json(f"{uri}/_manifest.json")["metrics"]
+    log().info("eval %s: reward %.3f, exact match %.3f", ref.policy_version(model_uri), metrics["eval_reward"], metrics["eval_accuracy"])
+    return metrics
+
+
+def write_eval(ref: RunRef, model_uri: str, iteration: int, step: int) -> str:
+    """The body of ``evaluate`` (a GPU stage): sample greedily, score, commit the ``eval`` stage with its metrics."""
+    recipe, lake, uri = ref.recipe, ref.open_lake(), ref.stage(iteration, "eval", step)
+    prompts = lake.read(ref.stage(0, "eval_prompts")).sort("prompt_id")
+    with MODEL_LOAD_LOCK:
         sampler = make_sampler(
             "transformers", ref.local_model(model_uri), batch_size=recipe.eval.batch_size,
             trust_remote_code=recipe.model.trust_remote_code,
         )
-        frame, metrics = run_eval(
-            sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(), prompts["reference"].to_list(),
-            resolve_reward_spec(recipe.eval.reward or recipe.reward), max_new_tokens=recipe.eval.max_new_tokens,
-        )
-        lake.write_stage(uri, [frame], config={"eval": recipe.eval.model_dump()}, parents=[model_uri], extra={"metrics": metrics})
-    metrics = lake.get_json(f"{uri}/_manifest.json")["metrics"]
-    log().info("eval %s: reward %.3f, exact match %.3f", ref.policy_version(model_uri), metrics["eval_reward"], metrics["eval_accuracy"])
-    return metrics
+    frame, metrics = run_eval(
+        sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(), prompts["reference"].to_list(),
+        resolve_reward_spec(recipe.eval.reward or recipe.reward), max_new_tokens=recipe.eval.max_new_tokens,
+    )
+    lake.write_stage(uri, [frame], config={"eval": recipe.eval.model_dump()}, parents=[model_uri], extra={"metrics": metrics})
+    return uri

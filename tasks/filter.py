@@ -8,11 +8,17 @@ from prefect import task
 from alignment import filters
 from alignment.recipe import FilterConfig
 from tasks.context import RunRef, log
+from tasks.placement import run_stage
 
 
 @task(name="thresholds")
 def thresholds(ref: RunRef, scored_uri: str) -> list[float | None]:
-    """One threshold per Improve step: tau_1 > V_pi and tau_{i+1} > tau_i for the ReST schedule.
+    """One threshold per Improve step: tau_1 > V_pi and tau_{i+1} > tau_i for the ReST schedule."""
+    return run_stage(ref, "filter", compute_thresholds, scored_uri, label="thresholds")
+
+
+def compute_thresholds(ref: RunRef, scored_uri: str) -> list[float | None]:
+    """The body of ``thresholds``.
 
     V_pi is the policy's mean reward on its own samples (labelled rows excluded). Fixed and
     quantile filters use the same threshold every step; top-k has none (``None``).
@@ -33,15 +39,22 @@ def thresholds(ref: RunRef, scored_uri: str) -> list[float | None]:
 @task(name="filter", retries=2, retry_delay_seconds=[2, 5])
 def filter_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: float | None) -> dict:
     """Commit ``filtered/step={i}``: the rows of ``scored`` that F(x, y; tau) keeps. Returns uri and counts."""
-    cfg: FilterConfig = ref.recipe.filter
     lake, uri = ref.open_lake(), ref.stage(iteration, "filtered", step)
     if not lake.is_done(uri):
-        scored = lake.read(scored_uri)
-        pool = filters.dedupe(scored) if cfg.dedupe else scored
-        kept = filters.top_k(pool, cfg.k) if cfg.kind == "top_k" else filters.fixed(pool, tau)
-        config = {"filter": cfg.model_dump(), "tau": tau, "step": step}
-        lake.write_stage(uri, [kept], config=config, parents=[scored_uri], extra={"scored_rows": scored.height})
+        run_stage(ref, "filter", write_filtered, scored_uri, iteration, step, tau, label=f"g={iteration} step {step}")
     m = lake.manifest(uri)
     scored_rows = lake.manifest(scored_uri).rows
     log().info("filter g=%d step %d: tau=%s kept %d of %d", iteration, step, tau, m.rows, scored_rows)
     return {"uri": uri, "kept": m.rows, "samples": scored_rows, "tau": tau}
+
+
+def write_filtered(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: float | None) -> str:
+    """The body of ``filter_stage``: dedupe, apply F(x, y; tau) (or top-k) and commit the stage."""
+    cfg: FilterConfig = ref.recipe.filter
+    lake, uri = ref.open_lake(), ref.stage(iteration, "filtered", step)
+    scored = lake.read(scored_uri)
+    pool = filters.dedupe(scored) if cfg.dedupe else scored
+    kept = filters.top_k(pool, cfg.k) if cfg.kind == "top_k" else filters.fixed(pool, tau)
+    config = {"filter": cfg.model_dump(), "tau": tau, "step": step}
+    lake.write_stage(uri, [kept], config=config, parents=[scored_uri], extra={"scored_rows": scored.height})
+    return uri

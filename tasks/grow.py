@@ -8,12 +8,15 @@ so the dataset is the same whatever the shard count, runner or batch size.
 
 from __future__ import annotations
 
+import os
+
 import polars as pl
 from prefect import task, unmapped
 
 from alignment.samplers import SamplingParams, make_sampler
 from tasks.context import RunRef, log
-from tasks.gpu import MODEL_LOAD_LOCK, run_gpu_stage
+from tasks.gpu import MODEL_LOAD_LOCK
+from tasks.placement import ray_resources, run_stage
 
 SAMPLE_SCHEMA = {
     "prompt_id": pl.Int64,
@@ -29,11 +32,11 @@ SAMPLE_SCHEMA = {
 @task(name="grow-shard", retries=1, retry_delay_seconds=[5])
 def grow_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: int) -> dict:
     """Sample one shard of the prompts and write it as one part of the ``samples`` stage (a GPU stage)."""
-    return run_gpu_stage(ref.recipe, sample_shard, ref, model_uri, iteration, shard, shards)
+    return run_stage(ref, "grow", sample_shard, model_uri, iteration, shard, shards, label=f"g={iteration} shard {shard + 1}/{shards}")
 
 
 def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: int) -> dict:
-    """The body of ``grow_shard``: a plain function, so it can run in a fresh process."""
+    """The body of ``grow_shard``: a plain function, so it can run in a fresh process or on a GPU worker."""
     recipe, lake = ref.recipe, ref.open_lake()
     uri = ref.stage(iteration, "samples")
     prompts = lake.read(ref.stage(0, "prompts")).sort("prompt_id")
@@ -59,7 +62,8 @@ def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards
         },
         schema=SAMPLE_SCHEMA,
     )
-    log().info("grow g=%d shard %d/%d: %d prompts -> %d samples", iteration, shard + 1, shards, part.height, frame.height)
+    device = f" on GPU {os.environ['CUDA_VISIBLE_DEVICES']}" if os.environ.get("CUDA_VISIBLE_DEVICES") else ""
+    log().info("grow g=%d shard %d/%d%s: %d prompts -> %d samples", iteration, shard + 1, shards, device, part.height, frame.height)
     return lake.write_part(uri, shard, frame)
 
 
@@ -92,5 +96,6 @@ def grow(ref: RunRef, model_uri: str, iteration: int) -> str:
         return uri
     lake.store.delete_prefix(uri)  # whatever an interrupted attempt left behind
     shards = ref.recipe.grow.shards
-    futures = grow_shard.map(unmapped(ref), unmapped(model_uri), unmapped(iteration), range(shards), unmapped(shards))
+    with ray_resources(ref.recipe, "grow"):
+        futures = grow_shard.map(unmapped(ref), unmapped(model_uri), unmapped(iteration), range(shards), unmapped(shards))
     return commit_samples(ref, model_uri, iteration, [f.result() for f in futures])

@@ -13,21 +13,29 @@ from alignment.models import load_policy
 from alignment.pairs import make_pairs
 from alignment.preference import add_reference_logps
 from tasks.context import RunRef, log
+from tasks.placement import run_stage
 
 
 @task(name="pair", retries=1, retry_delay_seconds=[5])
 def pair(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str) -> dict:
     """Commit the ``pairs`` stage (best vs worst by default) and return its uri and counts."""
-    cfg = ref.recipe.preference
     lake, uri = ref.open_lake(), ref.stage(iteration, "pairs")
     if not lake.is_done(uri):
-        scored = lake.read(scored_uri)
-        pairs = make_pairs(scored, cfg.pairing, cfg.min_margin, seed=ref.recipe.seed + iteration)
-        if pairs.height and cfg.loss in NEEDS_REFERENCE:
-            model, tokenizer = load_policy(ref.local_model(reference_uri), trust_remote_code=ref.recipe.model.trust_remote_code)
-            pairs = add_reference_logps(model, tokenizer, pairs, dtype=cfg.dtype)
-        config = {"pairing": cfg.pairing, "min_margin": cfg.min_margin, "loss": cfg.loss, "reference": reference_uri}
-        lake.write_stage(uri, [pairs], config=config, parents=[scored_uri, reference_uri])
+        run_stage(ref, "pair", write_pairs, scored_uri, iteration, reference_uri, label=f"t={iteration}")
     m, scored_rows = lake.manifest(uri), lake.manifest(scored_uri).rows
     log().info("pair t=%d: %d pairs from %d scored samples", iteration, m.rows, scored_rows)
     return {"uri": uri, "kept": m.rows, "samples": scored_rows, "tau": None}
+
+
+def write_pairs(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str) -> str:
+    """The body of ``pair`` (a GPU stage: the reference policy scores every pair)."""
+    cfg = ref.recipe.preference
+    lake, uri = ref.open_lake(), ref.stage(iteration, "pairs")
+    scored = lake.read(scored_uri)
+    pairs = make_pairs(scored, cfg.pairing, cfg.min_margin, seed=ref.recipe.seed + iteration)
+    if pairs.height and cfg.loss in NEEDS_REFERENCE:
+        model, tokenizer = load_policy(ref.local_model(reference_uri), trust_remote_code=ref.recipe.model.trust_remote_code)
+        pairs = add_reference_logps(model, tokenizer, pairs, dtype=cfg.dtype)
+    config = {"pairing": cfg.pairing, "min_margin": cfg.min_margin, "loss": cfg.loss, "reference": reference_uri}
+    lake.write_stage(uri, [pairs], config=config, parents=[scored_uri, reference_uri])
+    return uri

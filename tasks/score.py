@@ -9,7 +9,6 @@ rows are those of ``samples`` in the same order, whatever the shard count or run
 from __future__ import annotations
 
 import io
-from contextlib import nullcontext
 
 import polars as pl
 from prefect import task, unmapped
@@ -18,24 +17,26 @@ from prefect.futures import wait
 from alignment.reward_model import resolve_reward_spec
 from alignment.rewards import score as call_reward
 from tasks.context import RunRef, log, retry_on_io
-from tasks.gpu import MODEL_LOAD_LOCK, gpu_slot
+from tasks.gpu import MODEL_LOAD_LOCK
+from tasks.placement import ray_resources, run_stage
 
 
 @task(name="score-shard", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
 def score_shard(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: int) -> dict:
     """Add a ``reward`` column to one part of ``samples`` and write it as part ``shard`` of ``scored``."""
-    return score_part(ref, samples_uri, iteration, part, shard)
+    return run_stage(ref, "score", score_part, samples_uri, iteration, part, shard, label=f"g={iteration} part {shard + 1}")
 
 
 def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: int) -> dict:
-    """The body of ``score_shard``, a plain module-level function (Ray pickles it by reference)."""
+    """The body of ``score_shard``: a plain module-level function (Ray pickles it by reference; a CPU or GPU worker can run it).
+
+    A GPU stage when ``orchestration.score_on_gpu`` says the reward is a model on the GPU.
+    """
     lake, uri = ref.open_lake(), ref.stage(iteration, "scored")
     samples = pl.read_parquet(io.BytesIO(lake.store.get(f"{samples_uri}/{part}")))
-    # A reward model is a GPU job too when the recipe says so (orchestration.score_on_gpu).
-    with gpu_slot(ref.recipe) if ref.recipe.orchestration.score_on_gpu else nullcontext():
-        with MODEL_LOAD_LOCK:  # a reward model loads like a policy: one at a time per process
-            reward = resolve_reward_spec(ref.recipe.reward)
-        rewards = call_reward(reward, samples["prompt"].to_list(), samples["completion"].to_list(), samples["reference"].to_list())
+    with MODEL_LOAD_LOCK:  # a reward model loads like a policy: one at a time per process
+        reward = resolve_reward_spec(ref.recipe.reward)
+    rewards = call_reward(reward, samples["prompt"].to_list(), samples["completion"].to_list(), samples["reference"].to_list())
     scored = samples.with_columns(pl.Series("reward", rewards, dtype=pl.Float64))
     log().info("score g=%d part %s: %d rows, mean reward %.3f", iteration, part, scored.height, scored["reward"].mean() or 0.0)
     return lake.write_part(uri, shard, scored)
@@ -57,7 +58,8 @@ def score(ref: RunRef, samples_uri: str, iteration: int) -> str:
         return uri
     lake.store.delete_prefix(uri)  # whatever an interrupted attempt left behind
     names = [f["name"] for f in lake.manifest(samples_uri).files]
-    futures = score_shard.map(unmapped(ref), unmapped(samples_uri), unmapped(iteration), names, range(len(names)))
+    with ray_resources(ref.recipe, "score"):  # a GPU stage only with score_on_gpu
+        futures = score_shard.map(unmapped(ref), unmapped(samples_uri), unmapped(iteration), names, range(len(names)))
     wait(futures)  # every shard has finished or failed before anything is cleaned up
     try:
         parts = [f.result() for f in futures]

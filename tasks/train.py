@@ -12,34 +12,35 @@ from pathlib import Path
 import polars as pl
 from prefect import task
 
-from alignment.recipe import TrainSettings
 from alignment.training import TrainConfig, sft
 from tasks.context import RunRef, log
-from tasks.gpu import run_gpu_stage
+from tasks.placement import run_stage
 
 
-def _train_config(s: TrainSettings, seed: int) -> TrainConfig:
+def _train_config(ref: RunRef, settings: str, seed: int) -> TrainConfig:
+    s = getattr(ref.recipe, settings)  # warm_start or improve
     return TrainConfig(
         epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, warmup_steps=s.warmup_steps, dtype=s.dtype, seed=seed,
         lora_r=s.lora_r,
     )
 
 
-def _fit(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: TrainSettings, seed: int) -> str:
+def _fit(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: str, seed: int) -> str:
     if ref.open_lake().is_done(out_uri):
         return out_uri
-    return run_gpu_stage(ref.recipe, _sft, ref, start_uri, data_uri, out_uri, settings, seed)
+    return run_stage(ref, "train", fit_sft, start_uri, data_uri, out_uri, settings, seed, label=ref.policy_version(out_uri))
 
 
-def _sft(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: TrainSettings, seed: int) -> str:
-    """SFT of ``start_uri`` on ``data_uri`` into the checkpoint ``out_uri`` (a GPU stage; may run in its own process)."""
+def fit_sft(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: str, seed: int) -> str:
+    """SFT of ``start_uri`` on ``data_uri`` into the checkpoint ``out_uri``, with the recipe's ``settings``
+    section (``warm_start`` or ``improve``): a GPU stage, which may run in its own process or on a GPU worker."""
     lake = ref.open_lake()
     data = lake.read(data_uri)
     Path(ref.cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp:
         metrics = sft(
             ref.local_model(start_uri), tmp, data["prompt"].to_list(), data["completion"].to_list(),
-            _train_config(settings, seed), trust_remote_code=ref.recipe.model.trust_remote_code,
+            _train_config(ref, settings, seed), trust_remote_code=ref.recipe.model.trust_remote_code,
         )
         extra = {"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics}
         lake.put_dir(tmp, out_uri, extra=extra)
@@ -50,14 +51,14 @@ def _sft(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: Tra
 @task(name="warm-start")
 def warm_start(ref: RunRef, base_uri: str) -> str:
     """Algorithm 1's "Train pi_theta on D": behaviour cloning on the labelled data."""
-    return _fit(ref, base_uri, ref.stage(0, "labelled"), ref.stage(0, "checkpoint", 0), ref.recipe.warm_start, ref.recipe.seed)
+    return _fit(ref, base_uri, ref.stage(0, "labelled"), ref.stage(0, "checkpoint", 0), "warm_start", ref.recipe.seed)
 
 
 @task(name="improve")
 def improve(ref: RunRef, start_uri: str, filtered_uri: str, iteration: int, step: int) -> str:
     """One Improve step: fine-tune ``start_uri`` on the filtered data, prompt tokens masked."""
     seed = ref.recipe.seed * 1000 + iteration * 10 + step
-    return _fit(ref, start_uri, filtered_uri, ref.stage(iteration, "checkpoint", step), ref.recipe.improve, seed)
+    return _fit(ref, start_uri, filtered_uri, ref.stage(iteration, "checkpoint", step), "improve", seed)
 
 
 def train_metrics(ref: RunRef, model_uri: str) -> dict[str, float]:
@@ -78,11 +79,12 @@ def train_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: st
     out_uri = ref.stage(iteration, "checkpoint", 1)
     if ref.open_lake().is_done(out_uri):
         return out_uri
-    return run_gpu_stage(ref.recipe, _fit_preference, ref, start_uri, pairs_uri, scored_uri, iteration, out_uri)
+    return run_stage(ref, "train", fit_preference, start_uri, pairs_uri, scored_uri, iteration, out_uri,
+                     label=ref.policy_version(out_uri))
 
 
-def _fit_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str, iteration: int, out_uri: str) -> str:
-    """The body of ``train_preference`` (a GPU stage; may run in its own process)."""
+def fit_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str, iteration: int, out_uri: str) -> str:
+    """The body of ``train_preference`` (a GPU stage; may run in its own process or on a GPU worker)."""
     from alignment.preference import train_preference as fit_pairs, train_rloo
 
     lake = ref.open_lake()

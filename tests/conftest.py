@@ -1,7 +1,8 @@
 """Test-wide settings: offline, isolated Prefect home, and the shared fixtures.
 
 Nothing here mocks flywheel or a service we ship with: flows run on the embedded Prefect API,
-MLflow on SQLite in a temporary directory, S3 on a real SeaweedFS server (tests/s3_fixtures.py).
+MLflow on SQLite in a temporary directory, S3 on a real SeaweedFS server (tests/s3_fixtures.py),
+and a real Prefect server where a test is about deployments or workers (tests/prefect_fixtures.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.s3_fixtures"]
+pytest_plugins = ["tests.s3_fixtures", "tests.prefect_fixtures"]
 
 # Before Prefect, MLflow or transformers are imported by any test module.
 _HOME = Path(tempfile.mkdtemp(prefix="flywheel-tests-"))

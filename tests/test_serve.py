@@ -1,17 +1,16 @@
 """``flywheel serve``: recipes as Prefect deployments with a typed, described parameter form.
 
-A real ``prefect server start`` (own PREFECT_HOME, a free loopback port, SQLite) runs for the
-module. The end-to-end test starts the real ``flywheel serve`` command against it, triggers the
-deployment through the API with parameters edited the way the UI's "Custom run" form edits them
-(fewer samples, another lake on a real S3 server, another MLflow database), waits for the run, and
-finds the datasets in S3 and the new model version in MLflow. With a ``gpu`` global concurrency
+A real ``prefect server start`` (own PREFECT_HOME, a free loopback port, SQLite; the session's, from
+tests/prefect_fixtures.py) serves these tests. The end-to-end test starts the real ``flywheel serve``
+command against it, triggers the deployment through the API with parameters edited the way the UI's
+"Custom run" form edits them (fewer samples, another lake on a real S3 server, another MLflow
+database), waits for the run, and finds the datasets in S3 and the new model version in MLflow. With a ``gpu`` global concurrency
 limit on the server, Grow shards and training take its slot, which is free again afterwards.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,12 +30,6 @@ RECIPE = {
     "eval": {"max_new_tokens": 5},
     "orchestration": {"schedule": "0 3 * * *"},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _recipe_file(directory: Path) -> Path:
@@ -77,29 +70,6 @@ def test_two_algorithms_and_bad_schedules(tmp_path):
     bad = load_recipe(_recipe_file(tmp_path), ["orchestration.schedule=every day"])
     with pytest.raises(RecipeError, match="not a valid cron expression"):
         build_deployments([bad])
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """A real Prefect server (SQLite, no UI) on a free loopback port; its API URL."""
-    from infra.stack import start_prefect, stop_pid, wait_healthy
-
-    home = tmp_path_factory.mktemp("prefect-server")
-    port, log = _free_port(), home / "server.log"
-    pid = start_prefect(home, port, log, ui=False)
-    try:
-        wait_healthy("prefect", pid, port, log, timeout=180)
-        yield f"http://127.0.0.1:{port}/api"
-    finally:
-        stop_pid(pid, "prefect", timeout=15)
-
-
-@pytest.fixture
-def api(prefect_server):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: prefect_server}):
-        yield prefect_server
 
 
 def test_server_enforces_the_recipe_schema(api, tmp_path):
@@ -195,14 +165,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_prefect_yaml_recipes_are_valid():
-    """Every deployment in infra/prefect.yaml parses as Prefect reads it, with a valid recipe."""
+    """Every deployment in infra/prefect.yaml parses as Prefect reads it, with a valid recipe whose stages go
+    to stage deployments of the same file: GPU stages to the GPU pool, the orchestrating flows on CPU."""
     from prefect.cli.deploy._models import PrefectYamlModel
 
     doc = PrefectYamlModel.model_validate(yaml.safe_load((ROOT / "infra" / "prefect.yaml").read_text()))
-    assert {d.work_pool.name for d in doc.deployments} == {"flywheel-cpu", "flywheel-gpu"}
+    stage_pools = {f"flywheel-stage/{d.name}": d.work_pool.name for d in doc.deployments if d.entrypoint == "flows/stage.py:stage"}
+    assert stage_pools == {"flywheel-stage/gpu": "flywheel-gpu", "flywheel-stage/cpu": "flywheel-cpu"}
     for dep in doc.deployments:
+        if dep.entrypoint == "flows/stage.py:stage":
+            continue
         recipe = Recipe.model_validate(dep.parameters["recipe"])
         assert dep.entrypoint.split(":")[1] == {"rest": "rest", "iterative_dpo": "iterative_dpo"}[recipe.algorithm]
+        assert dep.work_pool.name == "flywheel-cpu"
+        placed = {stage: stage_pools[name] for stage, name in recipe.orchestration.stage_deployments.items()}
+        if placed:
+            assert {s for s, pool in placed.items() if pool == "flywheel-gpu"} >= {"grow", "train", "evaluate"}
+            assert placed["score"] == placed["filter"] == "flywheel-cpu"
 
 
 def test_prefect_deploy_registers_the_work_pool_deployments(api, tmp_path):
@@ -218,15 +197,20 @@ def test_prefect_deploy_registers_the_work_pool_deployments(api, tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with get_client(sync_client=True) as client:
-        gpu = client.read_deployment_by_name("rest/arithmetic-rest")
-        assert gpu.work_pool_name == "flywheel-gpu" and gpu.enforce_parameter_schema
-        assert gpu.schedules[0].schedule.cron == "0 3 * * *" and not gpu.schedules[0].active
-        assert gpu.parameters["recipe"]["lake"] == "s3://lake/flywheel"
-        assert gpu.parameters["recipe"]["orchestration"]["gpu_concurrency_limit"] == "gpu-{host}-{gpu}"
-        assert gpu.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
-        props = gpu.parameter_openapi_schema["definitions"]["GrowConfig"]["properties"]
+        rest = client.read_deployment_by_name("rest/arithmetic-rest")
+        assert rest.work_pool_name == "flywheel-cpu" and rest.enforce_parameter_schema
+        assert rest.schedules[0].schedule.cron == "0 3 * * *" and not rest.schedules[0].active
+        assert rest.parameters["recipe"]["lake"] == "s3://lake/flywheel"
+        assert rest.parameters["recipe"]["orchestration"]["gpu_concurrency_limit"] == "gpu-{host}-{gpu}"
+        assert rest.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
+        props = rest.parameter_openapi_schema["definitions"]["GrowConfig"]["properties"]
         assert props["shards"]["description"].startswith("Split prompts")
-        assert client.read_deployment_by_name("iterative-dpo/arithmetic-dpo").work_pool_name == "flywheel-gpu"
+        assert rest.parameters["recipe"]["orchestration"]["stage_deployments"]["grow"] == "flywheel-stage/gpu"
+        assert client.read_deployment_by_name("flywheel-stage/gpu").work_pool_name == "flywheel-gpu"
+        assert client.read_deployment_by_name("flywheel-stage/cpu").work_pool_name == "flywheel-cpu"
+        stage_schema = client.read_deployment_by_name("flywheel-stage/gpu").parameter_openapi_schema
+        assert stage_schema["properties"]["stage"]["enum"] == ["grow", "score", "filter", "pair", "train", "evaluate"]
+        assert client.read_deployment_by_name("iterative-dpo/arithmetic-dpo").work_pool_name == "flywheel-cpu"
         assert client.read_deployment_by_name("rest/arithmetic-rest-cpu").work_pool_name == "flywheel-cpu"
 
 
