@@ -34,7 +34,9 @@ def ray_cluster():
     pytest.importorskip("prefect_ray", reason="prefect-ray is not installed: pip install -e '.[ray]'")
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # One GPU declared (none is needed: Ray only counts it), so shards that ask for GPUs are placed and
+    # given CUDA_VISIBLE_DEVICES as on a GPU node; torch still finds no CUDA device and samples on CPU.
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -61,16 +63,37 @@ def _frames(lake_uri: str, run: str) -> dict[str, list[dict]]:
     return {stage: lake.read(lake.stage_uri(run, 1, stage, step)).to_dicts() for stage, step in STAGES}
 
 
-def _run_data_path(workdir, name: str, runner: str, tiny_model_dir, **grow) -> dict[str, list[dict]]:
+def _run_data_path(workdir, name: str, runner: str, tiny_model_dir, orchestration=None, logs=None, **grow):
     recipe = _recipe((workdir / f"lake-{name}").as_uri(), runner, model={"path": str(tiny_model_dir)},
                      warm_start={"enabled": False})
     recipe.grow = recipe.grow.model_copy(update=grow)
+    recipe.orchestration = recipe.orchestration.model_copy(update=orchestration or {})
     ref = RunRef(run="r", lake=recipe.lake, recipe=recipe, cache_dir=str(workdir / "cache"))
     chosen = task_runner(recipe)
     assert (chosen is None) == (runner == "thread")
     with api_for_workers(recipe):
-        (grow_score_filter if chosen is None else grow_score_filter.with_options(task_runner=chosen))(ref)
+        state = (grow_score_filter if chosen is None else grow_score_filter.with_options(task_runner=chosen))(ref, return_state=True)
+        assert state.is_completed(), state
+        if logs is not None:
+            logs.extend(_grow_log_lines(state.state_details.flow_run_id))
     return _frames(recipe.lake, "r")
+
+
+def _grow_log_lines(flow_run_id) -> list[str]:
+    """The Grow shards' log lines of a flow run, read back from the Prefect API (they arrive in batches)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        for _ in range(40):
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
+            lines = [log.message for log in logs if log.message.startswith("grow g=")]
+            if len(lines) >= 3:
+                return lines
+            time.sleep(0.5)
+    return lines
 
 
 def test_shard_count_does_not_change_the_data(workdir, tiny_model_dir):
@@ -94,8 +117,15 @@ def test_runner_choice():
 
 @pytest.mark.slow
 def test_sharded_grow_and_score_identical_on_ray(ray_cluster, workdir, tiny_model_dir):
-    """Grow -> score -> filter with 3 shards on threads and on a local Ray cluster: equal row for row."""
-    out = {runner: _run_data_path(workdir, runner, runner, tiny_model_dir) for runner in ("thread", "ray")}
+    """Grow -> score -> filter with 3 shards on threads and on a local Ray cluster: equal row for row.
+
+    On Ray each Grow shard asks for half a GPU (``ray_gpus_per_stage``), so Ray places it on the GPU
+    and says which one: every shard's log line names GPU 0.
+    """
+    logs: list[str] = []
+    out = {"thread": _run_data_path(workdir, "thread", "thread", tiny_model_dir),
+           "ray": _run_data_path(workdir, "ray", "ray", tiny_model_dir, orchestration={"ray_gpus_per_stage": 0.5}, logs=logs)}
+    assert sorted(line.split(":")[0] for line in logs) == [f"grow g=1 shard {i}/3 on GPU 0" for i in (1, 2, 3)], logs
     for stage, _ in STAGES:
         assert out["ray"][stage], f"{stage} is empty"
         assert out["ray"][stage] == out["thread"][stage], f"{stage} differs between the thread and Ray runners"
