@@ -1,6 +1,8 @@
-"""GPU stages (Grow shards, training): one GPU job per GPU, and optionally a fresh process each.
+"""GPU stages: one GPU job per GPU, and optionally a fresh process each.
 
-``run_gpu_stage(recipe, fn, *args)`` calls ``fn(*args)``:
+Grow shards, training, evaluation and the reference pass are GPU stages (scoring too with
+``orchestration.score_on_gpu``); tasks/placement.py decides whether a stage runs in this process at
+all or on a worker of another pool. ``run_gpu_stage(recipe, fn, *args)`` calls ``fn(*args)``:
 
 - inside ``prefect.concurrency.sync.concurrency(orchestration.gpu_concurrency_limit, occupy=1)``
   when a Prefect server is configured (``PREFECT_API_URL``). The name may hold ``{host}`` (this
