@@ -25,8 +25,8 @@ The runner runs each bench in a subprocess (stdout echoed as it comes, stderr ke
 last stdout line that parses as a JSON object, prints the table, and writes each result (exit code,
 wall time, when, the load average after it, and the tail of stderr of a failed bench) to
 ``bench/results/latest.json``, which is gitignored; a bench not run this time (``--only``) keeps
-its previous record there. It exits non-zero when a bench failed or printed no result line; a
-missed target is reported but is not a failure, because the machine may be loaded.
+its previous record there, unless its file is gone. It exits non-zero when a bench failed or printed
+no result line; a missed target is reported but is not a failure, because the machine may be loaded.
 """
 
 from __future__ import annotations
@@ -176,7 +176,8 @@ def save(records: list[dict]) -> Path:
     except (OSError, ValueError):
         kept = []
     ran = {r["file"] for r in records}
-    merged = sorted([r for r in kept if r.get("file") not in ran] + records, key=lambda r: r.get("file", ""))
+    kept = [r for r in kept if r.get("file") not in ran and (ROOT / str(r.get("file"))).is_file()]  # a removed bench goes
+    merged = sorted(kept + records, key=lambda r: r.get("file", ""))
     out.write_text(json.dumps({"updated": when, "machine": machine, "benches": merged}, indent=2) + "\n")
     return out
 

@@ -21,9 +21,8 @@ import re
 from typing import Any
 
 import polars as pl
-from prefect import task
 
-from tasks.context import RunRef, log
+from tasks.context import RunRef, flywheel_task, log
 
 SAMPLE_COLUMNS = ["prompt_id", "sample_idx", "prompt", "completion", "reference", "reward"]
 PAIR_COLUMNS = ["prompt_id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"]
@@ -37,7 +36,7 @@ def artifact_key(run: str, iteration: int, what: str) -> str:
     return re.sub(r"-{2,}", "-", slug)
 
 
-@task(name="publish-iteration", retries=2, retry_delay_seconds=[2, 5])
+@flywheel_task(name="publish-iteration", retries=2, retry_delay_seconds=[2, 5])
 def publish_iteration(ref: RunRef, iteration: int, scored_uri: str, kept_uri: str) -> dict[str, str]:
     """Publish iteration ``iteration``'s artifacts and refresh the run's plots; returns the artifact keys.
 

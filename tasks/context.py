@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -43,6 +44,19 @@ class RunRef(BaseModel):
         """
         prefix = f"{self.open_lake().run_uri(self.run)}/"
         return model_uri[len(prefix):] if model_uri.startswith(prefix) else model_uri
+
+
+def flywheel_task(**options: Any):
+    """Prefect's ``@task`` without its result cache.
+
+    A stage's output is its committed lake stage, which a resumed run reuses (STYLE #6), so hashing a
+    task's inputs for a cache key and persisting its return value only cost time: about 4 ms of a
+    task run's 9 on 2 cores (bench/bench_orchestration.py).
+    """
+    from prefect import task
+    from prefect.cache_policies import NONE
+
+    return task(cache_policy=NONE, **options)
 
 
 def local_cache_dir() -> str:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from prefect import task
 
 from alignment.evaluation import evaluate as run_eval
 from alignment.reward_model import resolve_reward_spec
 from alignment.samplers import make_sampler
-from tasks.context import RunRef, log, retry_on_io
+from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_stage
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_on_io)
+@flywheel_task(name="evaluate", retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_on_io)
 def evaluate(ref: RunRef, model_uri: str, iteration: int, step: int) -> dict[str, float]:
     """Greedy completions for every held-out prompt, committed as ``eval/step={i}``; returns the metrics."""
     lake, uri = ref.open_lake(), ref.stage(iteration, "eval", step)

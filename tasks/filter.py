@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import polars as pl
-from prefect import task
 
 from alignment import filters
 from alignment.recipe import FilterConfig
-from tasks.context import RunRef, log
+from tasks.context import RunRef, flywheel_task, log
 from tasks.placement import run_stage
 
 
-@task(name="thresholds")
+@flywheel_task(name="thresholds")
 def thresholds(ref: RunRef, scored_uri: str) -> list[float | None]:
     """One threshold per Improve step: tau_1 > V_pi and tau_{i+1} > tau_i for the ReST schedule."""
     return run_stage(ref, "filter", compute_thresholds, scored_uri, label="thresholds")
@@ -36,7 +35,7 @@ def compute_thresholds(ref: RunRef, scored_uri: str) -> list[float | None]:
     return [None] * steps
 
 
-@task(name="filter", retries=2, retry_delay_seconds=[2, 5])
+@flywheel_task(name="filter", retries=2, retry_delay_seconds=[2, 5])
 def filter_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: float | None) -> dict:
     """Commit ``filtered/step={i}``: the rows of ``scored`` that F(x, y; tau) keeps. Returns uri and counts."""
     lake, uri = ref.open_lake(), ref.stage(iteration, "filtered", step)

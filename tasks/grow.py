@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 
 import polars as pl
-from prefect import task, unmapped
+from prefect import unmapped
 
 from alignment.samplers import SamplingParams, make_sampler
-from tasks.context import RunRef, log
+from tasks.context import RunRef, flywheel_task, log
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import ray_resources, run_stage
 
@@ -29,7 +29,7 @@ SAMPLE_SCHEMA = {
 }
 
 
-@task(name="grow-shard", retries=1, retry_delay_seconds=[5])
+@flywheel_task(name="grow-shard", retries=1, retry_delay_seconds=[5])
 def grow_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: int) -> dict:
     """Sample one shard of the prompts and write it as one part of the ``samples`` stage (a GPU stage)."""
     return run_stage(ref, "grow", sample_shard, model_uri, iteration, shard, shards, label=f"g={iteration} shard {shard + 1}/{shards}")
@@ -71,7 +71,7 @@ def _grow_seed(seed: int, iteration: int) -> int:
     return seed * 1000 + iteration
 
 
-@task(name="commit-samples", retries=2, retry_delay_seconds=[2, 5])
+@flywheel_task(name="commit-samples", retries=2, retry_delay_seconds=[2, 5])
 def commit_samples(ref: RunRef, model_uri: str, iteration: int, parts: list[dict]) -> str:
     """Add the labelled data D when the recipe asks (D_g = samples ∪ D) and commit the stage."""
     lake, uri = ref.open_lake(), ref.stage(iteration, "samples")

@@ -10,12 +10,11 @@ import tempfile
 from pathlib import Path
 
 import polars as pl
-from prefect import task
 
 from alignment.arithmetic import TaskData, arithmetic_task
 from alignment.models import build_tiny_gpt2
 from alignment.recipe import Recipe, TaskConfig
-from tasks.context import RunRef, log, retry_on_io
+from tasks.context import RunRef, flywheel_task, log, retry_on_io
 
 PROMPT_SCHEMA = {"prompt_id": pl.Int64, "prompt": pl.Utf8, "reference": pl.Utf8}
 
@@ -77,7 +76,7 @@ def load_task(cfg: TaskConfig, seed: int) -> TaskData:
     return TaskData(prompts=prompts, eval=evals, labelled=labelled)
 
 
-@task(name="prepare-inputs", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
+@flywheel_task(name="prepare-inputs", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
 def prepare_inputs(ref: RunRef) -> dict[str, str]:
     """Write prompts, held-out prompts and labelled data to iteration 0, and the base model: their URIs."""
     recipe: Recipe = ref.recipe

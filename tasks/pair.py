@@ -6,17 +6,16 @@ stage), so preference training holds a single model in memory.
 
 from __future__ import annotations
 
-from prefect import task
 
 from alignment.losses import NEEDS_REFERENCE
 from alignment.models import load_policy
 from alignment.pairs import make_pairs
 from alignment.preference import add_reference_logps
-from tasks.context import RunRef, log
+from tasks.context import RunRef, flywheel_task, log
 from tasks.placement import run_stage
 
 
-@task(name="pair", retries=1, retry_delay_seconds=[5])
+@flywheel_task(name="pair", retries=1, retry_delay_seconds=[5])
 def pair(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str) -> dict:
     """Commit the ``pairs`` stage (best vs worst by default) and return its uri and counts."""
     lake, uri = ref.open_lake(), ref.stage(iteration, "pairs")

@@ -15,9 +15,8 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from prefect import task
 
-from tasks.context import RunRef, log
+from tasks.context import RunRef, flywheel_task, log
 
 CHAMPION = "champion"
 PROMOTED_TAG = "flywheel.promoted"  # set once the champion decision for a version is made
@@ -65,7 +64,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
     return out
 
 
-@task(name="start-tracking", **MLFLOW_RETRIES)
+@flywheel_task(name="start-tracking", **MLFLOW_RETRIES)
 def start_tracking(ref: RunRef) -> str:
     """The parent MLflow run of this flywheel run (found again on resume); the recipe as params."""
     experiment_id = configure(ref)
@@ -116,7 +115,7 @@ def _champion(client: MlflowClient, name: str):
         return None
 
 
-@task(name="register", **MLFLOW_RETRIES)
+@flywheel_task(name="register", **MLFLOW_RETRIES)
 def register(
     ref: RunRef,
     model_uri: str,

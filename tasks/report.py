@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
 
-from tasks.context import RunRef
+from tasks.context import RunRef, flywheel_task
 
 
 class Summary:
@@ -51,7 +50,7 @@ class Summary:
             }
 
 
-@task(name="save-summary", retries=3, retry_delay_seconds=[2, 5, 15])
+@flywheel_task(name="save-summary", retries=3, retry_delay_seconds=[2, 5, 15])
 def save_summary(ref: RunRef, doc: dict[str, Any]) -> str:
     uri = f"{ref.open_lake().run_uri(ref.run)}/summary.json"
     ref.open_lake().put_json(uri, doc)

@@ -11,17 +11,17 @@ from __future__ import annotations
 import io
 
 import polars as pl
-from prefect import task, unmapped
+from prefect import unmapped
 from prefect.futures import wait
 
 from alignment.reward_model import resolve_reward_spec
 from alignment.rewards import score as call_reward
-from tasks.context import RunRef, log, retry_on_io
+from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import ray_resources, run_stage
 
 
-@task(name="score-shard", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
+@flywheel_task(name="score-shard", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
 def score_shard(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: int) -> dict:
     """Add a ``reward`` column to one part of ``samples`` and write it as part ``shard`` of ``scored``."""
     return run_stage(ref, "score", score_part, samples_uri, iteration, part, shard, label=f"g={iteration} part {shard + 1}")
@@ -42,7 +42,7 @@ def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: 
     return lake.write_part(uri, shard, scored)
 
 
-@task(name="commit-scored", retries=2, retry_delay_seconds=[2, 5])
+@flywheel_task(name="commit-scored", retries=2, retry_delay_seconds=[2, 5])
 def commit_scored(ref: RunRef, samples_uri: str, iteration: int, parts: list[dict]) -> str:
     """Verify the parts and commit the ``scored`` stage."""
     lake, uri = ref.open_lake(), ref.stage(iteration, "scored")

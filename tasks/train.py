@@ -10,10 +10,9 @@ import tempfile
 from pathlib import Path
 
 import polars as pl
-from prefect import task
 
 from alignment.training import TrainConfig, sft
-from tasks.context import RunRef, log
+from tasks.context import RunRef, flywheel_task, log
 from tasks.placement import run_stage
 
 
@@ -48,13 +47,13 @@ def fit_sft(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: 
     return out_uri
 
 
-@task(name="warm-start")
+@flywheel_task(name="warm-start")
 def warm_start(ref: RunRef, base_uri: str) -> str:
     """Algorithm 1's "Train pi_theta on D": behaviour cloning on the labelled data."""
     return _fit(ref, base_uri, ref.stage(0, "labelled"), ref.stage(0, "checkpoint", 0), "warm_start", ref.recipe.seed)
 
 
-@task(name="improve")
+@flywheel_task(name="improve")
 def improve(ref: RunRef, start_uri: str, filtered_uri: str, iteration: int, step: int) -> str:
     """One Improve step: fine-tune ``start_uri`` on the filtered data, prompt tokens masked."""
     seed = ref.recipe.seed * 1000 + iteration * 10 + step
@@ -73,7 +72,7 @@ def _preference_config(ref: RunRef, seed: int):
     return preference_config(ref.recipe.preference, seed)
 
 
-@task(name="train-preference")
+@flywheel_task(name="train-preference")
 def train_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str, iteration: int) -> str:
     """One iterative-DPO training step with the recipe's preference loss; RLOO trains on the scored groups."""
     out_uri = ref.stage(iteration, "checkpoint", 1)
