@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from alignment.recipe import Recipe, RecipeError
 from tasks.context import RunRef
 from tasks.lake import Lake
+from tests.prefect_fixtures import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,15 +122,6 @@ def _start_worker(pool: str, api: str, home: Path, limit: int | None) -> tuple[s
     return proc, log
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 def _stage_runs(run_name: str) -> list[dict]:
     """Every ``flywheel-stage`` flow run of the flywheel run ``run_name``: its stage, pool, state and parent task."""
     from prefect.client.orchestration import get_client
@@ -179,8 +171,8 @@ def test_stages_run_on_their_work_pools(api, s3_lake, workdir):
         print("gpu worker:\n", gpu_log.read_text()[-5000:], "\ncpu worker:\n", cpu_log.read_text()[-5000:])
         raise
     finally:
-        _stop(gpu)
-        _stop(cpu)
+        stop_process(gpu)
+        stop_process(cpu)
     on_pools_s = time.monotonic() - start
     start = time.monotonic()
     in_process = run_recipe(Recipe.model_validate(base), "in-process")

@@ -21,6 +21,7 @@ import yaml
 
 from alignment.recipe import Recipe, load_recipe
 from flows.serve import build_deployments
+from tests.prefect_fixtures import stop_process
 
 RECIPE = {
     "name": "served-rest", "algorithm": "rest", "seed": 0, "grow_steps": 2,
@@ -140,12 +141,7 @@ def test_served_deployment_runs_from_the_api(api, s3_lake, workdir):
         with get_client(sync_client=True) as client:
             assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 0
     finally:
-        serve.terminate()
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait(timeout=10)
+        stop_process(serve)
 
     lake = Lake(s3_lake)
     samples = lake.read(lake.stage_uri("from-api", 1, "samples"))
