@@ -1,36 +1,50 @@
 # The two commands of the README:
 #   make demo   set up and run the ReST demo on the built-in task
 #   make test   set up and run the test suite
+# Every install is constrained by requirements.lock, the whole resolved set the tests passed with.
+# Upgrade on purpose: change a pin in pyproject.toml, `make lock`, `make test-all`, commit both files.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench compare clean
+LOCK   := requirements.lock
+PIP    := $(BIN)/python -m pip install --quiet -c $(LOCK)
 
-$(STAMP): pyproject.toml
+.PHONY: demo test test-stack test-all bench compare lock clean
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned: it resolves to the CPU wheel instead of GBs of CUDA packages.
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(PIP) "torch==2.13.0"
+	$(PIP) -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/flywheel run recipes/arithmetic-rest.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow and not stack" -q
+
+# The real local stack (Prefect server, MLflow server, S3 server on loopback), as users run it.
+test-stack: $(STAMP)
+	$(BIN)/python -m pytest -m stack -q
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	$(PIP) -e ".[dev,bench]"
 	$(BIN)/python bench/run.py
 
 compare: $(STAMP)
 	$(BIN)/python -m flows.compare recipes/arithmetic-dpo.yaml
+
+# Re-resolve requirements.lock from pyproject.toml (then run make test-all and commit it).
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python infra/lock.py
 
 clean:
 	rm -rf lake mlflow/mlflow.db mlflow/artifacts .flywheel
