@@ -2,7 +2,9 @@
 
 A scored frame has at least ``prompt_id``, ``completion`` and ``reward``. Every filter keeps
 rows with ``reward >= threshold`` (or the best ``k`` per prompt), adds a ``threshold`` column
-recording the value it used, and can drop identical completions for one prompt first.
+recording the value it used, and can drop identical completions for one prompt first. Samples that
+``max_new_tokens`` cut off (``finish_reason == "length"``) are dropped first unless the recipe keeps
+them, and labelled demonstrations (no reference, so no reward: ``reward`` is null) always pass.
 
 The ReST schedule follows Algorithm 1 of the ReST paper (seed notes 004): choose
 ``tau_1 > V_pi`` where ``V_pi = E_{D_g}[R(x, y)]`` is the policy's mean reward on the grown
@@ -15,6 +17,16 @@ from __future__ import annotations
 import math
 
 import polars as pl
+
+
+TRUNCATED = "length"
+
+
+def drop_truncated(scored: pl.DataFrame) -> pl.DataFrame:
+    """Drop samples that ended because ``max_new_tokens`` ran out: they are not finished answers."""
+    if "finish_reason" not in scored.columns:
+        return scored
+    return scored.filter(pl.col("finish_reason").fill_null("stop") != TRUNCATED)
 
 
 def dedupe(scored: pl.DataFrame) -> pl.DataFrame:
@@ -39,18 +51,19 @@ def rest_thresholds(mean_reward: float, max_reward: float, improve_steps: int) -
 
 def fixed(scored: pl.DataFrame, threshold: float) -> pl.DataFrame:
     """Keep rows with ``reward >= threshold``."""
-    return scored.filter(pl.col("reward") >= threshold).with_columns(pl.lit(float(threshold)).alias("threshold"))
+    keep = (pl.col("reward") >= threshold) | pl.col("reward").is_null()  # a demonstration has no reward and passes
+    return scored.filter(keep).with_columns(pl.lit(float(threshold)).alias("threshold"))
 
 
 def quantile(scored: pl.DataFrame, q: float) -> pl.DataFrame:
     """Keep rows whose reward is at or above the ``q``-quantile of all rewards (scale-free)."""
-    tau = float(scored["reward"].quantile(q, interpolation="linear")) if scored.height else 0.0
+    tau = float(scored["reward"].quantile(q, interpolation="linear") or 0.0) if scored.height else 0.0
     return fixed(scored, tau)
 
 
 def top_k(scored: pl.DataFrame, k: int) -> pl.DataFrame:
     """Keep the ``k`` highest-reward rows per prompt (ties broken by ``sample_idx``)."""
-    ranked = scored.sort(["prompt_id", "reward", "sample_idx"], descending=[False, True, False])
+    ranked = scored.sort(["prompt_id", "reward", "sample_idx"], descending=[False, True, False], nulls_last=False)
     kept = ranked.group_by("prompt_id", maintain_order=True).head(k)
     # The threshold of a top-k filter is per prompt: the lowest reward kept for that prompt.
     return kept.with_columns(pl.col("reward").min().over("prompt_id").alias("threshold"))

@@ -1,6 +1,6 @@
 """Sequence log-probabilities of completions given their prompts: the inputs of every preference loss.
 
-``log π(y|x) = Σ_t log π(y_t | x, y_<t)`` over the completion tokens plus the closing EOS, with the
+``log π(y|x) = Σ_t log π(y_t | x, y_<t)`` over the completion tokens plus the closing end id, with the
 prompt tokens masked: the same tokens ``alignment.training.encode_pairs`` trains on in SFT.
 
 ``batch_logps`` is differentiable and works on a collated batch (the trainer's forward pass);
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignment.prompting import PromptFormat, formatter_for
 from alignment.training import IGNORE, autocast, collate, encode_pairs
 
 
@@ -42,6 +43,7 @@ def sequence_logps(
     batch_size: int = 32,
     *,
     dtype: str = "float32",
+    prompt: PromptFormat | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(logps, lengths)`` on the CPU, one per (prompt, completion): ``log π(completion + EOS | prompt)``.
 
@@ -50,13 +52,14 @@ def sequence_logps(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-    examples = encode_pairs(tokenizer, prompts, completions)
+    fmt = formatter_for(model, tokenizer, prompt)
+    examples = encode_pairs(tokenizer, prompts, completions, fmt)
     was_training = model.training
     model.eval()
     logps, lengths = [], []
     try:
         for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
+            batch = collate(examples[start : start + batch_size], fmt.pad_id)
             batch = {k: v.to(model.device) for k, v in batch.items()}
             with autocast(model.device, dtype):
                 logp, length = batch_logps(model, batch)

@@ -14,27 +14,25 @@ ratios or clipping, as in the RLOO paper).
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 import torch
-from tqdm.auto import tqdm
 
 from alignment.logprobs import batch_logps, sequence_logps
 from alignment.losses import LOSS_KIND, NEEDS_REWARDS, GroupInputs, LossInputs, check_loss, compute_loss
 from alignment.models import load_policy
 from alignment.lora import add_lora, save_merged
-from alignment.training import autocast, collate, encode_pairs
+from alignment.prompting import PromptFormat, formatter_for
+from alignment.training import collate, encode_pairs, train_loop
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
 REWARD_COLUMNS = ("chosen_reward", "rejected_reward")
 GROUP_COLUMNS = ("prompt_id", "prompt", "completion", "reward")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -48,11 +46,15 @@ class PreferenceConfig:
     epochs: int = 1
     lr: float = 1e-6
     batch_size: int = 16  # pairs per step; for rloo, prompts (groups of samples) per step
+    micro_batch_size: int | None = None  # pairs (groups) per forward pass; gradients accumulate to batch_size
+    gradient_checkpointing: bool = False
+    group_by_length: bool = False
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     seed: int = 0
-    dtype: str = "float32"  # "bfloat16" trains under bf16 autocast on CUDA
+    dtype: str = "float32"  # compute dtype: bfloat16 (CPU or GPU) or float16 (GPU) autocast over float32 weights
+    prompt: PromptFormat = field(default_factory=PromptFormat)  # how prompts are tokenised (alignment.prompting)
     ref_batch_size: int = 64  # batch size of the no-grad log-prob passes
     lora_r: int = 0  # LoRA rank; 0 trains all weights
     lora_alpha: float = 16.0
@@ -75,21 +77,22 @@ class PreferenceConfig:
 
 
 def pair_logps(
-    model, tokenizer, pairs: pl.DataFrame, batch_size: int = 64, *, dtype: str = "float32"
+    model, tokenizer, pairs: pl.DataFrame, batch_size: int = 64, *, dtype: str = "float32", prompt: PromptFormat | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs (no grad, float32, CPU) of each pair's chosen and rejected completion under ``model``."""
     prompts = pairs["prompt"].to_list()
-    chosen, _ = sequence_logps(model, tokenizer, prompts, pairs["chosen"].to_list(), batch_size, dtype=dtype)
-    rejected, _ = sequence_logps(model, tokenizer, prompts, pairs["rejected"].to_list(), batch_size, dtype=dtype)
+    kw = {"dtype": dtype, "prompt": prompt}
+    chosen, _ = sequence_logps(model, tokenizer, prompts, pairs["chosen"].to_list(), batch_size, **kw)
+    rejected, _ = sequence_logps(model, tokenizer, prompts, pairs["rejected"].to_list(), batch_size, **kw)
     return chosen, rejected
 
 
 def add_reference_logps(
-    model, tokenizer, pairs: pl.DataFrame, batch_size: int = 64, *, dtype: str = "float32"
+    model, tokenizer, pairs: pl.DataFrame, batch_size: int = 64, *, dtype: str = "float32", prompt: PromptFormat | None = None
 ) -> pl.DataFrame:
     """``pairs`` with ``ref_chosen_logp`` and ``ref_rejected_logp`` computed by ``model`` (the reference)."""
     _require_columns(pairs, PAIR_COLUMNS, "pairs")
-    chosen, rejected = pair_logps(model, tokenizer, pairs, batch_size, dtype=dtype)
+    chosen, rejected = pair_logps(model, tokenizer, pairs, batch_size, dtype=dtype, prompt=prompt)
     return pairs.with_columns(
         pl.Series(REF_COLUMNS[0], chosen.tolist(), dtype=pl.Float64),
         pl.Series(REF_COLUMNS[1], rejected.tolist(), dtype=pl.Float64),
@@ -119,10 +122,11 @@ def train_preference(
     _require_columns(pairs, PAIR_COLUMNS + (REWARD_COLUMNS if cfg.loss in NEEDS_REWARDS else ()), "pairs")
     model, tokenizer = _load_trainable(model_path, cfg, trust_remote_code)
     if not set(REF_COLUMNS) <= set(pairs.columns):
-        pairs = add_reference_logps(model, tokenizer, pairs, cfg.ref_batch_size, dtype=cfg.dtype)
+        pairs = add_reference_logps(model, tokenizer, pairs, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
     prompts = pairs["prompt"].to_list()
-    chosen = encode_pairs(tokenizer, prompts, pairs["chosen"].to_list())
-    rejected = encode_pairs(tokenizer, prompts, pairs["rejected"].to_list())
+    fmt = formatter_for(model, tokenizer, cfg.prompt)
+    chosen = encode_pairs(tokenizer, prompts, pairs["chosen"].to_list(), fmt)
+    rejected = encode_pairs(tokenizer, prompts, pairs["rejected"].to_list(), fmt)
     ref_chosen, ref_rejected = (_column(pairs, name) for name in REF_COLUMNS)
     # Per-pair tensors of LossInputs that come from the frame rather than the forward pass.
     stored = {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
@@ -131,7 +135,7 @@ def train_preference(
 
     def step_loss(idx: list[int]) -> torch.Tensor:
         # One forward pass over the chosen rows followed by the rejected rows.
-        batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], tokenizer.pad_token_id)
+        batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], fmt.pad_id)
         logps, lengths = batch_logps(model, {k: v.to(model.device) for k, v in batch.items()})
         (chosen_logps, rejected_logps), (chosen_len, rejected_len) = logps.chunk(2), lengths.chunk(2)
         inputs = LossInputs(
@@ -140,8 +144,10 @@ def train_preference(
         )  # fmt: skip
         return compute_loss(cfg.loss, inputs, nll_alpha=cfg.nll_alpha, **cfg.loss_hparams()).mean()
 
-    losses = _fit(model, [[i] for i in range(len(pairs))], step_loss, cfg, progress, on_step)
-    after_chosen, after_rejected = pair_logps(model, tokenizer, pairs, cfg.ref_batch_size, dtype=cfg.dtype)
+    lengths = [len(chosen[i][0]) + len(rejected[i][0]) for i in range(len(pairs))]
+    losses = train_loop(model, [[i] for i in range(len(pairs))], step_loss, cfg, lengths=lengths,
+                        desc=f"training ({cfg.loss})", progress=progress, on_step=on_step)
+    after_chosen, after_rejected = pair_logps(model, tokenizer, pairs, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
     save_merged(model, tokenizer, out_dir)
     chosen_change, rejected_change = after_chosen - ref_chosen, after_rejected - ref_rejected
     return {
@@ -178,20 +184,21 @@ def train_rloo(
         raise ValueError("rloo needs at least 2 samples per prompt_id for its leave-one-out baseline.")
     model, tokenizer = _load_trainable(model_path, cfg, trust_remote_code)
     prompts, completions = samples["prompt"].to_list(), samples["completion"].to_list()
-    before, _ = sequence_logps(model, tokenizer, prompts, completions, cfg.ref_batch_size, dtype=cfg.dtype)
-    examples = encode_pairs(tokenizer, prompts, completions)
+    before, _ = sequence_logps(model, tokenizer, prompts, completions, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
+    fmt = formatter_for(model, tokenizer, cfg.prompt)
+    examples = encode_pairs(tokenizer, prompts, completions, fmt)
     rewards = _column(samples, "reward")
     group_ids = torch.tensor(samples["prompt_id"].rank("dense").to_list(), dtype=torch.long)
     groups = samples.with_row_index("_row").group_by("prompt_id", maintain_order=True).agg("_row")["_row"].to_list()
 
     def step_loss(idx: list[int]) -> torch.Tensor:
-        batch = collate([examples[i] for i in idx], tokenizer.pad_token_id)
+        batch = collate([examples[i] for i in idx], fmt.pad_id)
         logps, _ = batch_logps(model, {k: v.to(model.device) for k, v in batch.items()})
         inputs = GroupInputs(logps, rewards[idx].to(model.device), group_ids[idx].to(model.device))
         return compute_loss("rloo", inputs).mean()
 
-    losses = _fit(model, groups, step_loss, cfg, progress, on_step)
-    after, _ = sequence_logps(model, tokenizer, prompts, completions, cfg.ref_batch_size, dtype=cfg.dtype)
+    losses = train_loop(model, groups, step_loss, cfg, desc="training (rloo)", progress=progress, on_step=on_step)
+    after, _ = sequence_logps(model, tokenizer, prompts, completions, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
     save_merged(model, tokenizer, out_dir)
     # The sign of the RLOO advantage is the sign of r_i minus its group's mean reward.
     group_mean = torch.tensor(samples.select(pl.col("reward").mean().over("prompt_id")).to_series().to_list())
@@ -208,45 +215,6 @@ def train_rloo(
 
 
 # --- Plumbing shared by both trainers --------------------------------------------------------
-
-
-def _fit(
-    model,
-    units: Sequence[list[int]],
-    step_loss: Callable[[list[int]], torch.Tensor],
-    cfg: PreferenceConfig,
-    progress: bool,
-    on_step: Callable[[int, float], None] | None,
-) -> list[float]:
-    """AdamW over seeded shuffles of ``units`` (lists of row indices), ``cfg.batch_size`` units a step."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    rng = random.Random(cfg.seed)
-    total = math.ceil(len(units) / cfg.batch_size) * cfg.epochs
-    bar = tqdm(total=total, desc=f"training ({cfg.loss})", unit="step", disable=not progress, leave=False)
-    losses: list[float] = []
-    model.train()
-    for _ in range(cfg.epochs):
-        order = list(range(len(units)))
-        rng.shuffle(order)
-        for start in range(0, len(order), cfg.batch_size):
-            idx = [row for u in order[start : start + cfg.batch_size] for row in units[u]]
-            with autocast(model.device, cfg.dtype):
-                loss = step_loss(idx)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if on_step is not None:
-                on_step(len(losses), losses[-1])
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    bar.close()
-    model.eval()
-    return losses
 
 
 def _load_trainable(model_path: str | Path, cfg: PreferenceConfig, trust_remote_code: bool):

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from alignment.errors import UserError
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -35,6 +37,10 @@ class TaskConfig(Strict):
     n_labelled: int = Field(200, ge=1, description="Built-in task: labelled examples for the warm start.")
     n_prompts: int = Field(600, ge=1, description="Built-in task: prompts to grow from.")
     n_eval: int = Field(200, ge=1, description="Built-in task: held-out prompts.")
+    labelled_reference_column: str | None = Field(
+        None, description="Column of the labelled file holding a reference answer for the reward; null = the labelled "
+        "rows are demonstrations, kept without being scored.",
+    )
 
     @model_validator(mode="after")
     def _source(self) -> TaskConfig:
@@ -44,14 +50,41 @@ class TaskConfig(Strict):
 
 
 class ModelConfig(Strict):
-    """The initial policy: the built-in tiny GPT-2, or a local Hugging Face model directory."""
+    """The initial policy: the built-in tiny model, or a local Hugging Face model directory."""
 
-    path: str | None = Field(None, description="Local model directory; null builds the tiny GPT-2 from the data.")
+    path: str | None = Field(None, description="Local model directory; null builds the tiny model from the data.")
     trust_remote_code: bool = Field(False, description="Allow custom model code from `path` to run.")
-    n_layer: int = Field(2, ge=1, description="Tiny GPT-2: transformer layers.")
-    n_embd: int = Field(96, ge=8, description="Tiny GPT-2: hidden width.")
-    n_head: int = Field(4, ge=1, description="Tiny GPT-2: attention heads.")
-    n_positions: int = Field(64, ge=8, description="Tiny GPT-2: maximum sequence length.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Precision for sampling, and the autocast dtype of training over float32 weights "
+        "(float16 needs a GPU).",
+    )
+    max_length: int | None = Field(
+        None, ge=2, description="Longest prompt + completion in tokens; null = the model's context window.",
+    )
+    arch: Literal["llama", "gpt2"] = Field("llama", description="Tiny model: architecture.")
+    n_layer: int = Field(2, ge=1, description="Tiny model: transformer layers.")
+    n_embd: int = Field(96, ge=8, description="Tiny model: hidden width.")
+    n_head: int = Field(4, ge=1, description="Tiny model: attention heads.")
+    n_positions: int = Field(64, ge=8, description="Tiny model: context window in tokens.")
+
+
+class PromptConfig(Strict):
+    """How prompts are shown to the model (alignment.prompting), the same on every path."""
+
+    format: Literal["auto", "chat", "raw"] = Field(
+        "auto", description="auto: the tokenizer's chat template when it has one, else raw; chat: always the template; "
+        "raw: the prompt text as is.",
+    )
+    system: str | None = Field(None, description="A system message placed before every prompt (chat format).")
+    stop: list[str] = Field(
+        default_factory=list, description="Stop strings: a completion ends at the first one (it is not kept in the text).",
+    )
+
+    @model_validator(mode="after")
+    def _stops(self) -> PromptConfig:
+        if any(not s for s in self.stop):
+            raise ValueError("prompt.stop strings must not be empty")
+        return self
 
 
 class TrainSettings(Strict):
@@ -61,7 +94,11 @@ class TrainSettings(Strict):
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     batch_size: int = Field(32, ge=1, description="Examples per optimiser step.")
     warmup_steps: int = Field(10, ge=0, description="Linear learning-rate warm-up steps.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="bfloat16 trains under autocast on CUDA.")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Examples per forward pass; gradients accumulate up to batch_size (null = batch_size).",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory).")
+    group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding).")
     lora_r: int = Field(0, ge=0, description="LoRA rank (peft adapters, merged before saving); 0 trains all weights.")
 
 
@@ -99,6 +136,10 @@ class FilterConfig(Strict):
     quantile: float | None = Field(None, ge=0, le=1, description="quantile: keep reward >= this quantile.")
     k: int | None = Field(None, ge=1, description="top_k: keep the k best completions per prompt.")
     dedupe: bool = Field(True, description="Drop identical completions of one prompt before filtering.")
+    keep_truncated: bool = Field(
+        False, description="Keep samples cut off by max_new_tokens (trained without an end token); by default they "
+        "are dropped with the reason 'truncated'.",
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> FilterConfig:
@@ -156,16 +197,19 @@ class PreferenceSettings(TrainSettings):
         return self
 
 
-def preference_config(p: PreferenceSettings, seed: int):
+def preference_config(p: PreferenceSettings, seed: int, *, dtype: str = "float32", prompt: dict | None = None):
     """The trainer's config for these settings: beta and the NLL term go only to losses that take them."""
     from alignment.losses import HAS_NLL, LOSS_HPARAMS, LOSS_KIND
     from alignment.preference import PreferenceConfig
+    from alignment.prompting import PromptFormat
 
     takes_nll = LOSS_KIND[p.loss] == "pairwise" and p.loss not in HAS_NLL
     return PreferenceConfig(
         loss=p.loss, beta=p.beta if "beta" in LOSS_HPARAMS[p.loss] else None, hparams=dict(p.hparams),
         nll_alpha=p.nll_alpha if takes_nll else 0.0, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
-        warmup_steps=p.warmup_steps, seed=seed, dtype=p.dtype, lora_r=p.lora_r,
+        warmup_steps=p.warmup_steps, seed=seed, lora_r=p.lora_r, micro_batch_size=p.micro_batch_size,
+        gradient_checkpointing=p.gradient_checkpointing, group_by_length=p.group_by_length,
+        dtype=dtype, prompt=PromptFormat.of(prompt),
     )
 
 
@@ -173,7 +217,8 @@ class EvalConfig(Strict):
     """Held-out evaluation after every Improve step (greedy decoding)."""
 
     reward: RewardSpec | None = Field(
-        None, description="Held-out reward; null uses the recipe's reward (exact match is always reported too)."
+        None, description="Held-out reward; null uses the recipe's reward. Accuracy is the share of prompts whose "
+        "held-out reward is at least 1.",
     )
     max_new_tokens: int = Field(8, ge=1, description="Longest greedy completion, in tokens.")
     batch_size: int = Field(256, ge=1, description="Prompts per generation batch.")
@@ -253,6 +298,7 @@ class Recipe(Strict):
     seed: int = Field(0, description="Seed for data splits, model init, sampling and training.")
     task: TaskConfig = Field(default_factory=TaskConfig, description="Prompts, references and labelled data.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The initial policy.")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="Prompt format and stop strings.")
     reward: RewardSpec = Field(
         "exact_match",
         description="Built-in reward name, 'package.module:function', 'rm:PATH' (a reward model), "
@@ -282,8 +328,12 @@ class Recipe(Strict):
     def model_name(self) -> str:
         return self.mlflow.model_name or self.name
 
+    def prompt_format(self) -> dict[str, Any]:
+        """The prompt settings every path tokenises with (``alignment.prompting.PromptFormat``)."""
+        return {**self.prompt.model_dump(), "max_length": self.model.max_length}
 
-class RecipeError(ValueError):
+
+class RecipeError(UserError):
     """A recipe file or override is wrong; the message says which key and how to fix it."""
 
 

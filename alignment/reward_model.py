@@ -36,6 +36,7 @@ from transformers import AutoModelForSequenceClassification
 
 from alignment.models import default_device, load_tokenizer
 from alignment.rewards import RewardError, RewardFn, resolve_reward, score
+from alignment.prompting import Formatter
 from alignment.training import autocast, encode_pairs
 
 RewardSpec = Union[str, Sequence["RewardSpec"], Mapping[str, object]]
@@ -253,7 +254,8 @@ def _check_pairs(pairs: pl.DataFrame, columns: Sequence[str] = ("prompt", "chose
 
 def _encode(tokenizer, prompts: Sequence[str], completions: Sequence[str], config) -> list[list[int]]:
     """Token ids of prompt + completion + EOS, tokenised as the policy sees them (``training.encode_pairs``)."""
-    encoded = [ids for ids, _ in encode_pairs(tokenizer, list(prompts), list(completions))]
+    fmt = Formatter(tokenizer, None, model_config=None)
+    encoded = [ids for ids, _ in encode_pairs(tokenizer, list(prompts), list(completions), fmt)]
     limit = getattr(config, "max_position_embeddings", None)
     longest = max(range(len(encoded)), key=lambda i: len(encoded[i]), default=None)
     if limit is not None and longest is not None and len(encoded[longest]) > limit:

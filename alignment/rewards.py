@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 from collections.abc import Callable, Sequence
+
+from alignment.errors import UserError
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], Sequence[float]]
 
 
-class RewardError(ValueError):
+class RewardError(UserError):
     """A reward could not be found, or returned something that is not one finite float per row."""
 
 
@@ -28,7 +31,57 @@ def contains_reference(prompts: Sequence[str], completions: Sequence[str], refer
     return [float(r.strip() in c) for c, r in zip(completions, references, strict=True)]
 
 
-REWARDS: dict[str, RewardFn] = {"exact_match": exact_match, "contains_reference": contains_reference}
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_NUMBER = re.compile(r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+−]?\.\d+")
+
+
+def parse_number(text: str | None) -> float | None:
+    """The answer's number: the last ``\\boxed{…}`` if any, else the last number in the text.
+
+    Thousands separators (``1,200``), signs (``-3``, ``+3``, the minus sign ``−3``) and decimals
+    (``2.50``, ``.5``) are handled; ``None`` when there is no number.
+    """
+    if not text:
+        return None
+    boxed = _BOXED.findall(text)
+    source = boxed[-1] if boxed else text
+    found = _NUMBER.findall(source)
+    if not found:
+        return None
+    raw = found[-1].replace(",", "").replace("−", "-")
+    try:
+        return float(raw)
+    except ValueError:
+        return None
+
+
+def numeric_match(prompts: Sequence[str], completions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """1.0 where the completion's final number (or ``\\boxed{}`` answer) equals the reference's number."""
+    out = []
+    for c, r in zip(completions, references, strict=True):
+        want, got = parse_number(r), parse_number(c)
+        out.append(float(want is not None and got is not None and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)))
+    return out
+
+
+def regex_match(prompts: Sequence[str], completions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """1.0 where the whole completion (surrounding whitespace ignored) matches the reference as a regular expression."""
+    out = []
+    for c, r in zip(completions, references, strict=True):
+        try:
+            pattern = re.compile(r)
+        except re.error as exc:
+            raise RewardError(f"regex_match: the reference {r!r} is not a regular expression ({exc}); fix the reference column.") from None
+        out.append(float(pattern.fullmatch(c.strip()) is not None))
+    return out
+
+
+REWARDS: dict[str, RewardFn] = {
+    "exact_match": exact_match,
+    "contains_reference": contains_reference,
+    "numeric_match": numeric_match,
+    "regex_match": regex_match,
+}
 
 
 def resolve_reward(spec: str) -> RewardFn:

@@ -4,6 +4,11 @@ ReST (seed notes 004, Algorithm 1) optimises ``J(theta) = E_{(x,y) ~ D_g}[F(x, y
 with ``F`` the filter, this is plain negative log-likelihood of the kept completions given their
 prompts: ``L = -sum_t log pi_theta(y_t | x, y_<t)``, averaged over completion tokens. The same loop is
 the behaviour-cloning warm start ("Train pi_theta on D").
+
+``train_loop`` is the one training loop of flywheel: SFT, the preference losses and RLOO
+(``alignment.preference``) and reward models (``alignment.reward_model``) differ only in the
+objective they hand it. Tokens come from ``alignment.prompting``, so a model is trained on exactly
+the text it is sampled with.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,32 +24,42 @@ from tqdm.auto import tqdm
 
 from alignment.lora import add_lora, save_merged
 from alignment.models import load_policy
-
-IGNORE = -100
+from alignment.prompting import IGNORE, Formatter, PromptFormat, formatter_for
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How one fine-tuning stage trains; SFT, preference training and reward models share these settings."""
+
     epochs: int = 3
     lr: float = 1e-3
-    batch_size: int = 32
+    batch_size: int = 32  # examples (or pairs, or groups) per optimiser step
+    micro_batch_size: int | None = None  # per forward pass; gradients accumulate up to batch_size (None: no accumulation)
     weight_decay: float = 0.0
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
-    dtype: str = "float32"  # "bfloat16" trains under bf16 autocast on CUDA
+    dtype: str = "float32"  # compute dtype: float32, or bfloat16/float16 under autocast over float32 weights
+    gradient_checkpointing: bool = False
+    group_by_length: bool = False  # batches of similar lengths (less padding); changes the order, not the data
     seed: int = 0
     lora_r: int = 0  # LoRA rank; 0 trains all weights
+    prompt: PromptFormat = field(default_factory=PromptFormat)
 
 
-def encode_pairs(tokenizer, prompts: Sequence[str], completions: Sequence[str]) -> list[tuple[list[int], list[int]]]:
-    """Token ids and labels per example: prompt labels are masked, the completion ends with EOS."""
-    eos = tokenizer.eos_token_id
-    out = []
-    for p, c in zip(prompts, completions, strict=True):
-        p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-        c_ids = tokenizer(c, add_special_tokens=False)["input_ids"] + [eos]
-        out.append((p_ids + c_ids, [IGNORE] * len(p_ids) + c_ids))
-    return out
+def encode_pairs(
+    tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    fmt: PromptFormat | Formatter | None = None,
+    finished: Sequence[bool] | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels per example, from ``alignment.prompting``: prompt masked, completion + end id.
+
+    ``finished[i] = False`` trains a truncated completion without an end token.
+    """
+    f = fmt if isinstance(fmt, Formatter) else Formatter(tokenizer, fmt)
+    done = finished if finished is not None else [True] * len(prompts)
+    return [f.example(p, c, d) for p, c, d in zip(prompts, completions, done, strict=True)]
 
 
 def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -61,8 +76,72 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dic
 
 
 def autocast(device: torch.device, dtype: str):
-    enabled = device.type == "cuda" and dtype == "bfloat16"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    """Mixed precision over float32 weights: bfloat16 on CPU or GPU, float16 on GPU; float32 is off."""
+    low = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    enabled = low is not None and (device.type == "cuda" or low is torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=low or torch.bfloat16, enabled=enabled)
+
+
+def train_loop(
+    model,
+    units: Sequence[list[int]],
+    step_loss: Callable[[list[int]], torch.Tensor],
+    cfg,
+    *,
+    lengths: Sequence[int] | None = None,
+    desc: str = "training",
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """The one training loop: AdamW over seeded shuffles of ``units`` (lists of row indices).
+
+    ``step_loss(rows)`` is the objective — SFT's NLL, a preference loss, a Bradley–Terry loss —
+    and returns the mean loss of those rows. ``cfg.batch_size`` units make an optimiser step, split
+    into micro-batches of ``cfg.micro_batch_size`` units whose gradients accumulate (each weighted by
+    its share of the step). With ``cfg.group_by_length`` (and ``lengths`` per unit) each step holds
+    units of similar length. Returns the loss of every optimiser step.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    if getattr(cfg, "gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    micro = max(1, min(getattr(cfg, "micro_batch_size", None) or cfg.batch_size, cfg.batch_size))
+    rng = random.Random(cfg.seed)
+    total = math.ceil(len(units) / cfg.batch_size) * cfg.epochs
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
+    losses: list[float] = []
+    model.train()
+    for _ in range(cfg.epochs):
+        order = list(range(len(units)))
+        rng.shuffle(order)
+        steps = [order[s : s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
+        if getattr(cfg, "group_by_length", False) and lengths is not None:
+            ranked = sorted(order, key=lambda u: lengths[u])
+            steps = [ranked[s : s + cfg.batch_size] for s in range(0, len(ranked), cfg.batch_size)]
+            rng.shuffle(steps)
+        for step_units in steps:
+            step_total = 0.0
+            for m in range(0, len(step_units), micro):
+                chunk = step_units[m : m + micro]
+                with autocast(model.device, cfg.dtype):
+                    loss = step_loss([row for u in chunk for row in units[u]])
+                share = len(chunk) / len(step_units)
+                (loss * share).backward()
+                step_total += loss.item() * share
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_total)
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    bar.close()
+    model.eval()
+    return losses
 
 
 def sft(
@@ -72,6 +151,7 @@ def sft(
     completions: Sequence[str],
     cfg: TrainConfig,
     *,
+    finished: Sequence[bool] | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
@@ -83,38 +163,16 @@ def sft(
     model, tokenizer = load_policy(model_path, trust_remote_code=trust_remote_code)
     if cfg.lora_r:
         model = add_lora(model, cfg.lora_r)
-    model.train()
-    examples = encode_pairs(tokenizer, prompts, completions)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    rng = random.Random(cfg.seed)
-    losses: list[float] = []
-    bar = tqdm(total=total, desc="training", unit="step", disable=not progress, leave=False)
-    step = 0
-    for _ in range(cfg.epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for start in range(0, len(order), cfg.batch_size):
-            batch = collate([examples[i] for i in order[start : start + cfg.batch_size]], tokenizer.pad_token_id)
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            with autocast(model.device, cfg.dtype):
-                loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            step += 1
-            if on_step is not None:
-                on_step(step, losses[-1])
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
-    model.eval()
+    fmt = formatter_for(model, tokenizer, cfg.prompt)
+    examples = encode_pairs(tokenizer, prompts, completions, fmt, finished)
+
+    def step_loss(rows: list[int]) -> torch.Tensor:
+        batch = collate([examples[i] for i in rows], fmt.pad_id)
+        return model(**{k: v.to(model.device) for k, v in batch.items()}).loss
+
+    units = [[i] for i in range(len(examples))]
+    losses = train_loop(model, units, step_loss, cfg, lengths=[len(e[0]) for e in examples], progress=progress, on_step=on_step)
     save_merged(model, tokenizer, out_dir)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     tail = losses[-steps_per_epoch:]
-    return {"train_loss": sum(tail) / len(tail), "train_steps": float(step), "train_examples": float(len(examples))}
+    return {"train_loss": sum(tail) / len(tail), "train_steps": float(len(losses)), "train_examples": float(len(examples))}

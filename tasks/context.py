@@ -80,13 +80,14 @@ def retry_on_io(task, task_run, state) -> bool:
     A missing prompt file or a broken reward fails the same way every time; retrying it only
     repeats the error and its traceback after a delay (STYLE #6: retries are for I/O).
     """
+    from alignment.errors import UserError
     from alignment.recipe import RecipeError
     from alignment.rewards import RewardError
     from tasks.inputs import InputError
 
     try:
         state.result()
-    except (RecipeError, RewardError, InputError):
+    except (UserError, RecipeError, RewardError, InputError):
         return False
     except BaseException:
         return True

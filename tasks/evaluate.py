@@ -18,7 +18,7 @@ def evaluate(ref: RunRef, model_uri: str, iteration: int, step: int) -> dict[str
     if not lake.is_done(uri):
         run_stage(ref, "evaluate", write_eval, model_uri, iteration, step, label=f"g={iteration} step {step}")
     metrics = lake.get_json(f"{uri}/_manifest.json")["metrics"]
-    log().info("eval %s: reward %.3f, exact match %.3f", ref.policy_version(model_uri), metrics["eval_reward"], metrics["eval_accuracy"])
+    log().info("eval %s: reward %.3f, accuracy %.3f", ref.policy_version(model_uri), metrics["eval_reward"], metrics["eval_accuracy"])
     return metrics
 
 
@@ -26,11 +26,14 @@ def write_eval(ref: RunRef, model_uri: str, iteration: int, step: int) -> str:
     """The body of ``evaluate`` (a GPU stage): sample greedily, score, commit the ``eval`` stage with its metrics."""
     recipe, lake, uri = ref.recipe, ref.open_lake(), ref.stage(iteration, "eval", step)
     prompts = lake.read(ref.stage(0, "eval_prompts")).sort("prompt_id")
+    # Held-out completions come from the transformers sampler, with the same prompt format, stop rules
+    # and precision as Grow (and Grow's options when Grow samples with transformers too).
+    options = {"prompt": recipe.prompt_format(), "dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code}
+    if recipe.grow.sampler == "transformers":
+        options |= recipe.grow.sampler_options
+    options["batch_size"] = recipe.eval.batch_size
     with MODEL_LOAD_LOCK:
-        sampler = make_sampler(
-            "transformers", ref.local_model(model_uri), batch_size=recipe.eval.batch_size,
-            trust_remote_code=recipe.model.trust_remote_code,
-        )
+        sampler = make_sampler("transformers", ref.local_model(model_uri), **options)
     frame, metrics = run_eval(
         sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(), prompts["reference"].to_list(),
         resolve_reward_spec(recipe.eval.reward or recipe.reward), max_new_tokens=recipe.eval.max_new_tokens,

@@ -43,7 +43,9 @@ def filter_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: f
         run_stage(ref, "filter", write_filtered, scored_uri, iteration, step, tau, label=f"g={iteration} step {step}")
     m = lake.manifest(uri)
     scored_rows = lake.manifest(scored_uri).rows
-    log().info("filter g=%d step %d: tau=%s kept %d of %d", iteration, step, tau, m.rows, scored_rows)
+    dropped = lake.get_json(f"{uri}/_manifest.json").get("dropped", {})
+    why = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
+    log().info("filter g=%d step %d: tau=%s kept %d of %d%s", iteration, step, tau, m.rows, scored_rows, f" (dropped: {why})" if why else "")
     return {"uri": uri, "kept": m.rows, "samples": scored_rows, "tau": tau}
 
 
@@ -52,8 +54,14 @@ def write_filtered(ref: RunRef, scored_uri: str, iteration: int, step: int, tau:
     cfg: FilterConfig = ref.recipe.filter
     lake, uri = ref.open_lake(), ref.stage(iteration, "filtered", step)
     scored = lake.read(scored_uri)
-    pool = filters.dedupe(scored) if cfg.dedupe else scored
+    finished = scored if cfg.keep_truncated else filters.drop_truncated(scored)
+    pool = filters.dedupe(finished) if cfg.dedupe else finished
     kept = filters.top_k(pool, cfg.k) if cfg.kind == "top_k" else filters.fixed(pool, tau)
+    dropped = {
+        "truncated": scored.height - finished.height,
+        "duplicate": finished.height - pool.height,
+        "below_threshold": pool.height - kept.height,
+    }
     config = {"filter": cfg.model_dump(), "tau": tau, "step": step}
-    lake.write_stage(uri, [kept], config=config, parents=[scored_uri], extra={"scored_rows": scored.height})
+    lake.write_stage(uri, [kept], config=config, parents=[scored_uri], extra={"scored_rows": scored.height, "dropped": dropped})
     return uri

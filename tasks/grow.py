@@ -26,6 +26,7 @@ SAMPLE_SCHEMA = {
     "sample_idx": pl.Int32,
     "policy_version": pl.Utf8,
     "num_tokens": pl.Int32,
+    "finish_reason": pl.Utf8,
 }
 
 
@@ -43,10 +44,7 @@ def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards
     part = prompts.filter(pl.int_range(pl.len()) % shards == shard)
     g = recipe.grow
     with MODEL_LOAD_LOCK:  # shards on the thread runner load their models one at a time
-        sampler = make_sampler(
-            g.sampler, ref.local_model(model_uri), batch_size=g.batch_size,
-            trust_remote_code=recipe.model.trust_remote_code, **g.sampler_options,
-        )
+        sampler = make_sampler(g.sampler, ref.local_model(model_uri), **sampler_options(recipe, g.batch_size))
     params = SamplingParams(g.temperature, g.top_p, g.max_new_tokens, seed=_grow_seed(recipe.seed, iteration))
     gen = sampler.generate(part["prompt"].to_list(), g.samples_per_prompt, params, part["prompt_id"].to_list())
     n = g.samples_per_prompt
@@ -59,12 +57,29 @@ def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards
             "sample_idx": [j for _ in range(part.height) for j in range(n)],
             "policy_version": ref.policy_version(model_uri),
             "num_tokens": [t for row in gen.num_tokens for t in row],
+            "finish_reason": [f for row in gen.finish_reasons for f in row],
         },
         schema=SAMPLE_SCHEMA,
     )
     device = f" on GPU {os.environ['CUDA_VISIBLE_DEVICES']}" if os.environ.get("CUDA_VISIBLE_DEVICES") else ""
     log().info("grow g=%d shard %d/%d%s: %d prompts -> %d samples", iteration, shard + 1, shards, device, part.height, frame.height)
     return lake.write_part(uri, shard, frame)
+
+
+def sampler_options(recipe, batch_size: int) -> dict:
+    """The recipe's options for its sampler backend, as ``flywheel run`` builds it for Grow and evaluation.
+
+    Each backend takes what it understands: the transformers sampler loads the model itself (batch
+    size, dtype, remote code); remote backends take their connection settings from ``sampler_options``.
+    Every backend gets the prompt format, so all of them show the model the same tokens.
+    """
+    g = recipe.grow
+    common = {"prompt": recipe.prompt_format()}
+    if g.sampler == "transformers":
+        common |= {"batch_size": batch_size, "trust_remote_code": recipe.model.trust_remote_code, "dtype": recipe.model.dtype}
+    elif g.sampler == "vllm":
+        common |= {"trust_remote_code": recipe.model.trust_remote_code, "dtype": recipe.model.dtype}
+    return {**common, **g.sampler_options}
 
 
 def _grow_seed(seed: int, iteration: int) -> int:
@@ -82,7 +97,7 @@ def commit_samples(ref: RunRef, model_uri: str, iteration: int, parts: list[dict
             frame = labelled.select(
                 "prompt_id", "prompt", "reference", "completion",
                 pl.lit(-1, pl.Int32).alias("sample_idx"), pl.lit("labelled").alias("policy_version"),
-                pl.lit(0, pl.Int32).alias("num_tokens"),
+                pl.lit(0, pl.Int32).alias("num_tokens"), pl.lit("stop").alias("finish_reason"),
             ).cast(SAMPLE_SCHEMA)
             parts.append(lake.write_part(uri, len(parts), frame))
     config = {"grow": ref.recipe.grow.model_dump(), "seed": ref.recipe.seed, "model": model_uri}

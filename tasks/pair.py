@@ -6,6 +6,8 @@ stage), so preference training holds a single model in memory.
 
 from __future__ import annotations
 
+import polars as pl
+
 
 from alignment.losses import NEEDS_REFERENCE
 from alignment.models import load_policy
@@ -30,11 +32,13 @@ def write_pairs(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str
     """The body of ``pair`` (a GPU stage: the reference policy scores every pair)."""
     cfg = ref.recipe.preference
     lake, uri = ref.open_lake(), ref.stage(iteration, "pairs")
-    scored = lake.read(scored_uri)
+    scored = lake.read(scored_uri).filter(pl.col("reward").is_not_null())  # demonstrations carry no reward
+    if not ref.recipe.filter.keep_truncated and "finish_reason" in scored.columns:
+        scored = scored.filter(pl.col("finish_reason") != "length")  # a cut-off answer is never a chosen one
     pairs = make_pairs(scored, cfg.pairing, cfg.min_margin, seed=ref.recipe.seed + iteration)
     if pairs.height and cfg.loss in NEEDS_REFERENCE:
         model, tokenizer = load_policy(ref.local_model(reference_uri), trust_remote_code=ref.recipe.model.trust_remote_code)
-        pairs = add_reference_logps(model, tokenizer, pairs, dtype=cfg.dtype)
+        pairs = add_reference_logps(model, tokenizer, pairs, dtype=ref.recipe.model.dtype, prompt=ref.recipe.prompt_format())
     config = {"pairing": cfg.pairing, "min_margin": cfg.min_margin, "loss": cfg.loss, "reference": reference_uri}
     lake.write_stage(uri, [pairs], config=config, parents=[scored_uri, reference_uri])
     return uri

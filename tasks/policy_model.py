@@ -1,22 +1,47 @@
-"""The MLflow pyfunc wrapper of a policy checkpoint: ``models:/NAME@champion`` loads and generates."""
+"""The MLflow pyfunc wrapper of a policy checkpoint: ``models:/NAME@champion`` loads and generates.
+
+It formats prompts and stops exactly as the flywheel run did (``alignment.prompting``: the chat
+template, every end id, the recipe's stop strings), so the served model answers like the evaluated
+one. ``params`` may set ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p`` and ``seed``.
+"""
 
 from __future__ import annotations
 
 import mlflow.pyfunc
 
+PARAMS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+
 
 class FlywheelPolicy(mlflow.pyfunc.PythonModel):
-    """Greedy completions for a list (or one-column frame) of prompts; ``params`` may set ``max_new_tokens``."""
+    """Completions for a list (or one-column frame) of prompts."""
+
+    def __init__(self, prompt: dict | None = None, dtype: str = "float32"):
+        self.prompt = dict(prompt or {})
+        self.dtype = dtype
 
     def load_context(self, context):
         from alignment.samplers.hf import TransformersSampler
 
-        self.sampler = TransformersSampler(context.artifacts["checkpoint"], progress=False)
+        prompt, dtype = getattr(self, "prompt", None), getattr(self, "dtype", "float32")
+        self.sampler = TransformersSampler(context.artifacts["checkpoint"], prompt=prompt, dtype=dtype, progress=False)
 
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
         from alignment.samplers import SamplingParams
 
+        if hasattr(model_input, "iloc"):  # a DataFrame: its first column holds the prompts
+            model_input = model_input.iloc[:, 0].tolist()
         prompts = [str(p) for p in model_input]
-        max_new = int((params or {}).get("max_new_tokens", 32))
-        gen = self.sampler.generate(prompts, 1, SamplingParams(temperature=0.0, max_new_tokens=max_new))
+        p = {**PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
+        sampling = SamplingParams(
+            temperature=float(p["temperature"]), top_p=float(p["top_p"]),
+            max_new_tokens=int(p["max_new_tokens"]), seed=int(p["seed"]),
+        )
+        gen = self.sampler.generate(prompts, 1, sampling)
         return [c[0] for c in gen.completions]
+
+
+def signature():
+    """The pyfunc's signature: a list of prompt strings in, completions out, with ``PARAMS`` as params."""
+    from mlflow.models import infer_signature
+
+    return infer_signature(["12+7="], ["19"], params=dict(PARAMS))

@@ -36,8 +36,13 @@ def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: 
     samples = pl.read_parquet(io.BytesIO(lake.store.get(f"{samples_uri}/{part}")))
     with MODEL_LOAD_LOCK:  # a reward model loads like a policy: one at a time per process
         reward = resolve_reward_spec(ref.recipe.reward)
-    rewards = call_reward(reward, samples["prompt"].to_list(), samples["completion"].to_list(), samples["reference"].to_list())
-    scored = samples.with_columns(pl.Series("reward", rewards, dtype=pl.Float64))
+    # Labelled demonstrations without a reference are not the reward's to judge: their reward stays null.
+    judged = samples.with_row_index("_row").filter(~(pl.col("reference").is_null() & (pl.col("sample_idx") < 0)))
+    rewards = call_reward(reward, judged["prompt"].to_list(), judged["completion"].to_list(), judged["reference"].to_list())
+    values: list[float | None] = [None] * samples.height
+    for row, r in zip(judged["_row"].to_list(), rewards, strict=True):
+        values[row] = r
+    scored = samples.with_columns(pl.Series("reward", values, dtype=pl.Float64))
     log().info("score g=%d part %s: %d rows, mean reward %.3f", iteration, part, scored.height, scored["reward"].mean() or 0.0)
     return lake.write_part(uri, shard, scored)
 

@@ -17,10 +17,13 @@ from tasks.placement import run_stage
 
 
 def _train_config(ref: RunRef, settings: str, seed: int) -> TrainConfig:
+    from alignment.prompting import PromptFormat
+
     s = getattr(ref.recipe, settings)  # warm_start or improve
     return TrainConfig(
-        epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, warmup_steps=s.warmup_steps, dtype=s.dtype, seed=seed,
-        lora_r=s.lora_r,
+        epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, warmup_steps=s.warmup_steps, seed=seed, lora_r=s.lora_r,
+        micro_batch_size=s.micro_batch_size, gradient_checkpointing=s.gradient_checkpointing,
+        group_by_length=s.group_by_length, dtype=ref.recipe.model.dtype, prompt=PromptFormat.of(ref.recipe.prompt_format()),
     )
 
 
@@ -37,9 +40,11 @@ def fit_sft(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: 
     data = lake.read(data_uri)
     Path(ref.cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp:
+        # A truncated sample reaches training only when filter.keep_truncated asks: then without an end token.
+        finished = (data["finish_reason"] != "length").to_list() if "finish_reason" in data.columns else None
         metrics = sft(
             ref.local_model(start_uri), tmp, data["prompt"].to_list(), data["completion"].to_list(),
-            _train_config(ref, settings, seed), trust_remote_code=ref.recipe.model.trust_remote_code,
+            _train_config(ref, settings, seed), finished=finished, trust_remote_code=ref.recipe.model.trust_remote_code,
         )
         extra = {"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics}
         lake.put_dir(tmp, out_uri, extra=extra)
@@ -69,7 +74,7 @@ def train_metrics(ref: RunRef, model_uri: str) -> dict[str, float]:
 def _preference_config(ref: RunRef, seed: int):
     from alignment.recipe import preference_config
 
-    return preference_config(ref.recipe.preference, seed)
+    return preference_config(ref.recipe.preference, seed, dtype=ref.recipe.model.dtype, prompt=ref.recipe.prompt_format())
 
 
 @flywheel_task(name="train-preference")

@@ -51,10 +51,10 @@ def workdir(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A tiny GPT-2 with a character tokenizer over the arithmetic task's characters."""
+    """The built-in tiny model (Llama, chat template, two end ids) over the arithmetic task's characters."""
     from alignment.arithmetic import arithmetic_task
-    from alignment.models import build_tiny_gpt2
+    from alignment.models import build_tiny_model
 
     task = arithmetic_task()
     texts = [*task.prompts["prompt"], *task.labelled["completion"], *task.eval["reference"]]
-    return build_tiny_gpt2(texts, tmp_path_factory.mktemp("tiny-model"))
+    return build_tiny_model(texts, tmp_path_factory.mktemp("tiny-model"))

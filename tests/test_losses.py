@@ -262,8 +262,9 @@ def test_sequence_logps_match_a_token_by_token_loop(tiny):
     prompts, completions = ["1+2=", "13+4=", "2="], ["3", "17", "100"]
     logps, lengths = sequence_logps(model, tok, prompts, completions, batch_size=2)
     for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        p_ids = tok(p, add_special_tokens=False)["input_ids"]
-        c_ids = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        text = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        p_ids = tok(text, add_special_tokens=False)["input_ids"]
+        c_ids = tok(c, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|end|>")]
         ids = torch.tensor([p_ids + c_ids])
         with torch.no_grad():
             logprobs = model(ids).logits[0].log_softmax(-1)

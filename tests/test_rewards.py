@@ -10,7 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignment.rewards import REWARDS, RewardError, contains_reference, exact_match, resolve_reward, score
+from alignment.rewards import (
+    REWARDS,
+    RewardError,
+    contains_reference,
+    exact_match,
+    numeric_match,
+    regex_match,
+    resolve_reward,
+    score,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,9 +57,36 @@ def test_contains_reference_finds_the_reference_anywhere():
 
 
 def test_built_ins_resolve_by_name():
-    assert set(REWARDS) == {"exact_match", "contains_reference"}
+    assert set(REWARDS) == {"exact_match", "contains_reference", "numeric_match", "regex_match"}
     assert resolve_reward("exact_match") is exact_match
     assert resolve_reward("contains_reference") is contains_reference
+    assert resolve_reward("numeric_match") is numeric_match and resolve_reward("regex_match") is regex_match
+
+
+@pytest.mark.parametrize(
+    ("completion", "reference", "expected"),
+    [
+        ("Nina has 12 apples, gives 5, so 7 are left. The answer is 7", "7", 1.0),
+        ("so the total is 1,200 dollars.", "1200", 1.0),
+        ("It costs $2.50", "2.5", 1.0),
+        ("The temperature is -3 degrees", "-3", 1.0),
+        ("minus sign: −4", "-4", 1.0),
+        (r"First 3, then \boxed{42}, check 41", "42", 1.0),
+        ("The answer is 8", "#### 7", 0.0),
+        ("no number here", "7", 0.0),
+        ("7", "no number", 0.0),
+        ("0.5", ".5", 1.0),
+        ("12 then 13", "12", 0.0),  # the last number is the answer
+    ],
+)
+def test_numeric_match_reads_the_final_number(completion, reference, expected):
+    assert numeric_match([""], [completion], [reference]) == [expected]
+
+
+def test_regex_match_matches_the_whole_completion():
+    assert regex_match(["", "", ""], [" 42 ", "421", "yes"], [r"4\d", r"4\d", "yes|no"]) == [1.0, 0.0, 1.0]
+    with pytest.raises(RewardError, match="not a regular expression"):
+        regex_match([""], ["x"], ["("])
 
 
 # -- a user's reward by import path ------------------------------------------------------------

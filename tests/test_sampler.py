@@ -84,14 +84,16 @@ def test_different_seed_or_prompt_id_gives_different_samples(sampler, reference)
 
 
 def _manual_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
-    """Greedy decoding by hand: argmax of the next-token logits until EOS or the length limit."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    """Greedy decoding by hand on the chat-templated prompt: argmax until any end id or the length limit."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ends = set(model.generation_config.eos_token_id)
     out: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
             logits = model(torch.tensor([ids + out])).logits[0, -1]
             out.append(int(logits.argmax()))
-            if out[-1] == tokenizer.eos_token_id:
+            if out[-1] in ends:
                 break
     return out
 
@@ -104,6 +106,7 @@ def test_greedy_is_deterministic_seed_free_and_matches_argmax_decoding(tiny_mode
     for prompt, texts, counts in zip(PROMPTS, out.completions, out.num_tokens, strict=True):
         expected = _manual_greedy(model, tokenizer, prompt, greedy.max_new_tokens)
         assert texts == [tokenizer.decode(expected, skip_special_tokens=True)] * 3
+        assert out.finish_reasons[PROMPTS.index(prompt)] == ["stop" if len(expected) < 6 or expected[-1] in model.generation_config.eos_token_id else "length"] * 3
         assert counts == [len(expected)] * 3
 
 
@@ -117,16 +120,17 @@ def test_first_token_frequencies_follow_softmax_of_logits_over_temperature(tiny_
     # Sharpen the random model so its next-token distribution is far from uniform.
     model, tokenizer = load_policy(tiny_model_dir, device="cpu")
     with torch.no_grad():
-        model.transformer.wte.weight.mul_(25.0)
+        model.get_input_embeddings().weight.mul_(25.0)
     model.save_pretrained(tmp_path, safe_serialization=True)
     tokenizer.save_pretrained(tmp_path)
+    # Raw prompts: the sharpened model would otherwise only echo the template's last token.
     prompt, temperature, n = "37+5=", 0.7, 3000
     with torch.no_grad():
         logits = model(torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])).logits[0, -1]
     probs = torch.softmax(logits / temperature, dim=-1)
     assert probs.max() > 0.2, "the sharpened model should not be near-uniform"
 
-    sharp = TransformersSampler(str(tmp_path), batch_size=1024, device="cpu", progress=False)
+    sharp = TransformersSampler(str(tmp_path), batch_size=1024, device="cpu", progress=False, prompt={"format": "raw"})
     gen = sharp.generate([prompt], n, SamplingParams(temperature, 1.0, 1, seed=0), [0])
     assert gen.num_tokens == [[1] * n]
     vocab = tokenizer.get_vocab()

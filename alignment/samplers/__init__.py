@@ -24,10 +24,13 @@ class SamplingParams:
 
 @dataclass
 class Generation:
-    """``completions[i][j]`` is the j-th sample for prompt i; ``num_tokens`` counts its generated tokens."""
+    """``completions[i][j]`` is the j-th sample for prompt i; ``num_tokens`` counts its generated tokens
+    (including the end token) and ``finish_reasons`` says ``stop`` (the model ended it) or ``length``
+    (``max_new_tokens`` cut it off)."""
 
     completions: list[list[str]]
     num_tokens: list[list[int]] = field(default_factory=list)
+    finish_reasons: list[list[str]] = field(default_factory=list)
 
 
 class Sampler(Protocol):
@@ -56,17 +59,42 @@ def request_ids(prompts: Sequence[str], n: int, prompt_ids: Sequence[int] | None
 
 
 def make_sampler(backend: str, model_path: str, **options: Any) -> Sampler:
-    """Build the sampler for ``backend`` over the model at ``model_path``."""
+    """Build the sampler for ``backend`` over the model at ``model_path``.
+
+    An option the backend does not take is one sentence naming it and the ones it does take
+    (``grow.sampler_options`` comes straight from a recipe).
+    """
+    import inspect
+
+    from alignment.errors import ConfigError
+
+    cls = _backend(backend)
+    sig = inspect.signature(cls.__init__)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    allowed = [n for n, p in sig.parameters.items() if n not in ("self", "model_path") and p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown and not takes_any:
+        raise ConfigError(
+            f"The {backend!r} sampler does not take {', '.join(map(repr, unknown))}; "
+            f"its options are {', '.join(allowed)} (grow.sampler_options)."
+        )
+    try:
+        return cls(model_path, **options)
+    except TypeError as exc:
+        raise ConfigError(f"The {backend!r} sampler's options are wrong ({exc}); check grow.sampler_options.") from None
+
+
+def _backend(backend: str):
     if backend == "transformers":
         from alignment.samplers.hf import TransformersSampler
 
-        return TransformersSampler(model_path, **options)
+        return TransformersSampler
     if backend == "vllm":
         from alignment.samplers.vllm import VLLMSampler
 
-        return VLLMSampler(model_path, **options)
+        return VLLMSampler
     if backend == "openai":
         from alignment.samplers.openai import OpenAISampler
 
-        return OpenAISampler(model_path, **options)
+        return OpenAISampler
     raise ValueError(f"Unknown sampler backend {backend!r}: use 'transformers', 'vllm' or 'openai'.")

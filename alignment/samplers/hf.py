@@ -17,7 +17,8 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from alignment.models import load_policy
-from alignment.samplers import Generation, SamplingParams, row_seed
+from alignment.prompting import PromptFormat, formatter_for
+from alignment.samplers import Generation, SamplingParams, request_ids, row_seed
 
 
 class _GumbelNoise(LogitsProcessor):
@@ -33,7 +34,11 @@ class _GumbelNoise(LogitsProcessor):
 
 
 class TransformersSampler:
-    """Sample from a local Hugging Face causal LM, ``batch_size`` sequences at a time."""
+    """Sample from a local Hugging Face causal LM, ``batch_size`` sequences at a time.
+
+    Prompts are formatted and tokenised by ``alignment.prompting`` (chat template, special tokens
+    once); generation stops at every end id the model declares and at ``prompt.stop`` strings.
+    """
 
     def __init__(
         self,
@@ -41,11 +46,13 @@ class TransformersSampler:
         *,
         batch_size: int = 256,
         device: str | None = None,
+        dtype: str = "float32",
+        prompt: PromptFormat | dict | None = None,
         trust_remote_code: bool = False,
         progress: bool = True,
     ):
-        self.model, self.tokenizer = load_policy(model_path, trust_remote_code=trust_remote_code, device=device)
-        self.tokenizer.padding_side = "left"
+        self.model, self.tokenizer = load_policy(model_path, trust_remote_code=trust_remote_code, device=device, dtype=dtype)
+        self.formatter = formatter_for(self.model, self.tokenizer, prompt)
         self.batch_size = batch_size
         self.progress = progress
 
@@ -53,24 +60,20 @@ class TransformersSampler:
     def generate(
         self, prompts: Sequence[str], n: int, params: SamplingParams, prompt_ids: Sequence[int] | None = None
     ) -> Generation:
-        ids = list(prompt_ids) if prompt_ids is not None else list(range(len(prompts)))
+        ids = request_ids(prompts, n, prompt_ids)
+        fmt = self.formatter
+        encoded = fmt.check_prompts(prompts, params.max_new_tokens)
         rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
         # Sort by prompt length so a batch holds similar lengths: less padding, same results.
-        rows.sort(key=lambda r: len(prompts[r[0]]))
-        texts: dict[tuple[int, int], str] = {}
-        counts: dict[tuple[int, int], int] = {}
-        eos = self.tokenizer.eos_token_id
+        rows.sort(key=lambda r: len(encoded[r[0]]))
+        out: dict[tuple[int, int], tuple[str, str, int]] = {}
         config = GenerationConfig(
-            do_sample=False,
-            max_new_tokens=params.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=eos,
+            do_sample=False, max_new_tokens=params.max_new_tokens, pad_token_id=fmt.pad_id, eos_token_id=list(fmt.end_ids),
         )
         batches = range(0, len(rows), self.batch_size)
         for start in tqdm(batches, desc="sampling", unit="batch", disable=not self.progress, leave=False):
             batch = rows[start : start + self.batch_size]
-            enc = self.tokenizer([prompts[i] for i, _ in batch], return_tensors="pt", padding=True)
-            enc = enc.to(self.model.device)
+            input_ids, mask = _left_pad([encoded[i] for i, _ in batch], fmt.pad_id, self.model.device)
             processors = LogitsProcessorList()
             if params.temperature > 0:
                 processors.append(TemperatureLogitsWarper(params.temperature))
@@ -78,14 +81,25 @@ class TransformersSampler:
                     processors.append(TopPLogitsWarper(params.top_p))
                 seeds = [row_seed(params.seed, ids[i], j) for i, j in batch]
                 processors.append(_GumbelNoise(seeds, self.model.device))
-            out = self.model.generate(**enc, generation_config=config, logits_processor=processors)
-            new = out[:, enc["input_ids"].shape[1] :]
+            generated = self.model.generate(
+                input_ids=input_ids, attention_mask=mask, generation_config=config, logits_processor=processors
+            )
+            new = generated[:, input_ids.shape[1] :]
             for row, seq in zip(batch, new.tolist(), strict=True):
-                if eos in seq:
-                    seq = seq[: seq.index(eos) + 1]
-                counts[row] = len(seq)
-                texts[row] = self.tokenizer.decode(seq, skip_special_tokens=True)
+                out[row] = fmt.finish(seq)
         return Generation(
-            completions=[[texts[(i, j)] for j in range(n)] for i in range(len(prompts))],
-            num_tokens=[[counts[(i, j)] for j in range(n)] for i in range(len(prompts))],
+            completions=[[out[(i, j)][0] for j in range(n)] for i in range(len(prompts))],
+            finish_reasons=[[out[(i, j)][1] for j in range(n)] for i in range(len(prompts))],
+            num_tokens=[[out[(i, j)][2] for j in range(n)] for i in range(len(prompts))],
         )
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        if s:
+            ids[row, width - len(s) :] = torch.tensor(s)
+            mask[row, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
