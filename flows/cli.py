@@ -14,12 +14,22 @@ import os
 import sys
 
 
-def _quiet_libraries() -> None:
+# Set (unless the user set them) before any library reads them. Telemetry of Prefect and MLflow is
+# off: runs stay on this machine, and the console shows no telemetry errors.
+QUIET_ENV = {
+    "DO_NOT_TRACK": "1",  # Prefect's client; MLflow reads only "true" here, hence the next line
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the embedded Prefect server
     # Spinning OpenMP threads slow torch down many times over on small, shared CPUs.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+MODEL_COMMANDS = ("run", "serve")  # the only commands that load a model library
+
+
+def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -50,8 +60,10 @@ def format_table(summary: dict) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from alignment.recipe import load_recipe
     from flows.run import run_recipe
+    from tasks.register import check_tracking
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_tracking(recipe.mlflow.tracking_uri)  # a stopped server: one sentence before Prefect starts
     summary = run_recipe(recipe, args.run_name)
     print(format_table(summary))
     print(f"summary: {summary['lake']}/{summary['run']}/summary.json")
@@ -132,14 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=180.0, help="Seconds to wait for each service to answer.")
     p.add_argument("--json", action="store_true", help="Print JSON for scripts.")
     p.set_defaults(func=cmd_stack)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     args = parser.parse_args(argv)
-    if args.command != "stack":  # the stack commands load no model library: keep them quick
+    if args.command in MODEL_COMMANDS:  # the others load no model library: keep them quick
         _quiet_libraries()
-    from flows.errors import USER_ERRORS
-
     try:
         return args.func(args)
-    except USER_ERRORS as exc:
+    except Exception as exc:
+        from flows.errors import user_errors  # only what the command has loaded: no torch to report
+
+        if not isinstance(exc, user_errors()):
+            raise
         print(f"flywheel: {exc}", file=sys.stderr)
         return 2
 

@@ -1,13 +1,33 @@
 """The errors that are the user's to fix: the CLI prints their one sentence, not a traceback.
 
-This module is imported by the CLI only once a command has been parsed; ``tasks.s3`` brings boto3
-(about a tenth of a second), which every lake command needs anyway.
+Every such error is an ``alignment.errors.UserError`` (a module that imports no model library), so
+catching one costs nothing: ``flywheel stack status`` or a bad ``--set`` must not import torch just
+to be able to report a mistake. The classes below predate that hierarchy or subclass ``OSError``;
+they are looked up only in modules already imported (one that was never imported raised nothing).
 """
 
-from alignment.recipe import RecipeError
-from alignment.rewards import RewardError
-from tasks.inputs import InputError
-from tasks.lake import StageNotFound
-from tasks.s3 import LakeAccessError
+from __future__ import annotations
 
-USER_ERRORS: tuple[type[BaseException], ...] = (RecipeError, RewardError, InputError, StageNotFound, LakeAccessError)
+import sys
+
+from alignment.errors import UserError
+
+_ALSO = {
+    "alignment.recipe": "RecipeError",
+    "alignment.rewards": "RewardError",
+    "tasks.inputs": "InputError",
+    "tasks.lake": "StageNotFound",
+    "tasks.s3": "LakeAccessError",
+}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """``UserError`` and the user-error classes of the modules loaded so far; for an ``except`` clause."""
+    loaded = (getattr(sys.modules[m], name, None) for m, name in _ALSO.items() if m in sys.modules)
+    return (UserError, *(c for c in loaded if isinstance(c, type)))
+
+
+def __getattr__(name: str):
+    if name == "USER_ERRORS":  # the former constant, for callers that import it: computed now
+        return user_errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

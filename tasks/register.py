@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,44 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tasks.context import RunRef, flywheel_task, log
+from alignment.errors import UserError
+from tasks.context import RunRef, flywheel_task, log, retry_on_io
 
 CHAMPION = "champion"
 PROMOTED_TAG = "flywheel.promoted"  # set once the champion decision for a version is made
-MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15]}
+ERROR_TAG = "flywheel.error"  # why a run ended FAILED or KILLED
+MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "retry_condition_fn": retry_on_io}
+# MLflow's HTTP client waits 120 s per request and retries 7 times with backoff: a stopped server
+# would hang a run for minutes. These bound one request; the task retries above cover blips.
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+PROBE_TIMEOUT_S = 10.0
+# The served pyfunc's inputs, outputs and inference params (``predict(..., params={...})``).
+SIGNATURE_EXAMPLE = (["12+7="], ["19"], {"max_new_tokens": 32, "temperature": 0.0})
+
+
+class TrackingUnreachable(UserError):
+    """The recipe's MLflow tracking server does not answer."""
+
+
+def check_tracking(uri: str) -> None:
+    """Raise ``TrackingUnreachable`` (one sentence, within ``PROBE_TIMEOUT_S``) if an HTTP tracking server is down.
+
+    Any HTTP answer counts as reachable (a proxy's 401 is the server's business); only a refused
+    connection, a timeout or an unknown host fail. Local URIs (SQLite, files) are not probed.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnreachable(
+            f"The MLflow tracking server at {uri} cannot be reached ({reason}): start it "
+            "(flywheel stack up) or set mlflow.tracking_uri to a running server."
+        ) from None
 
 
 def configure(ref: RunRef) -> str:
@@ -29,15 +64,19 @@ def configure(ref: RunRef) -> str:
     With ``mlflow.artifact_location: s3://...`` MLflow's own S3 client stores the artifacts; it reads
     its endpoint from ``MLFLOW_S3_ENDPOINT_URL`` (else boto3's ``AWS_ENDPOINT_URL``), so the recipe's
     ``s3.endpoint_url`` is handed to it here, at call time. Credentials stay in the AWS settings.
+    A tracking server that does not answer fails here as one ``TrackingUnreachable`` sentence.
     """
     cfg = ref.recipe.mlflow
     if ref.recipe.s3.endpoint_url:
         os.environ["MLFLOW_S3_ENDPOINT_URL"] = ref.recipe.s3.endpoint_url
+    for key, value in HTTP_SETTINGS.items():
+        os.environ.setdefault(key, value)
     uri = cfg.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         db = Path(uri[len("sqlite:///") :]).resolve()
         db.parent.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{db}"
+    check_tracking(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.experiment)
@@ -71,7 +110,9 @@ def start_tracking(ref: RunRef) -> str:
     client = MlflowClient()
     tags = {"flywheel.run": ref.run, "flywheel.kind": "parent"}
     run_id = _find_run(client, experiment_id, tags)
-    if run_id is None:
+    if run_id is not None:
+        _reopen(client, run_id)
+    else:
         run_id = client.create_run(experiment_id, run_name=ref.run, tags={**tags, "flywheel.lake": ref.lake}).info.run_id
         params = _flatten("", ref.recipe.model_dump(mode="json"), {})
         items = list(params.items())
@@ -88,12 +129,54 @@ def iteration_run(ref: RunRef, iteration: int) -> str:
     client = MlflowClient()
     tags = {"flywheel.run": ref.run, "flywheel.iteration": str(iteration)}
     run_id = _find_run(client, experiment_id, tags)
-    if run_id is None:
+    if run_id is not None:
+        _reopen(client, run_id)
+    else:
         run_id = client.create_run(
             experiment_id, run_name=f"{ref.run}-iteration-{iteration}",
             tags={**tags, "mlflow.parentRunId": ref.mlflow_run_id or ""},
         ).info.run_id
     return run_id
+
+
+def _reopen(client: MlflowClient, run_id: str) -> None:
+    """A resumed run's MLflow run shows RUNNING again (it ended FAILED or KILLED before)."""
+    run = client.get_run(run_id)
+    if run.info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+        if ERROR_TAG in run.data.tags:
+            client.delete_tag(run_id, ERROR_TAG)
+
+
+def end_tracking(ref: RunRef, status: str, error: str | None = None) -> None:
+    """End the parent MLflow run and its iteration runs as ``FINISHED``, ``FAILED`` or ``KILLED``.
+
+    Iterations run one after another, so when a run fails or is stopped only its latest iteration
+    run takes that status; the earlier ones are ``FINISHED``. ``error`` (why it failed) is kept as
+    the ``flywheel.error`` tag of the parent and of the latest iteration. Call it once the flow's
+    outcome is known; a resumed run reopens both (``start_tracking``).
+    """
+    if status not in ("FINISHED", "FAILED", "KILLED"):
+        raise ValueError(f"status must be FINISHED, FAILED or KILLED, not {status!r}")
+    if not ref.mlflow_run_id:
+        return
+    configure(ref)
+    client = MlflowClient()
+    parent = client.get_run(ref.mlflow_run_id)
+    nested = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{ref.mlflow_run_id}'", max_results=1000
+    )
+    nested.sort(key=lambda r: int(r.data.tags.get("flywheel.iteration", "0")))
+    for i, run in enumerate(nested):
+        latest = i == len(nested) - 1
+        _end(client, run.info.run_id, status if latest else "FINISHED", error if latest else None)
+    _end(client, ref.mlflow_run_id, status, error)
+
+
+def _end(client: MlflowClient, run_id: str, status: str, error: str | None) -> None:
+    if error and status != "FINISHED":
+        client.set_tag(run_id, ERROR_TAG, error[:5000])
+    client.set_terminated(run_id, status=status)
 
 
 def _existing_version(client: MlflowClient, name: str, ref: RunRef, iteration: int, step: int):
@@ -156,6 +239,10 @@ def register(
                 artifacts={"checkpoint": ref.local_model(model_uri)},
                 pip_requirements=_requirements(),
             )
+            # Set after logging: MLflow takes the signature from predict's type hints, which carry
+            # no inference params, so params={"max_new_tokens": ...} would be dropped when served.
+            mlflow.models.set_signature(info.model_uri, mlflow.models.infer_signature(
+                SIGNATURE_EXAMPLE[0], SIGNATURE_EXAMPLE[1], params=SIGNATURE_EXAMPLE[2]))
         tags = {
             "flywheel.run": ref.run,
             "flywheel.iteration": str(iteration),
@@ -171,7 +258,8 @@ def register(
             client.create_registered_model(name)
         except MlflowException:
             pass  # already exists
-        existing = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags)
+        # A tracking server refuses a models:/ source unless model_id names it (SQLite does not care).
+        existing = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
     version = existing.version
     decided = (existing.tags or {}).get(PROMOTED_TAG)
     if decided is not None:  # a resumed run replaying this step: report the decision made then
