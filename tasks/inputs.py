@@ -110,6 +110,21 @@ def prepare_inputs(ref: RunRef) -> dict[str, str]:
     return uris
 
 
+def preflight(recipe: Recipe) -> None:
+    """Check the task's files and the model against each other before a flow starts.
+
+    The same checks ``prepare_inputs`` makes, run in the CLI's process so a bad prompt file, a model
+    folder without weights or a prompt too long for the context is one sentence before Prefect
+    starts, and nothing is written.
+    """
+    data = load_task(recipe.task, recipe.seed)
+    if recipe.model.path:
+        check_lengths(recipe, recipe.model.path, data)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        check_lengths(recipe, _build_base(recipe, _texts([data.prompts, data.eval, data.labelled], recipe), tmp), data)
+
+
 def check_lengths(recipe: Recipe, model_dir: str, data: TaskData) -> None:
     """One sentence when a prompt leaves no room for ``max_new_tokens`` in the model's context."""
     from transformers import AutoConfig, GenerationConfig

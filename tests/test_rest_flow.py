@@ -143,7 +143,14 @@ def test_summary_counts_and_thresholds_match_the_lake(fast_run):
         evals = read_stage(it / "eval" / "step=1")
         assert evals.height == 40
         assert row["eval_reward"] == pytest.approx(evals["reward"].mean())
-        assert row["eval_accuracy"] == pytest.approx(evals["exact_match"].mean())
+        assert row["eval_accuracy"] == pytest.approx(evals["correct"].mean())
+        # Every sample says how it ended; cut-off samples are never trained on, and the filter counts each drop.
+        assert set(scored["finish_reason"]) <= {"stop", "length"}
+        assert (kept["finish_reason"] == "stop").all()
+        dropped = json.loads((it / "filtered" / "step=1" / MANIFEST).read_text())["dropped"]
+        finished = scored.filter(pl.col("finish_reason") == "stop")
+        assert dropped["truncated"] == scored.height - finished.height
+        assert sum(dropped.values()) == scored.height - kept.height
 
 
 def test_every_stage_is_committed_with_a_manifest(fast_run):

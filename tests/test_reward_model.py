@@ -148,7 +148,7 @@ def test_resolve_reward_spec(trained):
     assert nested.reduce == "mean" and isinstance(nested.members[0], RewardModel)
     assert isinstance(nested.members[1], Ensemble)
     assert nested(["1+1="], ["2"], ["2"])[0] == pytest.approx((rm(["1+1="], ["2"], ["2"])[0] + 1.0) / 2)
-    assert resolve_reward is not resolve_reward_spec and set(REWARDS) == {"exact_match", "contains_reference"}
+    assert resolve_reward is not resolve_reward_spec and {"exact_match", "contains_reference"} <= set(REWARDS)
 
 
 @pytest.mark.parametrize(

@@ -55,12 +55,12 @@ warm_start:
   batch_size: 16
 grow:
   samples_per_prompt: 4
-  max_new_tokens: 5
+  max_new_tokens: 6          # four letters and the end-of-turn token, with one to spare
   include_labelled: false   # Improve learns from the policy's own samples only
 improve:
   epochs: 3
 eval:
-  max_new_tokens: 5
+  max_new_tokens: 6
   patience: 2
 grow_steps: 2
 """
