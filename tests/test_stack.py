@@ -94,3 +94,77 @@ def test_stack_up_status_down(tmp_path):
     assert all(not stack.pid_alive(info["pid"]) for info in state.values())
     after = _flywheel(tmp_path, "stack", "status", "--json", timeout=60)
     assert after.returncode == 1 and not any(s["running"] for s in json.loads(after.stdout).values())
+
+
+SCHEDULED = {
+    "name": "scheduled-rest", "algorithm": "rest", "seed": 0, "grow_steps": 1,
+    "task": {"n_labelled": 60, "n_prompts": 40, "n_eval": 20},
+    "warm_start": {"epochs": 5, "lr": 0.003, "batch_size": 16},
+    "grow": {"samples_per_prompt": 2, "max_new_tokens": 5},
+    "eval": {"max_new_tokens": 5},
+    "orchestration": {"schedule": "* * * * *"},  # every minute: the scheduler's first run is due within one
+}
+
+
+def test_served_schedule_creates_and_completes_a_run_by_itself(api, tmp_path):
+    """``flywheel serve`` of a recipe with ``orchestration.schedule`` on a real Prefect server: with nobody
+    asking, the scheduler creates a run, the serve process runs it to Completed, and Ctrl-C stops serve."""
+    import signal
+    import time
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    recipe = {**SCHEDULED, "lake": (tmp_path / "lake").as_uri(),
+              "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"}}
+    recipe_file = tmp_path / "scheduled-rest.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    served = tmp_path / "served"  # another directory: runs import the installed package, not the cwd's code
+    served.mkdir()
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
+    env.update(PREFECT_API_URL=api, PREFECT_HOME=str(tmp_path / "prefect-client"), OMP_NUM_THREADS="1")
+    with log.open("wb") as fh:
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(recipe_file)], cwd=served, env=env,
+                                 stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deployment_id = None
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 600
+            run = None
+            while time.monotonic() < deadline:
+                assert serve.poll() is None, f"flywheel serve exited:\n{log.read_text()[-4000:]}"
+                if deployment_id is None:
+                    try:
+                        deployment_id = client.read_deployment_by_name("rest/scheduled-rest").id
+                    except Exception:
+                        time.sleep(1)
+                        continue
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+                started = [r for r in runs if r.auto_scheduled and r.state and r.state.type.value != "SCHEDULED"]
+                assert all(r.auto_scheduled for r in runs)  # nobody but the scheduler asked for a run
+                if started and started[0].state.is_final():
+                    run = started[0]
+                    break
+                time.sleep(2)
+            assert run is not None, f"no scheduled run finished within 600 s:\n{log.read_text()[-4000:]}"
+            assert run.state.is_completed(), f"{run.state}:\n{log.read_text()[-6000:]}"
+        summaries = list((tmp_path / "lake").glob("*/summary.json"))
+        assert summaries, "the scheduled run wrote no summary"
+
+        serve.send_signal(signal.SIGINT)  # Ctrl-C: serve stops, without a traceback
+        start = time.monotonic()
+        rc = serve.wait(timeout=60)
+        stopped_in = time.monotonic() - start
+    finally:
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait(timeout=10)
+        if deployment_id is not None:
+            with get_client(sync_client=True) as client:
+                client.delete_deployment(deployment_id)  # and its scheduled runs: the shared server stays quiet
+    text = log.read_text()
+    assert rc in (0, 130), text[-3000:]
+    assert stopped_in < 30, stopped_in
+    assert "Traceback" not in text, text[-6000:]
