@@ -1,7 +1,14 @@
-"""Opening a run: its name, its lake, its cache and its MLflow parent run, as one ``RunRef``."""
+"""Opening a run: its name, its lake, its cache and its MLflow parent run, as one ``RunRef``.
+
+Opening checks what keeps the run whole (``tasks.runs``): its name and model name are safe, this
+process holds the run's lease (one writer per run), and the recipe is the one the run was created
+with. ``flywheel run`` makes the same checks before Prefect starts (``flows.run.run_recipe``); a run
+started from a deployment makes them here.
+"""
 
 from __future__ import annotations
 
+import atexit
 import time
 
 from alignment.recipe import Recipe
@@ -10,20 +17,49 @@ from tasks.evaluate import evaluate
 from tasks.placement import check_stage_deployments
 from tasks.register import register, start_tracking
 from tasks.report import Summary
+from tasks.lake import Lake
+from tasks.runs import acquire, check_identity, check_names, held, release
 from tasks.train import warm_start
-from tasks.storage import normalize_uri
 
 
 def default_run_name(recipe: Recipe) -> str:
     return f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def guard_run(recipe: Recipe, run: str) -> tuple[Lake, bool]:
+    """Check the names, take the run's lease (unless this process holds it) and check the run's identity.
+
+    Returns the lake and whether the lease was taken now (then the caller releases it with ``close_run``).
+    Each failure is one ``UserError`` sentence: a bad name, a run another process writes, a changed recipe.
+    """
+    check_names(recipe, run)
+    lake = Lake(recipe.lake, recipe.s3.model_dump(exclude_none=True))
+    taken = held(lake, run) is None
+    if taken:
+        acquire(lake, run)
+    try:
+        check_identity(lake, run, recipe)
+    except BaseException:
+        if taken:
+            release(lake.uri, run)
+        raise
+    return lake, taken
+
+
 def open_run(recipe: Recipe, run_name: str | None) -> RunRef:
     """A reference to the run named ``run_name`` (re-using it resumes the run)."""
     check_stage_deployments(recipe)  # a run triggered from a deployment did not pass through run_recipe
     run = run_name or default_run_name(recipe)
-    ref = RunRef(run=run, lake=normalize_uri(recipe.lake), recipe=recipe, cache_dir=local_cache_dir())
+    lake, taken = guard_run(recipe, run)
+    if taken:  # a deployment's flow run: its process ends with the flow, and the lease with it
+        atexit.register(release, lake.uri, run)
+    ref = RunRef(run=run, lake=lake.uri, recipe=recipe, cache_dir=local_cache_dir())
     return ref.model_copy(update={"mlflow_run_id": start_tracking(ref)})
+
+
+def close_run(ref: RunRef) -> None:
+    """Release the run's lease now (the flow has finished); without it, the process's exit releases it."""
+    release(ref.lake, ref.run)
 
 
 def warm_start_and_baseline(ref: RunRef, inputs: dict[str, str], summary: Summary) -> tuple[str, float, dict[str, str]]:

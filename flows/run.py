@@ -30,15 +30,31 @@ def check_lake(recipe: Recipe) -> None:
 
 
 def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
-    from flows.common import default_run_name
-    from tasks.placement import check_stage_deployments
+    """Run the recipe's flow as run ``run_name`` (a new name starts a run, a used one resumes it).
 
+    Before Prefect starts: the names are checked, the lake answers, this process takes the run's
+    lease (one writer per run) and the recipe is checked against the one the run was created with;
+    each failure is one ``UserError`` sentence. The lease is released when the flow ends, however.
+    """
+    from flows.common import default_run_name, guard_run
+    from tasks.lake import check_name
+    from tasks.inputs import preflight
+    from tasks.placement import check_stage_deployments
+    from tasks.runs import release
+
+    name = run_name or default_run_name(recipe)
+    check_name(name, "run name")
     check_lake(recipe)
     check_stage_deployments(recipe)
-    name = run_name or default_run_name(recipe)
-    flow = flow_for(recipe).with_options(flow_run_name=name)
-    with api_for_workers(recipe):
-        return flow(recipe=recipe, run_name=name)
+    preflight(recipe)
+    lake, taken = guard_run(recipe, name)
+    try:
+        flow = flow_for(recipe).with_options(flow_run_name=name)
+        with api_for_workers(recipe):
+            return flow(recipe=recipe, run_name=name)
+    finally:
+        if taken:
+            release(lake.uri, name)
 
 
 def flow_for(recipe: Recipe):

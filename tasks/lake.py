@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -28,6 +29,7 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 
+from alignment.errors import UserError
 from tasks.storage import Store, normalize_uri, open_store
 
 MANIFEST = "_manifest.json"
@@ -51,6 +53,41 @@ class StageNotFound(FileNotFoundError):
     """A stage was read before it was committed."""
 
 
+class BadName(UserError):
+    """A run or model name that could escape the lake, forge a partition or overflow a path."""
+
+
+class StageChanged(UserError):
+    """A committed stage was made with a config other than the one a run would use now."""
+
+
+class CorruptPart(UserError):
+    """A part of a committed stage no longer matches what its manifest recorded."""
+
+
+# Run names become a folder of the lake and model names a registry key: a single path segment of a
+# few safe characters, so nothing typed escapes the lake (``..``, ``/``) or forges a hive partition (``=``).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NAME_RULE = "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit and without '..'"
+
+
+def check_name(name: str, what: str) -> str:
+    """``name`` if it follows ``NAME_RULE``; else a ``BadName`` sentence saying which rule it breaks."""
+    shown = name if len(name) <= 40 else f"{name[:40]}..."
+    if not name:
+        problem = "is empty"
+    elif len(name) > 128:
+        problem = f"is {len(name)} characters long"
+    elif ".." in name:
+        problem = "contains '..'"
+    elif NAME_PATTERN.fullmatch(name):
+        return name
+    else:
+        bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "._-"))})
+        problem = f"contains {', '.join(repr(c) for c in bad)}" if bad else "does not start with a letter or digit"
+    raise BadName(f"The {what} {shown!r} {problem}: use {NAME_RULE}.")
+
+
 @dataclass(frozen=True)
 class Manifest:
     uri: str
@@ -71,10 +108,10 @@ class Lake:
 
     # -- addresses ---------------------------------------------------------------------------
     def run_uri(self, run: str) -> str:
-        return f"{self.uri}/{run}"
+        return f"{self.uri}/{check_name(run, 'run name')}"
 
     def stage_uri(self, run: str, iteration: int, stage: str, step: int | None = None) -> str:
-        uri = f"{self.uri}/{run}/iteration={iteration}/{stage}"
+        uri = f"{self.run_uri(run)}/iteration={iteration}/{stage}"
         return uri if step is None else f"{uri}/step={step}"
 
     # -- commit protocol ---------------------------------------------------------------------
@@ -97,6 +134,16 @@ class Lake:
             sha256=hashlib.sha256(raw).hexdigest(),
         )
 
+    def check_config(self, stage_uri: str, config: Any) -> Manifest:
+        """The committed stage's manifest, if it was made with ``config``; ``StageChanged`` if not."""
+        m = self.manifest(stage_uri)
+        if m.config_hash != config_hash(config):
+            raise StageChanged(
+                f"The committed stage {stage_uri} was made with other settings than this run's (config hash "
+                f"{m.config_hash}, now {config_hash(config)}); delete {stage_uri}/{MANIFEST} to re-run it, or use another --run-name."
+            )
+        return m
+
     def write_stage(
         self,
         stage_uri: str,
@@ -106,7 +153,8 @@ class Lake:
         parents: list[str] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> Manifest:
-        """Commit ``shards`` as the stage at ``stage_uri``; a stage already committed is left as it is."""
+        """Commit ``shards`` as the stage at ``stage_uri``; a stage already committed is left as it is
+        (whether it was made with this ``config`` is for the caller to ask: ``check_config``)."""
         if self.is_done(stage_uri):
             return self.manifest(stage_uri)
         self.store.delete_prefix(stage_uri)
@@ -159,12 +207,42 @@ class Lake:
         return self.manifest(stage_uri)
 
     def read(self, stage_uri: str) -> pl.DataFrame:
-        """The rows of a committed stage, read from exactly the files its manifest lists."""
+        """The rows of a committed stage, read from exactly the files its manifest lists, each verified."""
         m = self.manifest(stage_uri)
-        frames = [pl.read_parquet(io.BytesIO(self.store.get(f"{stage_uri}/{f['name']}"))) for f in m.files]
+        frames = [self._read_part(m, f) for f in m.files]
         if not frames:
             return pl.DataFrame()
         return pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
+
+    def read_part(self, stage_uri: str, name: str) -> pl.DataFrame:
+        """One part of a committed stage, verified against the manifest."""
+        m = self.manifest(stage_uri)
+        entry = next((f for f in m.files if f["name"] == name), None)
+        if entry is None:
+            raise StageNotFound(f"The stage {stage_uri} has no part {name} in its {MANIFEST}.")
+        return self._read_part(m, entry)
+
+    def _read_part(self, m: Manifest, entry: dict[str, Any]) -> pl.DataFrame:
+        """A part's rows, after checking its size, sha256 and row count against the manifest (``CorruptPart``).
+
+        Hashing costs about a millisecond per MB, a small fraction of decoding the Parquet.
+        """
+        uri = f"{m.uri}/{entry['name']}"
+        try:
+            data = self.store.get(uri)
+        except FileNotFoundError:
+            raise CorruptPart(_corrupt(m, entry, "is missing")) from None
+        if len(data) != entry["bytes"]:
+            raise CorruptPart(_corrupt(m, entry, f"holds {len(data)} bytes where its manifest recorded {entry['bytes']}"))
+        if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise CorruptPart(_corrupt(m, entry, "has a different sha256 from the one its manifest recorded"))
+        try:
+            frame = pl.read_parquet(io.BytesIO(data))
+        except Exception as exc:  # bytes that match the manifest but were never valid Parquet
+            raise CorruptPart(_corrupt(m, entry, f"is not readable Parquet ({type(exc).__name__})")) from None
+        if frame.height != entry["rows"]:
+            raise CorruptPart(_corrupt(m, entry, f"holds {frame.height} rows where its manifest recorded {entry['rows']}"))
+        return frame
 
     # -- directories (model checkpoints) ------------------------------------------------------
     def put_dir(self, local_dir: str | Path, uri: str, *, extra: dict[str, Any] | None = None) -> Manifest:
@@ -199,6 +277,7 @@ class Lake:
         m = self.manifest(uri)
         local = self.store.local_path(uri)
         if local is not None:
+            _check_sizes(m, local)
             return local
         dest = Path(cache_root) / m.sha256[:16]
         if not (dest / MANIFEST).exists():
@@ -209,6 +288,7 @@ class Lake:
             try:
                 for f in m.files:
                     self.store.get_file(f"{uri}/{f['name']}", tmp / f["name"])
+                _check_sizes(m, tmp)
                 (tmp / MANIFEST).write_text("{}")
                 try:
                     tmp.rename(dest)
@@ -225,6 +305,25 @@ class Lake:
 
     def get_json(self, uri: str) -> Any:
         return json.loads(self.store.get(uri))
+
+
+def _check_sizes(m: Manifest, folder: Path) -> None:
+    """Every file of a committed directory is there with its recorded size (hashing gigabytes of weights on
+    every load would cost more than it catches; the size catches a truncated or replaced file)."""
+    for f in m.files:
+        try:
+            size = (folder / f["name"]).stat().st_size
+        except FileNotFoundError:
+            raise CorruptPart(_corrupt(m, f, "is missing")) from None
+        if size != f["bytes"]:
+            raise CorruptPart(_corrupt(m, f, f"holds {size} bytes where its manifest recorded {f['bytes']}"))
+
+
+def _corrupt(m: Manifest, entry: dict[str, Any], problem: str) -> str:
+    return (
+        f"Part {m.uri}/{entry['name']} {problem}, so the stage was changed after it was committed; re-run that "
+        f"stage (delete {m.uri}/{MANIFEST} and run again) or start a new run with another --run-name."
+    )
 
 
 def _sha256_file(path: Path) -> str:

@@ -118,6 +118,41 @@ class S3Store:
         bucket, key = split_uri(uri)
         self._call(uri, lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data))
 
+    def put_if_absent(self, uri: str, data: bytes) -> bool:
+        """Create the object unless one exists (``If-None-Match: *``); False if one did.
+
+        AWS S3 and SeaweedFS honour the condition; a server that ignores it would overwrite.
+        """
+        bucket, key = split_uri(uri)
+        return self._conditional(uri, lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"))
+
+    def put_if_unchanged(self, uri: str, data: bytes, expected: bytes) -> bool:
+        """Replace the object only if it still holds ``expected`` (``If-Match`` on the ETag read); False otherwise."""
+        bucket, key = split_uri(uri)
+        try:
+            answer = self._call(uri, lambda: self.client.get_object(Bucket=bucket, Key=key))
+            current, etag = answer["Body"].read(), answer["ETag"]
+        except FileNotFoundError:
+            return False
+        if current != expected:
+            return False
+        return self._conditional(uri, lambda: self.client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=etag))
+
+    def _conditional(self, uri: str, request: Callable[[], Any]) -> bool:
+        """Run a conditional write: True if it was made, False if its condition did not hold."""
+
+        def attempt() -> bool:
+            try:
+                request()
+            except ClientError as exc:
+                # 412: the condition failed; 409: a concurrent conditional write to the key won.
+                if _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                    return False
+                raise
+            return True
+
+        return self._call(uri, attempt)
+
     def get(self, uri: str) -> bytes:
         """The object's bytes; ``FileNotFoundError`` if there is none (a missing bucket is a ``LakeAccessError``)."""
         bucket, key = split_uri(uri)

@@ -2,15 +2,22 @@
 
 Both backends speak full URIs and give the same guarantees the lake's commit protocol needs:
 ``put`` is atomic per object (a reader sees the whole object or nothing), ``list`` is recursive
-and sorted. The S3 backend lives in ``tasks.s3`` and is imported only when an ``s3://`` URI is
+and sorted. Two conditional writes serve the run lease (``tasks.runs``): ``put_if_absent`` creates
+an object only where none exists, and ``put_if_unchanged`` replaces one only if it still holds the
+bytes the caller read; each is atomic against the other and against itself, on one machine
+(``file://``: a hard link and an ``flock`` on the folder) and across machines (S3: ``If-None-Match``
+and ``If-Match``). The S3 backend lives in ``tasks.s3`` and is imported only when an ``s3://`` URI is
 opened, so the embedded default never touches boto3.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -18,6 +25,8 @@ from urllib.parse import urlparse
 
 class Store(Protocol):
     def put(self, uri: str, data: bytes) -> None: ...
+    def put_if_absent(self, uri: str, data: bytes) -> bool: ...
+    def put_if_unchanged(self, uri: str, data: bytes, expected: bytes) -> bool: ...
     def get(self, uri: str) -> bytes: ...
     def exists(self, uri: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
@@ -49,6 +58,46 @@ class LocalStore:
 
     def put(self, uri: str, data: bytes) -> None:
         path = self._path(uri)
+        tmp = self._staged(path, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def put_if_absent(self, uri: str, data: bytes) -> bool:
+        """Create the file with ``data`` unless it exists; False if it did (a hard link never overwrites)."""
+        path = self._path(uri)
+        tmp = self._staged(path, data)
+        try:
+            with _folder_lock(path.parent):
+                os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put_if_unchanged(self, uri: str, data: bytes, expected: bytes) -> bool:
+        """Replace the file with ``data`` only if it still holds ``expected``; False otherwise."""
+        path = self._path(uri)
+        tmp = self._staged(path, data)
+        try:
+            with _folder_lock(path.parent):
+                try:
+                    current = path.read_bytes()
+                except FileNotFoundError:
+                    return False
+                if current != expected:
+                    return False
+                os.replace(tmp, path)
+                return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _staged(path: Path, data: bytes) -> Path:
+        """``data`` written and synced to a temporary file beside ``path``, ready to be renamed or linked."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
         try:
@@ -56,10 +105,10 @@ class LocalStore:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return Path(tmp)
 
     def get(self, uri: str) -> bytes:
         return self._path(uri).read_bytes()
@@ -93,6 +142,20 @@ class LocalStore:
 
     def storage_options(self) -> dict[str, str] | None:
         return None
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on a folder: conditional writes in it happen one at a time.
+
+    The kernel drops the lock when its holder dies, so a killed process never leaves it held.
+    """
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def open_store(uri: str, s3: dict[str, Any] | None = None) -> Store:
