@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from alignment.errors import ConfigError
-from alignment.tokenizer import END, build_char_tokenizer
+from alignment.tokenizer import END, IM_END, build_bpe_tokenizer, build_char_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,15 +33,27 @@ def build_tiny_model(
     out_dir: str | Path,
     *,
     arch: str = "llama",
+    tokenizer: str = "char",
+    vocab_size: int = 512,
     n_layer: int = 2,
     n_embd: int = 96,
     n_head: int = 4,
     n_positions: int = 64,
     seed: int = 0,
 ) -> Path:
-    """Build a randomly initialised ``llama`` (or ``gpt2``) with a character chat tokenizer over ``texts``; save it."""
-    tokenizer = build_char_tokenizer(texts)
-    end, eos, pad = tokenizer.convert_tokens_to_ids(END), tokenizer.eos_token_id, tokenizer.pad_token_id
+    """Build a randomly initialised ``llama`` (or ``gpt2``) over ``texts`` and save it.
+
+    ``tokenizer="char"``: one token per character, a compact chat template; ``"bpe"``: byte-level BPE
+    of ``vocab_size`` trained on ``texts``, with ChatML. Either way the end-of-turn token differs from
+    EOS and padding, and ``generation_config`` lists both end ids.
+    """
+    if tokenizer == "char":
+        tokenizer, end_token = build_char_tokenizer(texts), END
+    elif tokenizer == "bpe":
+        tokenizer, end_token = build_bpe_tokenizer(texts, vocab_size), IM_END
+    else:
+        raise ValueError(f"tokenizer must be 'char' or 'bpe', got {tokenizer!r}.")
+    end, eos, pad = tokenizer.convert_tokens_to_ids(end_token), tokenizer.eos_token_id, tokenizer.pad_token_id
     if arch == "llama":
         config = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,

@@ -23,8 +23,9 @@ class Strict(BaseModel):
 class TaskConfig(Strict):
     """Where prompts, references and labelled warm-start data come from."""
 
-    builtin: Literal["arithmetic"] | None = Field(
-        "arithmetic", description="A built-in task; set to null and give `prompts` to bring your own."
+    builtin: Literal["arithmetic", "wordmath"] | None = Field(
+        "arithmetic", description="A built-in task (arithmetic: '37+5=' sums; wordmath: GSM8K-style word problems); "
+        "set to null and give `prompts` to bring your own.",
     )
     prompts: str | None = Field(None, description="JSONL or Parquet file of training prompts (with references).")
     eval: str | None = Field(None, description="JSONL or Parquet file of held-out prompts with references.")
@@ -62,6 +63,10 @@ class ModelConfig(Strict):
         None, ge=2, description="Longest prompt + completion in tokens; null = the model's context window.",
     )
     arch: Literal["llama", "gpt2"] = Field("llama", description="Tiny model: architecture.")
+    tokenizer: Literal["char", "bpe"] = Field(
+        "char", description="Tiny model: one token per character, or byte-level BPE trained on the task (ChatML).",
+    )
+    vocab_size: int = Field(512, ge=300, description="Tiny model with a BPE tokenizer: vocabulary size.")
     n_layer: int = Field(2, ge=1, description="Tiny model: transformer layers.")
     n_embd: int = Field(96, ge=8, description="Tiny model: hidden width.")
     n_head: int = Field(4, ge=1, description="Tiny model: attention heads.")
@@ -108,6 +113,9 @@ class WarmStart(TrainSettings):
     enabled: bool = Field(True, description="Run the warm start (skip it for an already-tuned model).")
 
 
+SECRET_KEYS = frozenset({"api_key", "token", "password", "secret", "access_key", "secret_access_key"})
+
+
 class GrowConfig(Strict):
     """Grow: sample N completions per prompt from the current policy."""
 
@@ -124,6 +132,16 @@ class GrowConfig(Strict):
         True, description="Add the labelled data D to every grown dataset (D_g = samples ∪ D, Algorithm 1)."
     )
     shards: int = Field(1, ge=1, description="Split prompts into this many shards, sampled as separate tasks.")
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> GrowConfig:
+        secret = sorted(k for k in self.sampler_options if k.lower() in SECRET_KEYS)
+        if secret:
+            raise ValueError(
+                f"grow.sampler_options.{secret[0]} would store a secret in the recipe, the lake, MLflow and Prefect; "
+                "put it in the environment (OPENAI_API_KEY) or name the variable with grow.sampler_options.api_key_env"
+            )
+        return self
 
 
 class FilterConfig(Strict):

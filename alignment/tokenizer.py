@@ -47,3 +47,40 @@ def build_char_tokenizer(texts: Iterable[str], *, chat: bool = True) -> PreTrain
     if chat:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+# -- byte-level BPE with ChatML, the shape of most open instruct models -----------------------------
+
+IM_START, IM_END, ENDOFTEXT, BPE_PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>"
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts``, with a ChatML template and ``<|im_end|>`` ending a turn.
+
+    Any text round-trips (bytes are the alphabet), digits are split one per token so numbers stay
+    learnable for a tiny model, and the special tokens are ``<|endoftext|>`` (EOS), ``<|im_start|>``,
+    ``<|im_end|>`` (end of turn) and a separate ``<|pad|>``.
+    """
+    from tokenizers import trainers
+
+    specials = [ENDOFTEXT, IM_START, IM_END, BPE_PAD]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts) + ["system user assistant"], trainer)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=ENDOFTEXT, pad_token=BPE_PAD, additional_special_tokens=[IM_START, IM_END],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer

@@ -66,6 +66,10 @@ def load_task(cfg: TaskConfig, seed: int) -> TaskData:
     """Read (or build) the task's tables and check them."""
     if cfg.builtin == "arithmetic" and not cfg.prompts:
         return arithmetic_task(n_labelled=cfg.n_labelled, n_prompts=cfg.n_prompts, n_eval=cfg.n_eval, seed=seed)
+    if cfg.builtin == "wordmath" and not cfg.prompts:
+        from alignment.wordmath import wordmath_task
+
+        return wordmath_task(n_labelled=cfg.n_labelled, n_prompts=cfg.n_prompts, n_eval=cfg.n_eval, seed=seed)
     cols = {"prompt": cfg.prompt_column, "reference": cfg.reference_column}
     prompts = _columns(_read_table(cfg.prompts, "prompts"), cfg.prompts, "prompts", cols)
     evals = _columns(_read_table(cfg.eval, "eval"), cfg.eval, "eval", cols)
@@ -164,7 +168,7 @@ def _build_base(recipe: Recipe, texts: list[str], out: str) -> str:
 
     cfg = recipe.model
     build_tiny_model(
-        texts, out, arch=cfg.arch, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+        texts, out, arch=cfg.arch, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
         n_positions=cfg.n_positions, seed=recipe.seed,
     )
     return out

@@ -172,6 +172,7 @@ def test_openai_sampler_refuses_extra_body_that_overrides_sampling():
 )
 def test_completions_url(base, url):
     assert completions_url(base) == url
+    assert completions_url(base, chat=True) == url.replace("/completions", "/chat/completions")
 
 
 def test_openai_response_parsing_orders_choices_and_counts_tokens():
@@ -182,9 +183,11 @@ def test_openai_response_parsing_orders_choices_and_counts_tokens():
         ],
         "usage": {"completion_tokens": 9},
     }
-    assert parse_response(body, 2) == (["x", "y"], [0, 2])  # n > 1 and no logprobs: count unknown, 0
-    single = {"choices": [{"index": 0, "text": "z"}], "usage": {"completion_tokens": 4}}
-    assert parse_response(single, 1) == (["z"], [4])
+    assert parse_response(body, 2) == (["x", "y"], [0, 2], ["stop", "stop"])  # n > 1, no logprobs: count unknown
+    single = {"choices": [{"index": 0, "text": "z", "finish_reason": "length"}], "usage": {"completion_tokens": 4}}
+    assert parse_response(single, 1) == (["z"], [4], ["length"])
+    chat = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "w"}, "finish_reason": "stop"}]}
+    assert parse_response(chat, 1) == (["w"], [0], ["stop"])
     for bad in [{"data": []}, [], {"choices": [{"index": 0}]}]:
         with pytest.raises(ValueError):
             parse_response(bad, 1)
@@ -297,5 +300,47 @@ def test_openai_sampler_unreachable_endpoint_fails_fast_in_one_sentence(model_di
         sampler.generate(PROMPTS, 2, PARAMS)
     assert time.monotonic() - start < 15  # a bound on retries, not a benchmark
     message = str(err.value)
-    assert f"Could not reach {base_url}/completions after 3 attempts" in message
+    assert f"Could not reach {base_url}/chat/completions after 3 attempts" in message  # the model has a chat template
     assert_one_sentence(message)
+
+
+# --- the prompt format on the remote paths ---------------------------------------------------------
+
+
+def test_vllm_requests_carry_token_ids_every_end_id_and_stop_strings(model_dir):
+    from alignment.models import load_policy
+    from alignment.prompting import formatter_for
+
+    model, tok = load_policy(model_dir, device="cpu")
+    fmt = formatter_for(model, tok, {"stop": ["+"]})
+    [request] = build_vllm_requests(["12+3="], 2, PARAMS, formatter=fmt)
+    assert request["prompt"] == {"prompt_token_ids": fmt.prompt_ids("12+3=")}
+    assert tok.decode(request["prompt"]["prompt_token_ids"]) == tok.apply_chat_template(
+        [{"role": "user", "content": "12+3="}], add_generation_prompt=True, tokenize=False
+    )
+    assert set(request["sampling_params"]["stop_token_ids"]) == set(model.generation_config.eos_token_id)
+    assert request["sampling_params"]["stop"] == ["+"]
+    outputs = [SimpleNamespace(outputs=[SimpleNamespace(index=0, text="1", token_ids=[1], finish_reason="length")])]
+    assert parse_outputs(outputs, 1).finish_reasons == [["length"]]
+
+
+def test_openai_sampler_raw_format_uses_completions_and_matches_the_raw_transformers_sampler(model_dir, server):
+    raw = {"format": "raw"}
+    got = remote(model_dir, server, prompt=raw).generate(PROMPTS, 1, PARAMS)
+    assert remote(model_dir, server, prompt=raw).url.endswith("/v1/completions")
+    local = TransformersSampler(str(model_dir), device="cpu", progress=False, prompt=raw)
+    for i, (prompt, row) in enumerate(zip(PROMPTS, got.completions, strict=True)):
+        request_params = SamplingParams(PARAMS.temperature, PARAMS.top_p, PARAMS.max_new_tokens, row_seed(7, i, 0))
+        assert row == local.generate([prompt], 1, request_params, prompt_ids=[0]).completions[0]
+
+
+def test_openai_sampler_chat_reports_finish_reasons_and_applies_stop_strings(model_dir, server, reference):
+    sampler = remote(model_dir, server)
+    assert sampler.url.endswith("/v1/chat/completions")
+    got = sampler.generate(PROMPTS, 3, PARAMS)
+    assert {r for row in got.finish_reasons for r in row} <= {"stop", "length"}
+    want = reference.generate(PROMPTS[:1], 3, SamplingParams(PARAMS.temperature, PARAMS.top_p, PARAMS.max_new_tokens,
+                                                               row_seed(7, 0, 0)), prompt_ids=[0])
+    assert got.finish_reasons[0] == want.finish_reasons[0]
+    cut = remote(model_dir, server, prompt={"stop": ["1"]}).generate(PROMPTS, 3, PARAMS)
+    assert all("1" not in t for row in cut.completions for t in row)

@@ -1,12 +1,19 @@
-"""The ``openai`` sampler: any OpenAI-compatible ``/v1/completions`` server, e.g. a ``vllm serve`` fleet.
+"""The ``openai`` sampler: any OpenAI-compatible server, e.g. a ``vllm serve`` fleet.
+
+With a chat prompt format (``prompt.format: chat``, or ``auto`` when the model directory's tokenizer
+has a chat template) it calls ``/v1/chat/completions`` with the messages, so the server applies the
+model's own template; with ``raw`` it calls ``/v1/completions`` with the text. Either way the
+recipe's stop strings are sent as ``stop`` (and applied again to what comes back), and each sample
+records the server's ``finish_reason`` (``stop`` or ``length``).
 
 One HTTP request per prompt asks for all ``n`` samples with the seed ``row_seed(seed, prompt_id, 0)``,
 so a prompt's samples depend only on ``(seed, prompt_id)`` (on servers that honour ``seed``, as
 vLLM does), not on batching or sharding. Up to ``concurrency`` requests are in flight at once;
 429, 408 and 5xx answers and connection errors are retried with exponential backoff.
 
-The API key is read at call time (``api_key=`` or ``OPENAI_API_KEY``), sent only in the
-``Authorization`` header, and never appears in logs or error messages.
+The API key is read at call time (``api_key=``, else the environment variable ``api_key_env``,
+``OPENAI_API_KEY`` by default), sent only in the ``Authorization`` header, and never appears in logs
+or error messages. A recipe names the variable, never the key.
 
 Token counts: the completions API reports only a total per request (``usage``), so a sample's
 count comes from its ``logprobs.tokens`` when the server returned them (ask with
@@ -41,12 +48,12 @@ class RemoteSamplerError(RuntimeError):
     """The server could not be reached or refused the work; the message says what to do."""
 
 
-def completions_url(base_url: str) -> str:
-    """``http://host:8000/v1`` or ``http://host:8000`` → ``http://host:8000/v1/completions``."""
+def completions_url(base_url: str, chat: bool = False) -> str:
+    """``http://host:8000/v1`` or ``http://host:8000`` → ``http://host:8000/v1/completions`` (or ``/chat/completions``)."""
     base = base_url.rstrip("/")
     if not urlsplit(base).path.endswith("/v1"):
         base += "/v1"
-    return base + "/completions"
+    return base + ("/chat/completions" if chat else "/completions")
 
 
 def build_request(
@@ -56,16 +63,20 @@ def build_request(
     params: SamplingParams,
     model: str,
     extra_body: dict[str, Any] | None = None,
+    *,
+    messages: list[dict[str, str]] | None = None,
+    stop: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The JSON body of one ``/v1/completions`` request: ``n`` samples of ``prompt``, seeded by its id."""
+    """The JSON body of one request: ``n`` samples of ``prompt`` (or of chat ``messages``), seeded by its id."""
     body: dict[str, Any] = {
         "model": model,
-        "prompt": prompt,
+        **({"messages": messages} if messages is not None else {"prompt": prompt}),
         "n": n,
         "seed": row_seed(params.seed, prompt_id, 0),
         "temperature": params.temperature,
         "top_p": params.top_p,
         "max_tokens": params.max_new_tokens,
+        **({"stop": list(stop)} if stop else {}),
     }
     return body | (extra_body or {})
 
@@ -77,25 +88,45 @@ def build_requests(
     model: str,
     prompt_ids: Sequence[int] | None = None,
     extra_body: dict[str, Any] | None = None,
+    *,
+    formatter: Any = None,
 ) -> list[dict[str, Any]]:
-    """One request body per prompt, in prompt order; ``prompt_ids`` default to positions."""
+    """One request body per prompt, in prompt order; ``prompt_ids`` default to positions.
+
+    With a chat ``formatter`` (``alignment.prompting.Formatter``) each body carries its messages.
+    """
     ids = request_ids(prompts, n, prompt_ids)
-    return [build_request(p, i, n, params, model, extra_body) for p, i in zip(prompts, ids, strict=True)]
+    chat = formatter is not None and formatter.chat
+    stop = formatter.fmt.stop if formatter is not None else ()
+    return [
+        build_request(p, i, n, params, model, extra_body, messages=formatter.messages(p) if chat else None, stop=stop)
+        for p, i in zip(prompts, ids, strict=True)
+    ]
 
 
-def parse_response(body: Any, n: int) -> tuple[list[str], list[int]]:
-    """``(texts, token_counts)`` of one completions response, ordered by choice index.
+def _text(choice: Any) -> str | None:
+    if not isinstance(choice, dict):
+        return None
+    if isinstance(choice.get("text"), str):
+        return choice["text"]
+    message = choice.get("message")
+    return message.get("content") if isinstance(message, dict) and isinstance(message.get("content"), str) else None
 
-    Raises ``ValueError`` naming what is missing when ``body`` is not a completions response.
+
+def parse_response(body: Any, n: int) -> tuple[list[str], list[int], list[str]]:
+    """``(texts, token_counts, finish_reasons)`` of one completions or chat response, ordered by choice index.
+
+    Raises ``ValueError`` naming what is missing when ``body`` is not such a response.
     """
     choices = body.get("choices") if isinstance(body, dict) else None
-    if not isinstance(choices, list) or not all(isinstance(c, dict) and "text" in c for c in choices):
-        raise ValueError("no 'choices' list of objects with 'text'")
+    if not isinstance(choices, list) or not all(_text(c) is not None for c in choices):
+        raise ValueError("no 'choices' list of objects with 'text' or 'message.content'")
     if len(choices) != n:
         raise ValueError(f"{len(choices)} choices for n={n}")
     choices = sorted(choices, key=lambda c: c.get("index", 0))
     usage = body.get("usage") or {}
-    return [c["text"] for c in choices], [_token_count(c, usage, n) for c in choices]
+    reasons = ["length" if c.get("finish_reason") == "length" else "stop" for c in choices]
+    return [_text(c) for c in choices], [_token_count(c, usage, n) for c in choices], reasons
 
 
 def _token_count(choice: dict[str, Any], usage: dict[str, Any], n: int) -> int:
@@ -103,6 +134,8 @@ def _token_count(choice: dict[str, Any], usage: dict[str, Any], n: int) -> int:
     logprobs = choice.get("logprobs")
     if isinstance(logprobs, dict) and isinstance(logprobs.get("tokens"), list):
         return len(logprobs["tokens"])
+    if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):  # the chat form
+        return len(logprobs["content"])
     completion_tokens = usage.get("completion_tokens")
     if n == 1 and isinstance(completion_tokens, int):
         return completion_tokens
@@ -143,27 +176,32 @@ class OpenAISampler:
         *,
         base_url: str,
         api_key: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
         model: str | None = None,
         concurrency: int = 8,
         max_retries: int = 3,
         timeout: float = 60.0,
         retry_backoff: float = 0.5,
         extra_body: dict[str, Any] | None = None,
+        prompt: Any = None,
         progress: bool = True,
     ):
         """``model`` is the served model name (default ``model_path``, as ``vllm serve PATH`` names it);
-        ``extra_body`` adds server-specific fields (e.g. ``{"top_k": 50}``) to every request."""
+        ``extra_body`` adds server-specific fields (e.g. ``{"top_k": 50}``) to every request; ``prompt``
+        is the recipe's prompt format (``alignment.prompting.PromptFormat`` or its dict)."""
         if concurrency < 1 or max_retries < 0 or timeout <= 0 or retry_backoff < 0:
             raise ValueError(
                 "OpenAISampler needs concurrency >= 1, max_retries >= 0, timeout > 0 and retry_backoff >= 0 "
                 f"(got {concurrency}, {max_retries}, {timeout}, {retry_backoff})."
             )
-        clash = sorted(_CORE_KEYS & set(extra_body or {}))
+        clash = sorted((_CORE_KEYS | {"messages", "stop"}) & set(extra_body or {}))
         if clash:
             raise ValueError(f"extra_body may not set {clash}: they come from SamplingParams, n and model.")
-        self.url = completions_url(base_url)
+        self.formatter = _formatter(model_path, prompt)
+        self.url = completions_url(base_url, chat=self.formatter.chat)
         self.model = model or str(model_path)
         self.api_key = api_key
+        self.api_key_env = api_key_env
         self.concurrency = concurrency
         self.max_retries = max_retries
         self.timeout = timeout
@@ -175,19 +213,24 @@ class OpenAISampler:
         self, prompts: Sequence[str], n: int, params: SamplingParams, prompt_ids: Sequence[int] | None = None
     ) -> Generation:
         """``n`` samples per prompt, in prompt order; ``prompt_ids`` (default: positions) key the seeds."""
-        requests = build_requests(prompts, n, params, self.model, prompt_ids, self.extra_body)
+        requests = build_requests(prompts, n, params, self.model, prompt_ids, self.extra_body, formatter=self.formatter)
         if not requests:
             return Generation(completions=[], num_tokens=[])
-        key = self.api_key if self.api_key is not None else os.environ.get("OPENAI_API_KEY")
+        key = self.api_key if self.api_key is not None else os.environ.get(self.api_key_env)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         with httpx.Client(headers=headers, timeout=self.timeout, limits=limits) as client:
             results = self._run_all(client, requests, n, key)
-        return Generation(completions=[r[0] for r in results], num_tokens=[r[1] for r in results])
+        texts, reasons = [], []
+        for row_texts, _, row_reasons in results:
+            cut = [self.formatter.cut_text(t, r) for t, r in zip(row_texts, row_reasons, strict=True)]
+            texts.append([t for t, _ in cut])
+            reasons.append([r for _, r in cut])
+        return Generation(completions=texts, num_tokens=[r[1] for r in results], finish_reasons=reasons)
 
     def _run_all(
         self, client: httpx.Client, requests: list[dict[str, Any]], n: int, key: str | None
-    ) -> list[tuple[list[str], list[int]]]:
+    ) -> list[tuple[list[str], list[int], list[str]]]:
         """Send every request with at most ``concurrency`` in flight; the first failure stops the rest."""
         stop = threading.Event()
         bar = tqdm(total=len(requests), desc="sampling", unit="prompt", disable=not self.progress, leave=False)
@@ -213,7 +256,7 @@ class OpenAISampler:
         n: int,
         key: str | None,
         stop: threading.Event,
-    ) -> tuple[list[str], list[int]]:
+    ) -> tuple[list[str], list[int], list[str]]:
         """POST one request, retrying transient failures, and parse its choices."""
         response = self._post_with_retries(client, body, key, stop)
         status = response.status_code
@@ -221,7 +264,7 @@ class OpenAISampler:
             hint = "the API key it was sent" if key else "the request because no API key was sent"
             raise RemoteSamplerError(
                 f"The server at {self.url} refused {hint} (HTTP {status}): "
-                "set OPENAI_API_KEY or pass api_key= with a key it accepts."
+                f"set {self.api_key_env} (or grow.sampler_options.api_key_env) to a key it accepts."
             )
         if status >= 400:
             raise RemoteSamplerError(
@@ -269,6 +312,46 @@ class OpenAISampler:
             logger.warning("Retrying %s in %.2fs after %s.", self.url, delay, reason)
             stop.wait(delay)
         raise AssertionError("unreachable: the loop returns or raises on its last attempt")
+
+
+class _TextOnly:
+    """The prompt format when no local tokenizer is at hand: raw text, the recipe's stop strings."""
+
+    chat = False
+
+    def __init__(self, fmt):
+        self.fmt = fmt
+
+    def messages(self, prompt: str) -> list[dict[str, str]]:
+        return [{"role": "user", "content": prompt}]
+
+    def cut_text(self, text: str, finish_reason: str) -> tuple[str, str]:
+        hits = [i for i in (text.find(s) for s in self.fmt.stop) if i >= 0]
+        return (text[: min(hits)], "stop") if hits else (text, finish_reason)
+
+
+class _ChatOnly(_TextOnly):
+    """``prompt.format: chat`` against a served model whose tokenizer is not on this machine: the server templates."""
+
+    chat = True
+
+    def messages(self, prompt: str) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.fmt.system}] if self.fmt.system else []
+        return [*system, {"role": "user", "content": prompt}]
+
+
+def _formatter(model_path: str, prompt: Any):
+    """The prompt format for requests: from the model directory's tokenizer when it is here, else from the recipe."""
+    from pathlib import Path
+
+    from alignment.prompting import Formatter, PromptFormat
+
+    fmt = PromptFormat.of(prompt)
+    if (Path(str(model_path)) / "tokenizer_config.json").exists():
+        from alignment.models import load_tokenizer
+
+        return Formatter(load_tokenizer(model_path), fmt)
+    return _ChatOnly(fmt) if fmt.format == "chat" else _TextOnly(fmt)
 
 
 def _first_failure(futures: list[Future], done: set[Future]) -> BaseException | None:

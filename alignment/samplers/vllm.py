@@ -5,6 +5,11 @@ cache across them). Each request carries its own seed, ``row_seed(seed, prompt_i
 gives the k-th of the ``n`` samples the seed ``request_seed + k``, so a prompt's samples depend only
 on ``(seed, prompt_id)``, not on which other prompts share the batch or shard.
 
+Prompts reach the engine as token ids from ``alignment.prompting`` (the chat template applied and
+special tokens added exactly as for training), and every end id the model declares plus the recipe's
+stop strings stop a sample, so vLLM sees the same tokens as every other path; each sample records
+vLLM's ``finish_reason``.
+
 Departures from the ``transformers`` sampler: the noise comes from vLLM's own per-request
 generators, so the two backends draw different samples for the same seed (both are reproducible),
 and vLLM may choose a different precision than transformers under ``dtype="auto"``.
@@ -22,22 +27,29 @@ from alignment.samplers import Generation, SamplingParams, request_ids, row_seed
 
 
 def build_requests(
-    prompts: Sequence[str], n: int, params: SamplingParams, prompt_ids: Sequence[int] | None = None
+    prompts: Sequence[str], n: int, params: SamplingParams, prompt_ids: Sequence[int] | None = None, formatter=None
 ) -> list[dict[str, Any]]:
-    """One engine request per prompt: ``{"prompt": text, "sampling_params": kwargs for vllm.SamplingParams}``."""
+    """One engine request per prompt: ``{"prompt": ..., "sampling_params": kwargs for vllm.SamplingParams}``.
+
+    With a ``formatter`` (``alignment.prompting.Formatter``) the prompt is ``{"prompt_token_ids": [...]}``
+    and the sampling parameters carry every end id and stop string; without one, the prompt text as is.
+    """
     ids = request_ids(prompts, n, prompt_ids)
+    encoded = formatter.check_prompts(prompts, params.max_new_tokens) if formatter is not None else None
+    stops = {"stop_token_ids": list(formatter.end_ids), **({"stop": list(formatter.fmt.stop)} if formatter.fmt.stop else {})} if formatter else {}
     return [
         {
-            "prompt": prompt,
+            "prompt": {"prompt_token_ids": encoded[k]} if encoded is not None else prompt,
             "sampling_params": {
                 "n": n,
                 "seed": row_seed(params.seed, prompt_id, 0),
                 "temperature": params.temperature,
                 "top_p": params.top_p,
                 "max_tokens": params.max_new_tokens,
+                **stops,
             },
         }
-        for prompt, prompt_id in zip(prompts, ids, strict=True)
+        for k, (prompt, prompt_id) in enumerate(zip(prompts, ids, strict=True))
     ]
 
 
@@ -45,13 +57,15 @@ def parse_outputs(outputs: Sequence[Any], n: int) -> Generation:
     """Turn vLLM ``RequestOutput``s (in prompt order) into a ``Generation``, samples ordered by index."""
     completions: list[list[str]] = []
     num_tokens: list[list[int]] = []
+    reasons: list[list[str]] = []
     for i, output in enumerate(outputs):
         samples = sorted(output.outputs, key=lambda s: s.index)
         if len(samples) != n:
             raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {i}, expected {n}.")
         completions.append([s.text for s in samples])
         num_tokens.append([len(s.token_ids) for s in samples])
-    return Generation(completions=completions, num_tokens=num_tokens)
+        reasons.append(["length" if getattr(s, "finish_reason", "stop") == "length" else "stop" for s in samples])
+    return Generation(completions=completions, num_tokens=num_tokens, finish_reasons=reasons)
 
 
 def _import_vllm():
@@ -78,11 +92,16 @@ class VLLMSampler:
         dtype: str = "auto",
         trust_remote_code: bool = False,
         max_model_len: int | None = None,
+        prompt: Any = None,
         progress: bool = True,
         **engine_kwargs: Any,
     ):
-        """Start the engine; ``engine_kwargs`` go to ``vllm.LLM`` unchanged (e.g. ``enforce_eager=True``)."""
+        """Start the engine; ``engine_kwargs`` go to ``vllm.LLM`` unchanged (e.g. ``enforce_eager=True``).
+
+        ``prompt`` is the recipe's prompt format; ``dtype`` ``float32``/``bfloat16``/``float16`` or ``auto``.
+        """
         vllm = _import_vllm()
+        formatter = _formatter(model_path, prompt, trust_remote_code)
         engine = vllm.LLM(
             model=str(model_path),
             tensor_parallel_size=tensor_parallel_size,
@@ -92,31 +111,32 @@ class VLLMSampler:
             max_model_len=max_model_len,
             **engine_kwargs,
         )
-        self._bind(engine, vllm.SamplingParams, progress)
+        self._bind(engine, vllm.SamplingParams, progress, formatter)
 
     @classmethod
     def from_engine(
-        cls, engine: Any, make_params: Callable[..., Any] | None = None, *, progress: bool = False
+        cls, engine: Any, make_params: Callable[..., Any] | None = None, *, progress: bool = False, formatter=None
     ) -> VLLMSampler:
         """Wrap an engine that is already running (e.g. one colocated with a trainer).
 
         ``make_params`` builds a request's sampling parameters from keyword arguments; it defaults
-        to ``vllm.SamplingParams``.
+        to ``vllm.SamplingParams``. With a ``formatter`` prompts go in as token ids.
         """
         sampler = cls.__new__(cls)
-        sampler._bind(engine, make_params or _import_vllm().SamplingParams, progress)
+        sampler._bind(engine, make_params or _import_vllm().SamplingParams, progress, formatter)
         return sampler
 
-    def _bind(self, engine: Any, make_params: Callable[..., Any], progress: bool) -> None:
+    def _bind(self, engine: Any, make_params: Callable[..., Any], progress: bool, formatter=None) -> None:
         self.engine = engine
         self.make_params = make_params
         self.progress = progress
+        self.formatter = formatter
 
     def generate(
         self, prompts: Sequence[str], n: int, params: SamplingParams, prompt_ids: Sequence[int] | None = None
     ) -> Generation:
         """``n`` samples per prompt, in prompt order; ``prompt_ids`` (default: positions) key the seeds."""
-        requests = build_requests(prompts, n, params, prompt_ids)
+        requests = build_requests(prompts, n, params, prompt_ids, self.formatter)
         if not requests:
             return Generation(completions=[], num_tokens=[])
         outputs = self.engine.generate(
@@ -125,3 +145,19 @@ class VLLMSampler:
             use_tqdm=self.progress,
         )
         return parse_outputs(outputs, n)
+
+
+def _formatter(model_path: str, prompt: Any, trust_remote_code: bool):
+    """The prompt format of the local model at ``model_path`` (tokenizer, context and end ids)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from alignment.models import load_tokenizer
+    from alignment.prompting import Formatter
+
+    try:
+        generation = GenerationConfig.from_pretrained(model_path, local_files_only=True)
+    except OSError:
+        generation = None
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, local_files_only=True)
+    return Formatter(load_tokenizer(model_path, trust_remote_code=trust_remote_code), prompt, model_config=config,
+                     generation_config=generation)
