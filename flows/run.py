@@ -10,6 +10,7 @@ seeded per (prompt, sample), so a seeded run writes the same datasets whichever 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,11 +51,70 @@ def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     lake, taken = guard_run(recipe, name)
     try:
         flow = flow_for(recipe).with_options(flow_run_name=name)
-        with api_for_workers(recipe):
+        with stop_on_signals(lake.uri, name), api_for_workers(recipe):
             return flow(recipe=recipe, run_name=name)
     finally:
         if taken:
             release(lake.uri, name)
+
+
+@contextlib.contextmanager
+def stop_on_signals(lake_uri: str, run: str, grace_s: float = 5.0) -> Iterator[None]:
+    """Ctrl-C or SIGTERM stops the run within seconds, leaving it resumable, with one line saying how.
+
+    A stage is committed only by its manifest and every write is atomic, so stopping mid-stage is
+    what a SIGKILL would do (the resumed run replaces the unfinished stage); but here the lease is
+    released first, so the same command with the same ``--run-name`` resumes at once. Prefect's
+    embedded server is given ``grace_s`` seconds to stop; a second signal exits immediately.
+    """
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        code = 128 + signum
+        if stopping.is_set():
+            os._exit(code)
+        stopping.set()
+        sys.stderr.write(
+            f"flywheel: stopped by {signal.Signals(signum).name}; run {run!r} keeps every stage it committed: "
+            f"resume it with the same recipe and --run-name {run}.\n"
+        )
+        sys.stderr.flush()
+        closer = threading.Thread(target=_close_quietly, args=(lake_uri, run), daemon=True)
+        closer.start()
+        closer.join(grace_s)
+        os._exit(code)
+
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _close_quietly(lake_uri: str, run: str) -> None:
+    """Release the run's lease and stop this process's embedded Prefect server, saying nothing."""
+    import logging
+
+    from tasks.runs import release
+
+    logging.disable(logging.CRITICAL)
+    try:
+        release(lake_uri, run)
+        from prefect.server.api.server import SubprocessASGIServer
+
+        if SubprocessASGIServer._instances:  # only one this process started
+            for server in list(SubprocessASGIServer._instances.values()):
+                server.stop()
+    except Exception:
+        pass
 
 
 def flow_for(recipe: Recipe):
