@@ -229,6 +229,30 @@ def resolve_reward_spec(spec: RewardSpec) -> RewardFn:
     )
 
 
+def check_reward_spec(spec: RewardSpec) -> None:
+    """Resolve a spec the cheap way, before anything runs: names and import paths are imported, a
+    reward model's directory is checked but not loaded; a mistake is one ``RewardError`` sentence."""
+    if isinstance(spec, str) and spec.startswith("rm:"):
+        if not (Path(spec[3:]) / "config.json").is_file():
+            _reward_model(spec[3:])  # raises the sentence naming the path
+        return
+    if isinstance(spec, str) or not isinstance(spec, Sequence | Mapping):
+        resolve_reward_spec(spec)  # a name or an import path; anything else raises the sentence naming its type
+        return
+    if isinstance(spec, Mapping):
+        if sorted(spec) not in (["ensemble"], ["ensemble", "reduce"]):
+            raise RewardError(
+                f"A reward ensemble is {{'ensemble': [spec, ...], 'reduce': 'min' | 'mean'}}; got keys {sorted(spec)}."
+            )
+        if str(spec.get("reduce", "min")) not in REDUCTIONS:
+            raise RewardError(f"Unknown ensemble reduce {spec.get('reduce')!r}: use one of {sorted(REDUCTIONS)}.")
+        spec = spec["ensemble"]
+    if isinstance(spec, str) or not isinstance(spec, Sequence) or not spec:
+        raise RewardError(f"An ensemble's members must be a non-empty list of reward specs, got {spec!r}.")
+    for member in spec:
+        check_reward_spec(member)
+
+
 def _ensemble(members: object, reduce: str) -> Ensemble:
     if isinstance(members, str) or not isinstance(members, Sequence):
         raise RewardError(f"An ensemble's members must be a list of reward specs, got {members!r}.")

@@ -28,7 +28,7 @@ from tasks.evaluate import evaluate
 from tasks.grow import grow
 from tasks.inputs import prepare_inputs
 from tasks.pair import pair
-from tasks.register import register
+from tasks.register import register, tracked
 from tasks.report import Summary
 from tasks.score import score
 from tasks.train import train_metrics, train_preference
@@ -43,28 +43,29 @@ def iterative_dpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]
         run_name: Name of the run in the lake and MLflow; re-using a name resumes that run.
     """
     ref = open_run(recipe, run_name)
-    summary = Summary(ref, "iterative_dpo")
-    inputs = prepare_inputs(ref)
-    cfg = recipe.preference
+    with tracked(ref):  # the MLflow runs end FINISHED, FAILED or KILLED with the flow
+        summary = Summary(ref, "iterative_dpo")
+        inputs = prepare_inputs(ref)
+        cfg = recipe.preference
 
-    policy, _, versions = warm_start_and_baseline(ref, inputs, summary)
-    initial = policy
+        policy, _, versions = warm_start_and_baseline(ref, inputs, summary)
+        initial = policy
 
-    for t in range(1, recipe.grow_steps + 1):
-        scored = score(ref, grow(ref, policy, t), t)
-        reference = initial if cfg.reference == "initial" else policy
-        pairs = pair(ref, scored, t, reference)
-        if pairs["kept"] == 0 and cfg.loss != "rloo":
-            summary.step(t, 1, pairs, None, None, skipped="no pairs above the margin")
-            print(f"iteration {t}: every prompt's samples tied (no pairs); skipping training")
-            continue
-        start = policy if cfg.start_from == "previous" else initial
-        candidate = train_preference(ref, start, pairs["uri"], scored, t)
-        metrics = evaluate(ref, candidate, t, 1)
-        reg = register(ref, candidate, metrics, t, 1, [pairs["uri"], ref.stage(t, "eval", 1)],
-                       parent_version=versions[start], step_metrics={"pairs": pairs["kept"], **train_metrics(ref, candidate)})
-        versions[candidate] = reg["model_version"]
-        summary.step(t, 1, pairs, metrics, reg, loss=cfg.loss)
-        publish_iteration(ref, t, scored, pairs["uri"])
-        policy = candidate
-    return summary.stop("completed all iterations")
+        for t in range(1, recipe.grow_steps + 1):
+            scored = score(ref, grow(ref, policy, t), t)
+            reference = initial if cfg.reference == "initial" else policy
+            pairs = pair(ref, scored, t, reference)
+            if pairs["kept"] == 0 and cfg.loss != "rloo":
+                summary.step(t, 1, pairs, None, None, skipped="no pairs above the margin")
+                print(f"iteration {t}: every prompt's samples tied (no pairs); skipping training")
+                continue
+            start = policy if cfg.start_from == "previous" else initial
+            candidate = train_preference(ref, start, pairs["uri"], scored, t)
+            metrics = evaluate(ref, candidate, t, 1)
+            reg = register(ref, candidate, metrics, t, 1, [pairs["uri"], ref.stage(t, "eval", 1)],
+                           parent_version=versions[start], step_metrics={"pairs": pairs["kept"], **train_metrics(ref, candidate)})
+            versions[candidate] = reg["model_version"]
+            summary.step(t, 1, pairs, metrics, reg, loss=cfg.loss)
+            publish_iteration(ref, t, scored, pairs["uri"])
+            policy = candidate
+        return summary.stop("completed all iterations")

@@ -27,7 +27,7 @@ from tasks.evaluate import evaluate
 from tasks.filter import filter_stage, thresholds
 from tasks.grow import grow
 from tasks.inputs import prepare_inputs
-from tasks.register import register
+from tasks.register import register, tracked
 from tasks.report import Summary
 from tasks.score import score
 from tasks.train import improve, train_metrics
@@ -42,37 +42,38 @@ def rest(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
         run_name: Name of the run in the lake and MLflow; re-using a name resumes that run.
     """
     ref = open_run(recipe, run_name)
-    summary = Summary(ref, "rest")
-    inputs = prepare_inputs(ref)
+    with tracked(ref):  # the MLflow runs end FINISHED, FAILED or KILLED with the flow
+        summary = Summary(ref, "rest")
+        inputs = prepare_inputs(ref)
 
-    # Train pi_theta on D (behaviour cloning), and measure where we start.
-    policy, best, versions = warm_start_and_baseline(ref, inputs, summary)
-    base, stale = policy, 0
+        # Train pi_theta on D (behaviour cloning), and measure where we start.
+        policy, best, versions = warm_start_and_baseline(ref, inputs, summary)
+        base, stale = policy, 0
 
-    for g in range(1, recipe.grow_steps + 1):
-        # Grow: D_g = samples of pi_theta, annotated with R(x, y).
-        scored = score(ref, grow(ref, policy, g), g)
-        for i, tau in enumerate(thresholds(ref, scored), start=1):
-            # Improve: keep F(x, y; tau_i) and fine-tune on it.
-            kept = filter_stage(ref, scored, g, i, tau)
-            if kept["kept"] == 0:
-                summary.step(g, i, kept, None, None, skipped="filter kept no rows")
-                print(f"iteration {g} step {i}: the filter (tau={tau}) kept no rows; skipping this Improve step")
-                continue
-            start = base if recipe.improve.restart_from_base else policy
-            candidate = improve(ref, start, kept["uri"], g, i)
-            metrics = evaluate(ref, candidate, g, i)
-            datasets = [kept["uri"], ref.stage(g, "eval", i)]
-            reg = register(ref, candidate, metrics, g, i, datasets, parent_version=versions[start],
-                           step_metrics={"tau": tau or 0.0, "kept": kept["kept"], **train_metrics(ref, candidate)})
-            versions[candidate] = reg["model_version"]
-            summary.step(g, i, kept, metrics, reg)
-            publish_iteration(ref, g, scored, kept["uri"])
-            # while reward improves on D_eval
-            if metrics["eval_reward"] > best:
-                policy, best, stale = candidate, metrics["eval_reward"], 0
-            else:
-                stale += 1
-            if stale >= recipe.eval.patience:
-                return summary.stop(f"held-out reward did not improve for {stale} Improve step(s)")
-    return summary.stop("completed all Grow steps")
+        for g in range(1, recipe.grow_steps + 1):
+            # Grow: D_g = samples of pi_theta, annotated with R(x, y).
+            scored = score(ref, grow(ref, policy, g), g)
+            for i, tau in enumerate(thresholds(ref, scored), start=1):
+                # Improve: keep F(x, y; tau_i) and fine-tune on it.
+                kept = filter_stage(ref, scored, g, i, tau)
+                if kept["kept"] == 0:
+                    summary.step(g, i, kept, None, None, skipped="filter kept no rows")
+                    print(f"iteration {g} step {i}: the filter (tau={tau}) kept no rows; skipping this Improve step")
+                    continue
+                start = base if recipe.improve.restart_from_base else policy
+                candidate = improve(ref, start, kept["uri"], g, i)
+                metrics = evaluate(ref, candidate, g, i)
+                datasets = [kept["uri"], ref.stage(g, "eval", i)]
+                reg = register(ref, candidate, metrics, g, i, datasets, parent_version=versions[start],
+                               step_metrics={"tau": tau or 0.0, "kept": kept["kept"], **train_metrics(ref, candidate)})
+                versions[candidate] = reg["model_version"]
+                summary.step(g, i, kept, metrics, reg)
+                publish_iteration(ref, g, scored, kept["uri"])
+                # while reward improves on D_eval
+                if metrics["eval_reward"] > best:
+                    policy, best, stale = candidate, metrics["eval_reward"], 0
+                else:
+                    stale += 1
+                if stale >= recipe.eval.patience:
+                    return summary.stop(f"held-out reward did not improve for {stale} Improve step(s)")
+        return summary.stop("completed all Grow steps")

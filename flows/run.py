@@ -10,6 +10,7 @@ seeded per (prompt, sample), so a seeded run writes the same datasets whichever 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -51,11 +52,36 @@ def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     lake, taken = guard_run(recipe, name)
     try:
         flow = flow_for(recipe).with_options(flow_run_name=name)
-        with stop_on_signals(lake.uri, name), api_for_workers(recipe):
+        with stop_on_signals(lake.uri, name), user_errors_without_tracebacks(), api_for_workers(recipe):
             return flow(recipe=recipe, run_name=name)
     finally:
         if taken:
             release(lake.uri, name)
+
+
+class _NoUserErrorTracebacks(logging.Filter):
+    """Drop Prefect's log records that carry a ``UserError``: the CLI says it in one sentence instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from alignment.errors import UserError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, UserError)
+
+
+@contextlib.contextmanager
+def user_errors_without_tracebacks() -> Iterator[None]:
+    """While the flow runs, a mistake that is the user's to fix (raised in a task or the flow) prints no
+    Prefect traceback: the task and flow engines log it with its traceback, the CLI prints its sentence."""
+    quiet = _NoUserErrorTracebacks()
+    handlers = {h for name in ("", "prefect") for h in logging.getLogger(name).handlers}
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ import polars as pl
 
 from alignment import filters
 from alignment.recipe import FilterConfig
-from tasks.context import RunRef, flywheel_task, log
+from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.placement import run_stage
 
 
@@ -35,7 +35,7 @@ def compute_thresholds(ref: RunRef, scored_uri: str) -> list[float | None]:
     return [None] * steps
 
 
-@flywheel_task(name="filter", retries=2, retry_delay_seconds=[2, 5])
+@flywheel_task(name="filter", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
 def filter_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: float | None) -> dict:
     """Commit ``filtered/step={i}``: the rows of ``scored`` that F(x, y; tau) keeps. Returns uri and counts."""
     lake, uri = ref.open_lake(), ref.stage(iteration, "filtered", step)

@@ -14,7 +14,7 @@ import polars as pl
 from prefect import unmapped
 
 from alignment.samplers import SamplingParams, make_sampler
-from tasks.context import RunRef, flywheel_task, log
+from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import ray_resources, run_stage
 
@@ -30,7 +30,7 @@ SAMPLE_SCHEMA = {
 }
 
 
-@flywheel_task(name="grow-shard", retries=1, retry_delay_seconds=[5])
+@flywheel_task(name="grow-shard", retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_on_io)
 def grow_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: int) -> dict:
     """Sample one shard of the prompts and write it as one part of the ``samples`` stage (a GPU stage)."""
     return run_stage(ref, "grow", sample_shard, model_uri, iteration, shard, shards, label=f"g={iteration} shard {shard + 1}/{shards}")
@@ -86,7 +86,7 @@ def _grow_seed(seed: int, iteration: int) -> int:
     return seed * 1000 + iteration
 
 
-@flywheel_task(name="commit-samples", retries=2, retry_delay_seconds=[2, 5])
+@flywheel_task(name="commit-samples", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
 def commit_samples(ref: RunRef, model_uri: str, iteration: int, parts: list[dict]) -> str:
     """Add the labelled data D when the recipe asks (D_g = samples ∪ D) and commit the stage."""
     lake, uri = ref.open_lake(), ref.stage(iteration, "samples")

@@ -121,6 +121,11 @@ def preflight(recipe: Recipe) -> None:
     folder without weights or a prompt too long for the context is one sentence before Prefect
     starts, and nothing is written.
     """
+    from alignment.reward_model import check_reward_spec
+
+    check_reward_spec(recipe.reward)
+    if recipe.eval.reward is not None:
+        check_reward_spec(recipe.eval.reward)
     data = load_task(recipe.task, recipe.seed)
     if recipe.model.path:
         check_lengths(recipe, recipe.model.path, data)

@@ -1,5 +1,8 @@
 """The MLflow pyfunc wrapper of a policy checkpoint: ``models:/NAME@champion`` loads and generates.
 
+Logged as code (``tasks/policy_entry.py``, MLflow's models-from-code), not as a pickled object: the
+run's prompt format and dtype travel in the model's ``model_config``.
+
 It formats prompts and stops exactly as the flywheel run did (``alignment.prompting``: the chat
 template, every end id, the recipe's stop strings), so the served model answers like the evaluated
 one. ``params`` may set ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p`` and ``seed``.
@@ -15,15 +18,14 @@ PARAMS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0}
 class FlywheelPolicy(mlflow.pyfunc.PythonModel):
     """Completions for a list (or one-column frame) of prompts."""
 
-    def __init__(self, prompt: dict | None = None, dtype: str = "float32"):
-        self.prompt = dict(prompt or {})
-        self.dtype = dtype
-
     def load_context(self, context):
         from alignment.samplers.hf import TransformersSampler
 
-        prompt, dtype = getattr(self, "prompt", None), getattr(self, "dtype", "float32")
-        self.sampler = TransformersSampler(context.artifacts["checkpoint"], prompt=prompt, dtype=dtype, progress=False)
+        config = dict(getattr(context, "model_config", None) or {})
+        self.sampler = TransformersSampler(
+            context.artifacts["checkpoint"], prompt=config.get("prompt"), dtype=config.get("dtype", "float32"),
+            progress=False,
+        )
 
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
         from alignment.samplers import SamplingParams
@@ -38,10 +40,3 @@ class FlywheelPolicy(mlflow.pyfunc.PythonModel):
         )
         gen = self.sampler.generate(prompts, 1, sampling)
         return [c[0] for c in gen.completions]
-
-
-def signature():
-    """The pyfunc's signature: a list of prompt strings in, completions out, with ``PARAMS`` as params."""
-    from mlflow.models import infer_signature
-
-    return infer_signature(["12+7="], ["19"], params=dict(PARAMS))

@@ -7,8 +7,10 @@ by their tags instead of creating them twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -30,7 +32,7 @@ MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "retry_condit
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
 PROBE_TIMEOUT_S = 10.0
 # The served pyfunc's inputs, outputs and inference params (``predict(..., params={...})``).
-SIGNATURE_EXAMPLE = (["12+7="], ["19"], {"max_new_tokens": 32, "temperature": 0.0})
+SIGNATURE_EXAMPLE = (["12+7="], ["19"], {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0})
 
 
 class TrackingUnreachable(UserError):
@@ -173,6 +175,27 @@ def end_tracking(ref: RunRef, status: str, error: str | None = None) -> None:
     _end(client, ref.mlflow_run_id, status, error)
 
 
+@contextlib.contextmanager
+def tracked(ref: RunRef) -> Iterator[None]:
+    """The flow's outcome on its MLflow runs: FINISHED when the body returns, KILLED when it is
+    interrupted, FAILED (with the error as a tag) when it raises. A tracking server that is gone by
+    then is logged, never raised over the flow's own outcome."""
+    status, error = "FINISHED", None
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as exc:
+        status, error = "KILLED", f"{type(exc).__name__}: stopped"
+        raise
+    except BaseException as exc:
+        status, error = "FAILED", f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        try:
+            end_tracking(ref, status, error)
+        except Exception as exc:  # noqa: BLE001 — the flow's own result or error matters more
+            log().warning("could not mark the MLflow runs %s (%s)", status, type(exc).__name__)
+
+
 def _end(client: MlflowClient, run_id: str, status: str, error: str | None) -> None:
     if error and status != "FINISHED":
         client.set_tag(run_id, ERROR_TAG, error[:5000])
@@ -235,7 +258,8 @@ def register(
                 )
             info = mlflow.pyfunc.log_model(
                 name=f"policy-step-{step}",
-                python_model=_policy_model(),
+                python_model=_policy_code(),
+                model_config={"prompt": ref.recipe.prompt_format(), "dtype": ref.recipe.model.dtype},
                 artifacts={"checkpoint": ref.local_model(model_uri)},
                 pip_requirements=_requirements(),
             )
@@ -291,10 +315,9 @@ def _checkpoint_sha256(lake, model_uri: str) -> str:
     return lake.manifest(model_uri).sha256 if model_uri.startswith(("file://", "s3://")) else ""
 
 
-def _policy_model():
-    from tasks.policy_model import FlywheelPolicy
-
-    return FlywheelPolicy()
+def _policy_code() -> str:
+    """The pyfunc's code file (models-from-code: nothing pickled; prompt format and dtype go in model_config)."""
+    return str(Path(__file__).with_name("policy_entry.py"))
 
 
 def _requirements() -> list[str]:

@@ -8,8 +8,6 @@ rows are those of ``samples`` in the same order, whatever the shard count or run
 
 from __future__ import annotations
 
-import io
-
 import polars as pl
 from prefect import unmapped
 from prefect.futures import wait
@@ -33,7 +31,7 @@ def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: 
     A GPU stage when ``orchestration.score_on_gpu`` says the reward is a model on the GPU.
     """
     lake, uri = ref.open_lake(), ref.stage(iteration, "scored")
-    samples = pl.read_parquet(io.BytesIO(lake.store.get(f"{samples_uri}/{part}")))
+    samples = lake.read_part(samples_uri, part)  # verified against the manifest
     with MODEL_LOAD_LOCK:  # a reward model loads like a policy: one at a time per process
         reward = resolve_reward_spec(ref.recipe.reward)
     # Labelled demonstrations without a reference are not the reward's to judge: their reward stays null.
@@ -47,7 +45,7 @@ def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: 
     return lake.write_part(uri, shard, scored)
 
 
-@flywheel_task(name="commit-scored", retries=2, retry_delay_seconds=[2, 5])
+@flywheel_task(name="commit-scored", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
 def commit_scored(ref: RunRef, samples_uri: str, iteration: int, parts: list[dict]) -> str:
     """Verify the parts and commit the ``scored`` stage."""
     lake, uri = ref.open_lake(), ref.stage(iteration, "scored")

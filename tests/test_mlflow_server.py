@@ -109,8 +109,11 @@ def test_champion_pyfunc_takes_inference_params(server_run, client):
 
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     params = {p.name: p.default for p in model.metadata.signature.params}
-    assert params == {"max_new_tokens": 32, "temperature": 0.0}
+    assert params == {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0}
     short = model.predict(["12+7=", "3+4="], params={"max_new_tokens": 1})
+    # Sampling is seeded: the same seed gives the same completions.
+    hot = {"max_new_tokens": 4, "temperature": 1.0, "seed": 3}
+    assert model.predict(["12+7=", "3+4="], params=hot) == model.predict(["12+7=", "3+4="], params=hot)
     assert len(short) == 2 and all(isinstance(c, str) and len(c) <= 1 for c in short)
     assert len(model.predict(["12+7="], params={"max_new_tokens": 3})[0]) <= 3
 
