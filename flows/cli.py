@@ -1,17 +1,25 @@
 """The ``flywheel`` command line: run a recipe, inspect the lake, serve deployments, run the local stack.
 
-    flywheel run RECIPE.yaml [--set key=value ...] [--run-name NAME]
+    flywheel run RECIPE.yaml [--set key=value ...] [--run-name NAME] [--verbose]
     flywheel inspect URI [--limit N] [--json]
     flywheel serve [RECIPE.yaml ...]
     flywheel stack up|down|status
+
+``flywheel run`` prints one line per stage (the flow's and tasks' own log lines, with the time the
+stage has taken), then the per-step table and where the logs, lake, MLflow run and champion are.
+Prefect's per-task lines, MLflow's and Python's warnings go to ``.flywheel/logs/RUN.log`` instead
+(``--verbose`` prints them as well).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import time
+from pathlib import Path
 
 
 # Set (unless the user set them) before any library reads them. Telemetry of Prefect and MLflow is
@@ -25,7 +33,14 @@ QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    # Progress bars of libraries: the console shows one line per stage instead.
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
+ROOT = Path(__file__).resolve().parent.parent
+OUR_CODE = tuple(str(ROOT / d) + os.sep for d in ("alignment", "tasks", "flows"))
+LOG_DIR = Path(".flywheel/logs")
 MODEL_COMMANDS = ("run", "serve")  # the only commands that load a model library
 
 
@@ -36,19 +51,129 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+class StageLines(logging.Handler):
+    """Prints the flow's and tasks' own INFO lines (not Prefect's engine lines) as one console line each.
+
+    ``iteration 1 · filter · kept 623 of 5000 · 0.1 s``: the task's name, its message and how long
+    the task run has taken so far. Records come from Prefect's run loggers; only those logged by
+    flywheel's own code (``log().info(...)`` in a task, ``print`` in a flow) are shown.
+    """
+
+    def __init__(self, stream=None):
+        super().__init__(logging.INFO)
+        self.stream = stream
+        self.last = time.monotonic()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.pathname.startswith(OUR_CODE):
+            return
+        try:
+            stage = (getattr(record, "task_run_name", None) or "flow").rsplit("-", 1)[0]
+            took, message = self._took(), record.getMessage()
+            if stage != "flow" and message[:4].lower() != stage[:4]:  # "filter · filter g=1 ..." says it twice
+                message = f"{stage} · {message}"
+            line = message + (f" · {took:.1f} s" if took is not None else "")
+            if record.levelno >= logging.WARNING:
+                line = f"{record.levelname.lower()}: {line}"
+            stream = self.stream or sys.stdout  # not print(): in a run, Prefect's log_prints sends it back here
+            stream.write(line[:200] + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    def _took(self) -> float | None:
+        """Seconds since the current task run started (else since the previous line)."""
+        from prefect.context import TaskRunContext
+
+        now, since = time.monotonic(), self.last
+        self.last = now
+        ctx = TaskRunContext.get()
+        start = getattr(getattr(ctx, "task_run", None), "start_time", None)
+        if start is not None:
+            from datetime import datetime, timezone
+
+            return max(0.0, (datetime.now(timezone.utc) - start).total_seconds())
+        return now - since
+
+
+class RunConsole:
+    """What ``flywheel run`` prints, set up for the duration of the run.
+
+    Quiet (the default): Prefect's console handler, MLflow's handler and Python's warnings write to
+    ``log_path``; the console gets ``StageLines``. Verbose: everything prints as before, and the
+    stage lines are not repeated. ``close()`` puts the handlers back (for callers that go on, such
+    as tests calling ``main``); a command-line process keeps them until it exits, so lines logged
+    at exit (Prefect's "Stopping temporary server") go to the log too.
+    """
+
+    def __init__(self, log_path: Path, verbose: bool):
+        self.log_path, self.verbose = log_path, verbose
+        self.saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
+        self.stage = StageLines()
+
+    def open(self) -> RunConsole:
+        from prefect.logging.handlers import PrefectConsoleHandler
+
+        run_loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+        if self.verbose:
+            return self
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        console = next((h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)), None)
+        to_file = logging.FileHandler(self.log_path, delay=True, encoding="utf-8")
+        to_file.setFormatter(console.formatter if console else logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+        for name in ("", "uvicorn", "fastapi"):  # Prefect's console handler sits on these
+            logger = logging.getLogger(name)
+            kept = [h for h in logger.handlers if not isinstance(h, PrefectConsoleHandler)]
+            self._replace(logger, [*kept, to_file] if len(kept) < len(logger.handlers) else logger.handlers, logger.propagate)
+        mlflow = logging.getLogger("mlflow")  # MLflow's own stderr handler: its INFO and WARNING lines
+        self._replace(mlflow, [to_file], False)
+        logging.captureWarnings(True)  # Python warnings (MLflow's UserWarnings) become "py.warnings" records
+        self._replace(logging.getLogger("py.warnings"), [to_file], False)
+        for logger in run_loggers:
+            self._replace(logger, [*logger.handlers, self.stage], logger.propagate)
+        return self
+
+    def _replace(self, logger: logging.Logger, handlers: list[logging.Handler], propagate: bool) -> None:
+        self.saved.append((logger, list(logger.handlers), logger.propagate))
+        logger.handlers[:] = handlers
+        logger.propagate = propagate
+
+    def close(self) -> None:
+        for logger, handlers, propagate in reversed(self.saved):
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+        if self.saved:
+            logging.captureWarnings(False)
+        self.saved.clear()
+
+
+def where_lines(summary: dict, log_path: Path | None) -> list[str]:
+    """Where a person looks next: the log, the lake, the MLflow run (the table's last lines name the champion)."""
+    run_uri = summary.get("run_uri") or f"{summary['lake']}/{summary['run']}"
+    lines = []
+    if log_path is not None:
+        lines.append(f"log:      {log_path}   (Prefect's per-task lines; --verbose prints them)")
+    lines.append(f"lake:     {run_uri}   (flywheel inspect {run_uri})")
+    lines.append(f"summary:  {run_uri}/summary.json")
+    tracking = summary.get("mlflow") or {}
+    if tracking.get("run_id"):
+        lines.append(f"mlflow:   {tracking.get('url') or tracking['tracking_uri']}   (run {tracking['run_id']})")
+    return lines
+
+
 def format_table(summary: dict) -> str:
-    """The per-step table: iteration, step, tau, samples, kept, held-out reward."""
-    head = f"{'iter':>4} {'step':>4} {'tau':>7} {'samples':>8} {'kept':>7} {'eval_reward':>12} {'exact':>7} {'version':>8}"
+    """The per-step table: iteration, step, tau, samples, kept, held-out reward and accuracy (reward >= 1)."""
+    head = f"{'iter':>4} {'step':>4} {'tau':>7} {'samples':>8} {'kept':>7} {'eval_reward':>12} {'accuracy':>8} {'version':>8}"
     lines = [head, "-" * len(head)]
     b = summary.get("baseline") or {}
     if b:
-        lines.append(f"{0:>4} {0:>4} {'-':>7} {'-':>8} {'-':>7} {b['eval_reward']:>12.3f} {b['eval_accuracy']:>7.3f} {b['model_version']:>8}")
+        lines.append(f"{0:>4} {0:>4} {'-':>7} {'-':>8} {'-':>7} {b['eval_reward']:>12.3f} {b['eval_accuracy']:>8.3f} {b['model_version']:>8}")
     for r in summary.get("iterations", []):
         tau = "-" if r.get("tau") is None else f"{r['tau']:.3f}"
         reward = "skipped" if r.get("eval_reward") is None else f"{r['eval_reward']:.3f}"
-        exact = "-" if r.get("eval_accuracy") is None else f"{r['eval_accuracy']:.3f}"
+        accuracy = "-" if r.get("eval_accuracy") is None else f"{r['eval_accuracy']:.3f}"
         version = (r.get("model_version") or "-") + ("*" if r.get("promoted") else "")
-        lines.append(f"{r['iteration']:>4} {r['step']:>4} {tau:>7} {r['samples']:>8} {r['kept']:>7} {reward:>12} {exact:>7} {version:>8}")
+        lines.append(f"{r['iteration']:>4} {r['step']:>4} {tau:>7} {r['samples']:>8} {r['kept']:>7} {reward:>12} {accuracy:>8} {version:>8}")
     champ = summary.get("champion")
     if champ:
         lines.append(f"champion: models:/{champ['model_name']}@champion = version {champ['version']} (held-out reward {champ['eval_reward']:.3f}); * = promoted")
@@ -59,14 +184,29 @@ def format_table(summary: dict) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from alignment.recipe import load_recipe
+    from flows.common import default_run_name
     from flows.run import run_recipe
+    from tasks.lake import check_name
     from tasks.register import check_tracking
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_tracking(recipe.mlflow.tracking_uri)  # a stopped server: one sentence before Prefect starts
-    summary = run_recipe(recipe, args.run_name)
+    name = check_name(args.run_name or default_run_name(recipe), "run name")
+    log_path = LOG_DIR / f"{name}.log"
+    console = RunConsole(log_path, args.verbose).open()
+    try:
+        summary = run_recipe(recipe, name)
+    except Exception as exc:
+        from flows.errors import user_errors
+
+        if not args.verbose and not isinstance(exc, user_errors()):
+            print(f"flywheel: run {name} failed; Prefect's log of it: {log_path}", file=sys.stderr)
+        raise
+    finally:
+        if not args.process_exits:
+            console.close()
     print(format_table(summary))
-    print(f"summary: {summary['lake']}/{summary['run']}/summary.json")
+    print("\n".join(where_lines(summary, None if args.verbose else log_path)))
     return 0
 
 
@@ -123,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="Override a recipe key, e.g. --set grow.samples_per_prompt=4 (repeatable).")
     p.add_argument("--run-name", default=None, help="Name of the run; re-using a name resumes that run.")
+    p.add_argument("--verbose", action="store_true",
+                   help="Also print Prefect's per-task log lines and library warnings (else in .flywheel/logs/RUN.log).")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("inspect", help="Show counts, reward statistics and sample rows of any lake URI.")
     p.add_argument("uri", help="A run, iteration or stage URI, e.g. file://./lake/RUN or s3://bucket/prefix/RUN")
@@ -147,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     args = parser.parse_args(argv)
+    args.process_exits = argv is None  # the command line, not a caller such as a test: nothing to put back
     if args.command in MODEL_COMMANDS:  # the others load no model library: keep them quick
         _quiet_libraries()
     try:

@@ -9,7 +9,7 @@ lake alone (so a resumed run publishes exactly what an uninterrupted one would):
   the lake (``s3://...`` or ``file://...``), ``samples`` markdown with kept and dropped rows;
 - two PNG plots on the parent MLflow run, overwritten as the run goes:
   ``plots/reward_distribution.png`` (the policy's own samples' rewards, one curve per iteration) and
-  ``plots/heldout_reward.png`` (held-out reward and exact match after every Improve step, from
+  ``plots/heldout_reward.png`` (held-out reward and accuracy after every Improve step, from
   ``summary.json``).
 
 Nothing here holds credentials: links and tables carry lake URIs and numbers only.
@@ -188,7 +188,7 @@ def reward_figure(ref: RunRef, last: int):
 
 
 def heldout_figure(ref: RunRef):
-    """Held-out reward and exact match after the warm start and every Improve step, from ``summary.json``."""
+    """Held-out reward and accuracy after the warm start and every Improve step, from ``summary.json``."""
     lake = ref.open_lake()
     uri = f"{lake.run_uri(ref.run)}/summary.json"
     summary = lake.get_json(uri) if lake.store.exists(uri) else {}
@@ -200,7 +200,7 @@ def heldout_figure(ref: RunRef):
     if points:
         xs = list(range(len(points)))
         ax.plot(xs, [p["eval_reward"] for _, p in points], marker="o", label="reward")
-        ax.plot(xs, [p.get("eval_accuracy") for _, p in points], marker="x", linestyle="--", label="exact match")
+        ax.plot(xs, [p.get("eval_accuracy") for _, p in points], marker="x", linestyle="--", label="accuracy (reward ≥ 1)")
         ax.set_xticks(xs, [label for label, _ in points])
         ax.legend(loc="best", fontsize="small")
     return fig

@@ -1,11 +1,16 @@
-"""``{lake}/{run}/summary.json``: the per-step record dashboards and scripts read, updated as the run goes."""
+"""``{lake}/{run}/summary.json``: the per-step record dashboards and scripts read, updated as the run goes.
+
+When the run ends (``Summary.stop``, the last line of both flows) it also ends the MLflow parent and
+iteration runs as FINISHED and publishes the run's summary as a Prefect markdown artifact on the flow
+run (key ``{run}-summary``): the per-step table, the champion, the MLflow run and the lake.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-
-from tasks.context import RunRef, flywheel_task
+from tasks.context import RunRef, flywheel_task, log
 
 
 class Summary:
@@ -15,6 +20,7 @@ class Summary:
         self.ref = ref
         self.doc: dict[str, Any] = {
             "run": ref.run, "algorithm": algorithm, "lake": ref.lake, "recipe": ref.recipe.name,
+            "run_uri": ref.open_lake().run_uri(ref.run), "mlflow": mlflow_where(ref),
             "baseline": None, "iterations": [], "champion": None, "stopped": None,
         }
 
@@ -37,8 +43,11 @@ class Summary:
         save_summary(self.ref, self.doc)
 
     def stop(self, reason: str) -> dict[str, Any]:
+        """The run is over: save the summary, end the MLflow runs FINISHED, publish the summary artifact."""
         self.doc["stopped"] = reason
         save_summary(self.ref, self.doc)
+        finish_tracking(self.ref)
+        publish_summary(self.doc)
         return self.doc
 
     def _champion(self, reg: dict[str, Any]) -> None:
@@ -55,3 +64,72 @@ def save_summary(ref: RunRef, doc: dict[str, Any]) -> str:
     uri = f"{ref.open_lake().run_uri(ref.run)}/summary.json"
     ref.open_lake().put_json(uri, doc)
     return uri
+
+
+@flywheel_task(name="finish-tracking", retries=3, retry_delay_seconds=[2, 5, 15])
+def finish_tracking(ref: RunRef) -> None:
+    """End the parent MLflow run and its iteration runs as FINISHED (a resumed run reopens them)."""
+    from tasks.register import end_tracking
+
+    end_tracking(ref, "FINISHED")
+
+
+def mlflow_where(ref: RunRef) -> dict[str, Any]:
+    """The run's MLflow tracking URI, experiment and parent run id, and a UI link when it is a server."""
+    cfg = ref.recipe.mlflow
+    where = {"tracking_uri": cfg.tracking_uri, "experiment": cfg.experiment, "run_id": ref.mlflow_run_id, "url": None}
+    if ref.mlflow_run_id and cfg.tracking_uri.startswith(("http://", "https://")):
+        from mlflow import MlflowClient
+
+        try:
+            experiment = MlflowClient(cfg.tracking_uri).get_run(ref.mlflow_run_id).info.experiment_id
+        except Exception as exc:  # a link is a convenience: the run goes on without it
+            log().warning("no link to MLflow run %s: %s", ref.mlflow_run_id, exc)
+        else:
+            where["url"] = f"{cfg.tracking_uri.rstrip('/')}/#/experiments/{experiment}/runs/{ref.mlflow_run_id}"
+    return where
+
+
+def summary_key(run: str) -> str:
+    """The summary artifact's key: Prefect allows lowercase letters, digits and dashes."""
+    return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9]+", "-", f"{run}-summary".lower())).strip("-")
+
+
+def summary_markdown(doc: dict[str, Any]) -> str:
+    """The summary as markdown: the per-step table, the champion, the MLflow run and the lake."""
+    def num(value: Any) -> str:
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    rows = ["| iteration | step | tau | samples | kept | held-out reward | accuracy | version |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if b := doc.get("baseline"):
+        rows.append(f"| 0 | 0 | - | - | - | {num(b['eval_reward'])} | {num(b.get('eval_accuracy'))} | {b['model_version']} |")
+    for r in doc.get("iterations", []):
+        version = (r.get("model_version") or "-") + (" (promoted)" if r.get("promoted") else "")
+        reward = num(r.get("eval_reward")) if r.get("eval_reward") is not None else f"skipped: {r.get('skipped', '')}"
+        rows.append(f"| {r['iteration']} | {r['step']} | {num(r.get('tau'))} | {r['samples']} | {r['kept']} | "
+                    f"{reward} | {num(r.get('eval_accuracy'))} | {version} |")
+    run_uri = doc.get("run_uri") or f"{doc['lake']}/{doc['run']}"
+    lines = [f"## Run `{doc['run']}` ({doc['algorithm']}, recipe `{doc['recipe']}`)", "", f"Stopped: {doc.get('stopped')}.", "", *rows, ""]
+    if champ := doc.get("champion"):
+        lines.append(f"- **Champion**: `models:/{champ['model_name']}@champion` = version {champ['version']} "
+                     f"(held-out reward {num(champ['eval_reward'])})")
+    tracking = doc.get("mlflow") or {}
+    if tracking.get("run_id"):
+        run = f"[{tracking['run_id']}]({tracking['url']})" if tracking.get("url") else f"`{tracking['run_id']}`"
+        lines.append(f"- **MLflow run**: {run} in experiment `{tracking['experiment']}` at `{tracking['tracking_uri']}`")
+    lines.append(f"- **Lake**: `{run_uri}` (every stage as hive-partitioned Parquet; `flywheel inspect {run_uri}`)")
+    lines.append(f"- **Summary**: `{run_uri}/summary.json`")
+    return "\n".join(lines)
+
+
+def publish_summary(doc: dict[str, Any]) -> str | None:
+    """Publish ``doc`` as a markdown artifact on the current flow run; its key, or None outside a flow run."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return None
+    key = summary_key(doc["run"])
+    create_markdown_artifact(markdown=summary_markdown(doc), key=key,
+                             description=f"Summary of run {doc['run']}: per-step table, champion, MLflow run, lake.")
+    return key

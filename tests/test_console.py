@@ -1,0 +1,108 @@
+"""What ``flywheel run`` prints, as a person sees it in a terminal: the real command, as a subprocess.
+
+A clean run prints one line per stage, then the per-step table and where the log, the lake, the
+MLflow run and the champion are; no ERROR, no traceback, no warning. Prefect's per-task lines go to
+``.flywheel/logs/RUN.log``; ``--verbose`` prints them too. The run ends its MLflow parent run
+FINISHED and leaves a summary that names it.
+
+Run: ``.venv/bin/python -m pytest tests/test_console.py -q``
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.flywheel_helpers import FAST, RECIPE
+from tests.test_mlflow_server import cli_env
+
+FLYWHEEL = str(Path(sys.executable).parent / "flywheel")
+WHERE = ("champion", "log", "lake", "summary", "mlflow")
+NOISE = re.compile(r"ERROR|Traceback|warning", re.IGNORECASE)
+
+
+def run_cli(workdir: Path, run: str, *extra: str, sets: list[str] = FAST) -> subprocess.CompletedProcess:
+    argv = [FLYWHEEL, "run", str(RECIPE), "--run-name", run, *extra]
+    for s in sets:
+        argv += ["--set", s]
+    return subprocess.run(argv, cwd=workdir, env=cli_env(workdir), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quiet(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    work = tmp_path_factory.mktemp("console")
+    return work, run_cli(work, "quiet")
+
+
+def test_a_clean_run_prints_stages_table_and_where_without_noise(quiet):
+    work, proc = quiet
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert [line for line in out.splitlines() if NOISE.search(line)] == []
+    assert "Task run '" not in out and "Finished in state" not in out  # Prefect's lines are in the log
+    lines = proc.stdout.splitlines()
+    # One line per stage, with its time: "filter g=1 step 1: tau=... kept 40 of 280 (...) · 0.1 s"
+    stage = [line for line in lines if re.search(r" · \d+\.\d s$", line)]
+    assert any(line.startswith("filter g=1 step 1:") for line in stage), lines
+    assert any(line.startswith("grow g=2") for line in stage), lines
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["iter", "step"])
+    assert lines[header].split() == ["iter", "step", "tau", "samples", "kept", "eval_reward", "accuracy", "version"]
+    where = {key: line for line in lines[header:] for key in WHERE if line.startswith(f"{key}:")}
+    assert set(where) == set(WHERE), lines[header:]
+    log = work / ".flywheel" / "logs" / "quiet.log"
+    assert str(log.relative_to(work)) in where["log"]
+    text = log.read_text()
+    assert "Task run '" in text and "Finished in state Completed()" in text and "Stopping temporary server" in text
+    assert "lake/quiet" in where["lake"] and where["champion"].startswith("champion: models:/arithmetic-rest@champion = version")
+
+
+def test_the_run_ends_its_mlflow_runs_and_names_them_in_the_summary(quiet):
+    from mlflow import MlflowClient
+
+    work, proc = quiet
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((work / "lake" / "quiet" / "summary.json").read_text())
+    tracking = summary["mlflow"]
+    assert tracking["tracking_uri"] == "sqlite:///mlflow/mlflow.db" and tracking["run_id"] in proc.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow' / 'mlflow.db'}")
+    parent = client.get_run(tracking["run_id"])
+    assert parent.info.status == "FINISHED"
+    nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{tracking['run_id']}'")
+    assert len(nested) == 3 and {r.info.status for r in nested} == {"FINISHED"}  # warm start + 2 iterations
+
+
+def test_verbose_prints_prefects_lines(tmp_path):
+    proc = run_cli(tmp_path, "loud", "--verbose", sets=[*FAST, "grow_steps=1"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "Task run 'filter-" in out and "Finished in state Completed()" in out
+    assert not (tmp_path / ".flywheel" / "logs" / "loud.log").exists()
+
+
+def test_summary_markdown_has_the_table_champion_mlflow_and_lake():
+    from tasks.report import summary_key, summary_markdown
+
+    doc = {
+        "run": "Demo_1", "algorithm": "rest", "recipe": "arithmetic-rest", "lake": "s3://lake/x", "run_uri": "s3://lake/x/Demo_1",
+        "mlflow": {"tracking_uri": "http://127.0.0.1:5000", "experiment": "flywheel", "run_id": "abc",
+                   "url": "http://127.0.0.1:5000/#/experiments/1/runs/abc"},
+        "baseline": {"eval_reward": 0.1, "eval_accuracy": 0.1, "model_version": "1"},
+        "iterations": [
+            {"iteration": 1, "step": 1, "tau": 0.5, "samples": 10, "kept": 4, "eval_reward": 0.2, "eval_accuracy": 0.2,
+             "model_version": "2", "promoted": True},
+            {"iteration": 2, "step": 1, "tau": 0.6, "samples": 10, "kept": 0, "eval_reward": None, "eval_accuracy": None,
+             "model_version": None, "promoted": False, "skipped": "filter kept no rows"},
+        ],
+        "champion": {"model_name": "arithmetic-rest", "version": "2", "eval_reward": 0.2}, "stopped": "completed all Grow steps",
+    }
+    md = summary_markdown(doc)
+    assert summary_key("Demo_1") == "demo-1-summary"
+    assert "| 1 | 1 | 0.500 | 10 | 4 | 0.200 | 0.200 | 2 (promoted) |" in md
+    assert "| 2 | 1 | 0.600 | 10 | 0 | skipped: filter kept no rows | - | - |" in md
+    assert "`models:/arithmetic-rest@champion` = version 2" in md
+    assert "[abc](http://127.0.0.1:5000/#/experiments/1/runs/abc)" in md and "`s3://lake/x/Demo_1`" in md
