@@ -1,18 +1,19 @@
 """Preference losses as pure functions of per-example sequence log-probabilities.
 
 Every loss returns one value per example (shape ``[B]``); the trainer takes the mean. The maths
-functions take plain tensors, e.g. ``dpo(chosen_logratio, rejected_logratio, beta)``, and
-``LOSSES[name](batch, **hparams)`` is the uniform entry point a trainer picks by name:
+functions take plain tensors, e.g. ``dpo(chosen_logratio, rejected_logratio, beta)``. Each loss is
+declared once in ``alignment.loss_table`` (``LOSSES[name]``: what it reads, its hyperparameters with
+defaults and ranges, whether it needs a reference or rewards); ``LOSSES[name].fn(batch, **hparams)``
+is the uniform entry point a trainer picks by name, built here by ``entry_point``:
 
-- pairwise losses (``LOSS_KIND[name] == "pairwise"``) read a ``LossInputs``: summed completion
-  log-probs of the chosen and rejected responses under the policy and (for those in
-  ``NEEDS_REFERENCE``) the reference model, completion token counts, and (for those in
-  ``NEEDS_REWARDS``) scalar rewards;
-- ``rloo`` (``LOSS_KIND["rloo"] == "group"``) is not pairwise: it reads a ``GroupInputs`` of N
-  samples per prompt with their rewards and prompt group ids.
+- pairwise losses (``spec.kind == "pairwise"``) read a ``LossInputs``: summed completion log-probs
+  of the chosen and rejected responses under the policy and (``spec.needs_reference``) the
+  reference model, completion token counts, and (``spec.needs_rewards``) scalar rewards;
+- group losses (``spec.kind == "group"``, RLOO) read a ``GroupInputs`` of N samples per prompt with
+  their rewards and prompt group ids.
 
-``compute_loss(name, batch, nll_alpha=..., **hparams)`` fills in the defaults of ``LOSS_HPARAMS``,
-rejects unknown names and hyperparameters, and adds the optional NLL term on the chosen response.
+``compute_loss(name, batch, nll_alpha=..., **hparams)`` fills in the declared defaults, rejects
+unknown names and out-of-range hyperparameters, and adds the optional NLL term on the chosen response.
 
 Equations cite the seed notes ``reference/seeds/004_65d128f1dda873f4.txt`` by line. Notation:
 ``Δ = log π_θ(y|x) − log π_ref(y|x)`` (a "logratio") and ``h = Δ_w − Δ_l`` (chosen minus rejected).
@@ -29,6 +30,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from alignment.loss_table import LOSSES, LossSpec, check_loss, loss_spec
+
+__all__ = ["LOSSES", "GroupInputs", "LossInputs", "LossSpec", "check_loss", "compute_loss", "entry_point", "nll", "with_nll"]
 
 
 @dataclass(frozen=True)
@@ -207,43 +212,34 @@ def _avg_logratios(b: LossInputs) -> tuple[Tensor, Tensor]:
     return chosen / chosen_len, rejected / rejected_len
 
 
-LOSSES: dict[str, Callable[..., Tensor]] = {
-    "dpo": lambda b, **hp: dpo(*_logratios(b), **hp),
-    "hinge": lambda b, **hp: hinge(*_logratios(b), **hp),
-    "ipo": lambda b, **hp: ipo(*_logratios(b), **hp),
-    # TRL's "ipo": the same squared loss on per-token mean logratios.
-    "ipo_mean": lambda b, **hp: ipo(*_avg_logratios(b), **hp),
-    "exponential": lambda b, **hp: exponential(*_logratios(b), **hp),
-    "truncated_quadratic": lambda b, **hp: truncated_quadratic(*_logratios(b), **hp),
-    "savage": lambda b, **hp: savage(*_logratios(b), **hp),
-    "simpo": lambda b, **hp: simpo(*_avg_logps(b), **hp),
-    "orpo": lambda b, **hp: orpo(*_avg_logps(b), **hp),
-    "kto": lambda b, **hp: kto(*_logratios(b), **hp),
-    "rebel": lambda b, **hp: rebel(*_logratios(b), *_need(b, "chosen_rewards", "rejected_rewards"), **hp),
-    "rloo": lambda g, **hp: rloo(g.logps, g.rewards, g.group_ids, **hp),
+_READERS: dict[str, Callable[[LossInputs], tuple[Tensor, Tensor]]] = {
+    "logratios": _logratios,
+    "avg_logratios": _avg_logratios,
+    "avg_logps": _avg_logps,
 }
 
-# Hyperparameters and their defaults; the maths functions above carry the same defaults.
-LOSS_HPARAMS: dict[str, dict[str, float]] = {
-    "dpo": {"beta": 0.1},
-    "hinge": {"beta": 0.1},
-    "ipo": {"beta": 0.1},
-    "ipo_mean": {"beta": 0.1},
-    "exponential": {"beta": 0.1},
-    "truncated_quadratic": {"beta": 0.1},
-    "savage": {"beta": 0.1},
-    "simpo": {"beta": 2.0, "gamma": 1.0},
-    "orpo": {"lam": 0.1},
-    "kto": {"beta": 0.1, "lambda_d": 1.0, "lambda_u": 1.0},
-    "rebel": {"eta": 1.0},
-    "rloo": {},
-}
 
-LOSS_KIND: dict[str, str] = {name: "group" if name == "rloo" else "pairwise" for name in LOSSES}
-NEEDS_REFERENCE: frozenset[str] = frozenset(LOSSES) - {"simpo", "orpo", "rloo"}
-NEEDS_REWARDS: frozenset[str] = frozenset({"rebel", "rloo"})
-# ORPO already contains an NLL term on the chosen response.
-HAS_NLL: frozenset[str] = frozenset({"orpo"})
+def entry_point(spec: LossSpec) -> Callable[..., Tensor]:
+    """``fn(batch, **hparams)`` for a declared loss: its maths function on what ``spec.reads`` from the batch."""
+    maths = _MATHS[spec.function]
+    if spec.kind == "group":
+        return lambda g, **hp: maths(g.logps, g.rewards, g.group_ids, **hp)
+    read = _READERS[spec.reads]
+    if spec.needs_rewards:
+        return lambda b, **hp: maths(*read(b), *_need(b, "chosen_rewards", "rejected_rewards"), **hp)
+    return lambda b, **hp: maths(*read(b), **hp)
+
+
+# The maths functions the table may name. A loss function added here without a LossSpec in
+# alignment.loss_table (or a LossSpec naming a function not here) fails at import.
+_MATHS: dict[str, Callable[..., Tensor]] = {
+    f.__name__: f for f in (dpo, hinge, ipo, exponential, truncated_quadratic, savage, simpo, orpo, kto, rebel, rloo)
+}
+_undeclared = set(_MATHS) - {spec.function for spec in LOSSES.values()}
+_unknown = {spec.name: spec.function for spec in LOSSES.values() if spec.function not in _MATHS}
+if _undeclared or _unknown:
+    raise ImportError(f"alignment.loss_table and alignment.losses disagree: undeclared {sorted(_undeclared)}, "
+                      f"declared without a function {_unknown}.")
 
 
 def nll(batch: LossInputs) -> Tensor:
@@ -258,21 +254,10 @@ def with_nll(losses: Tensor, batch: LossInputs, alpha: float) -> Tensor:
 
 
 def compute_loss(name: str, batch: LossInputs | GroupInputs, *, nll_alpha: float = 0.0, **hparams: float) -> Tensor:
-    """Per-example losses of ``LOSSES[name]`` with defaults from ``LOSS_HPARAMS``, plus ``nll_alpha``·NLL."""
-    check_loss(name, hparams, nll_alpha)
-    expected = GroupInputs if LOSS_KIND[name] == "group" else LossInputs
+    """Per-example losses of loss ``name`` with its declared defaults, plus ``nll_alpha``·NLL."""
+    spec = loss_spec(name)
+    spec.check(hparams, nll_alpha)
+    expected = GroupInputs if spec.kind == "group" else LossInputs
     if not isinstance(batch, expected):
         raise TypeError(f"Loss {name!r} takes {expected.__name__}, got {type(batch).__name__}.")
-    return with_nll(LOSSES[name](batch, **{**LOSS_HPARAMS[name], **hparams}), batch, nll_alpha)
-
-
-def check_loss(name: str, hparams: dict[str, float], nll_alpha: float = 0.0) -> None:
-    """Raise a ValueError that names the fix if ``name``, ``hparams`` or ``nll_alpha`` don't fit together."""
-    if name not in LOSSES:
-        raise ValueError(f"Unknown loss {name!r}; choose one of: {', '.join(sorted(LOSSES))}.")
-    unknown = sorted(set(hparams) - set(LOSS_HPARAMS[name]))
-    if unknown:
-        allowed = ", ".join(sorted(LOSS_HPARAMS[name])) or "none"
-        raise ValueError(f"Loss {name!r} has no hyperparameter {', '.join(unknown)}; its hyperparameters: {allowed}.")
-    if nll_alpha and (LOSS_KIND[name] != "pairwise" or name in HAS_NLL):
-        raise ValueError(f"nll_alpha applies to pairwise losses without their own NLL term; set it to 0 for {name!r}.")
+    return with_nll(spec.fn(batch, **{**spec.defaults(), **hparams}), batch, nll_alpha)

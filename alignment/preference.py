@@ -4,7 +4,7 @@ One iteration of iterative DPO trains the policy on pairs drawn from its own sam
 log-probs ``ref_chosen_logp, ref_rejected_logp`` are computed once per iteration with
 ``add_reference_logps`` and stored with the pairs, so training holds one model; when the pairs come
 without them, ``train_preference`` computes them from the starting model (the iteration's reference)
-before the first update. Every loss in ``alignment.losses.LOSSES`` is available by name.
+before the first update. Every loss declared in ``alignment.loss_table.LOSSES`` is available by name.
 
 Departures, on purpose: dropout is off while training (as TRL's ``disable_dropout``), so the policy and
 reference log-probs of an unchanged model agree exactly; ``rloo`` trains on groups of N samples per
@@ -22,7 +22,8 @@ import polars as pl
 import torch
 
 from alignment.logprobs import batch_logps, sequence_logps
-from alignment.losses import LOSS_KIND, NEEDS_REWARDS, GroupInputs, LossInputs, check_loss, compute_loss
+from alignment.loss_table import LossSpec, loss_spec
+from alignment.losses import GroupInputs, LossInputs, compute_loss
 from alignment.models import load_policy
 from alignment.lora import add_lora, save_merged
 from alignment.prompting import PromptFormat, formatter_for
@@ -39,8 +40,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 class PreferenceConfig:
     """How to train on preferences. Hyperparameters of the loss go in ``beta`` and ``hparams``."""
 
-    loss: str = "dpo"  # a key of alignment.losses.LOSSES
-    beta: float | None = None  # the loss's beta; None keeps its default (LOSS_HPARAMS)
+    loss: str = "dpo"  # a key of alignment.loss_table.LOSSES
+    beta: float | None = None  # the loss's beta; None keeps its declared default
     hparams: dict[str, float] = field(default_factory=dict)  # other loss hyperparameters, e.g. {"gamma": 0.5}
     nll_alpha: float = 0.0  # weight of the chosen response's per-token NLL added to a pairwise loss
     epochs: int = 1
@@ -62,7 +63,7 @@ class PreferenceConfig:
     lora_target_modules: tuple[str, ...] = ()  # () means c_attn for GPT-2, every linear layer otherwise
 
     def __post_init__(self) -> None:
-        check_loss(self.loss, self.loss_hparams(), self.nll_alpha)
+        self.spec.check(self.loss_hparams(), self.nll_alpha)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}.")
         for name in ("epochs", "batch_size", "ref_batch_size"):
@@ -70,6 +71,11 @@ class PreferenceConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.lora_r < 0:
             raise ValueError(f"lora_r must be 0 (LoRA off) or a positive rank, got {self.lora_r}.")
+
+    @property
+    def spec(self) -> LossSpec:
+        """The loss's declaration (alignment.loss_table); an unknown name is a ValueError."""
+        return loss_spec(self.loss)
 
     def loss_hparams(self) -> dict[str, float]:
         """The hyperparameters passed to the loss: ``hparams`` with ``beta`` when set."""
@@ -117,9 +123,10 @@ def train_preference(
     reward accuracy (share of pairs with Δ_w > Δ_l, Δ = log π − log π_ref), the mean margin Δ_w − Δ_l
     and the mean change of the chosen and rejected log-probs from the reference.
     """
-    if LOSS_KIND[cfg.loss] != "pairwise":
+    spec = cfg.spec
+    if spec.kind != "pairwise":
         raise ValueError(f"loss {cfg.loss!r} trains on groups of samples, not pairs: call train_rloo instead.")
-    _require_columns(pairs, PAIR_COLUMNS + (REWARD_COLUMNS if cfg.loss in NEEDS_REWARDS else ()), "pairs")
+    _require_columns(pairs, PAIR_COLUMNS + (REWARD_COLUMNS if spec.needs_rewards else ()), "pairs")
     model, tokenizer = _load_trainable(model_path, cfg, trust_remote_code)
     if not set(REF_COLUMNS) <= set(pairs.columns):
         pairs = add_reference_logps(model, tokenizer, pairs, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
@@ -130,7 +137,7 @@ def train_preference(
     ref_chosen, ref_rejected = (_column(pairs, name) for name in REF_COLUMNS)
     # Per-pair tensors of LossInputs that come from the frame rather than the forward pass.
     stored = {"ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
-    if cfg.loss in NEEDS_REWARDS:
+    if spec.needs_rewards:
         stored |= dict(zip(("chosen_rewards", "rejected_rewards"), (_column(pairs, c) for c in REWARD_COLUMNS)))
 
     def step_loss(idx: list[int]) -> torch.Tensor:
@@ -177,8 +184,8 @@ def train_rloo(
     full group. Returns the last epoch's mean loss and the mean log-prob change of the samples that
     beat their baseline (should rise) and of those below it (should fall).
     """
-    if cfg.loss != "rloo":
-        raise ValueError(f"train_rloo trains the 'rloo' loss; set PreferenceConfig(loss='rloo'), not {cfg.loss!r}.")
+    if cfg.spec.kind != "group":
+        raise ValueError(f"train_rloo trains a group loss such as 'rloo'; {cfg.loss!r} trains on pairs: call train_preference.")
     _require_columns(samples, GROUP_COLUMNS, "samples")
     if samples.group_by("prompt_id").len()["len"].min() < 2:
         raise ValueError("rloo needs at least 2 samples per prompt_id for its leave-one-out baseline.")
@@ -195,9 +202,9 @@ def train_rloo(
         batch = collate([examples[i] for i in idx], fmt.pad_id)
         logps, _ = batch_logps(model, {k: v.to(model.device) for k, v in batch.items()})
         inputs = GroupInputs(logps, rewards[idx].to(model.device), group_ids[idx].to(model.device))
-        return compute_loss("rloo", inputs).mean()
+        return compute_loss(cfg.loss, inputs, **cfg.loss_hparams()).mean()
 
-    losses = train_loop(model, groups, step_loss, cfg, desc="training (rloo)", progress=progress, on_step=on_step)
+    losses = train_loop(model, groups, step_loss, cfg, desc=f"training ({cfg.loss})", progress=progress, on_step=on_step)
     after, _ = sequence_logps(model, tokenizer, prompts, completions, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
     save_merged(model, tokenizer, out_dir)
     # The sign of the RLOO advantage is the sign of r_i minus its group's mean reward.

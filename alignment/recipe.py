@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from alignment import loss_table as _loss_table
 from alignment.errors import UserError
 
 
@@ -176,17 +177,15 @@ class ImproveConfig(TrainSettings):
     )
 
 
-LOSS_NAMES = Literal[
-    "dpo", "hinge", "ipo", "ipo_mean", "exponential", "truncated_quadratic", "savage",
-    "simpo", "orpo", "kto", "rebel", "rloo",
-]
+# The loss names come from the loss table, which imports no torch (a recipe loads in milliseconds).
+LOSS_NAMES = Literal[_loss_table.LOSS_NAMES]  # type: ignore[valid-type]
 RewardSpec = str | list[Any] | dict[str, Any]
 
 
 class PreferenceSettings(TrainSettings):
     """Iterative DPO: how pairs are made and which preference loss trains on them."""
 
-    loss: LOSS_NAMES = Field("dpo", description="Preference loss (alignment.losses.LOSSES).")
+    loss: LOSS_NAMES = Field("dpo", description="Preference loss (alignment.loss_table.LOSSES).")
     beta: float | None = Field(
         None, gt=0, description="The loss's beta; null keeps the loss's default; unused by losses without one (orpo, rebel, rloo)."
     )
@@ -208,23 +207,28 @@ class PreferenceSettings(TrainSettings):
 
     @model_validator(mode="after")
     def _loss_settings(self) -> PreferenceSettings:
+        spec = _loss_table.LOSSES[self.loss]
         try:
-            preference_config(self, seed=0)
+            spec.check(self.loss_hparams(), self.nll_alpha if spec.takes_nll else 0.0)
         except ValueError as exc:
             raise ValueError(str(exc)) from None
         return self
 
+    def loss_hparams(self) -> dict[str, float]:
+        """The loss's hyperparameters: ``hparams``, and ``beta`` when set and the loss takes one."""
+        takes_beta = self.beta is not None and "beta" in _loss_table.LOSSES[self.loss].hparams
+        return {**self.hparams, **({"beta": self.beta} if takes_beta else {})}
+
 
 def preference_config(p: PreferenceSettings, seed: int, *, dtype: str = "float32", prompt: dict | None = None):
     """The trainer's config for these settings: beta and the NLL term go only to losses that take them."""
-    from alignment.losses import HAS_NLL, LOSS_HPARAMS, LOSS_KIND
     from alignment.preference import PreferenceConfig
     from alignment.prompting import PromptFormat
 
-    takes_nll = LOSS_KIND[p.loss] == "pairwise" and p.loss not in HAS_NLL
+    spec = _loss_table.LOSSES[p.loss]
     return PreferenceConfig(
-        loss=p.loss, beta=p.beta if "beta" in LOSS_HPARAMS[p.loss] else None, hparams=dict(p.hparams),
-        nll_alpha=p.nll_alpha if takes_nll else 0.0, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
+        loss=p.loss, beta=p.beta if "beta" in spec.hparams else None, hparams=dict(p.hparams),
+        nll_alpha=p.nll_alpha if spec.takes_nll else 0.0, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
         warmup_steps=p.warmup_steps, seed=seed, lora_r=p.lora_r, micro_batch_size=p.micro_batch_size,
         gradient_checkpointing=p.gradient_checkpointing, group_by_length=p.group_by_length,
         dtype=dtype, prompt=PromptFormat.of(prompt),

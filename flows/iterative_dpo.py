@@ -8,7 +8,7 @@ Run it on a laptop::
 Each iteration t samples N completions per prompt from the current policy, scores them, pairs the
 best against the worst (rejection sampling, as in the notes' "best-of-4 vs worst-of-4"), computes
 the reference log-probs once, and trains with ``preference.loss`` — any entry of
-``alignment.losses.LOSSES``. The lake, lineage and champion gate are those of ReST.
+``alignment.loss_table.LOSSES``. The lake, lineage and champion gate are those of ReST.
 
 Where this departs from the notes: the policy always continues from the latest iterate (the
 champion alias alone tracks the best held-out model), and the reference is the initial policy
@@ -21,6 +21,7 @@ from typing import Any
 
 from prefect import flow
 
+from alignment.loss_table import LOSSES
 from alignment.recipe import Recipe
 from flows.common import open_run, warm_start_and_baseline
 from tasks.artifacts import publish_iteration
@@ -47,6 +48,7 @@ def iterative_dpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]
         summary = Summary(ref, "iterative_dpo")
         inputs = prepare_inputs(ref)
         cfg = recipe.preference
+        trains_on_pairs = LOSSES[cfg.loss].kind == "pairwise"  # a group loss (RLOO) trains on the scored samples
 
         policy, _, versions = warm_start_and_baseline(ref, inputs, summary)
         initial = policy
@@ -55,7 +57,7 @@ def iterative_dpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]
             scored = score(ref, grow(ref, policy, t), t)
             reference = initial if cfg.reference == "initial" else policy
             pairs = pair(ref, scored, t, reference)
-            if pairs["kept"] == 0 and cfg.loss != "rloo":
+            if pairs["kept"] == 0 and trains_on_pairs:
                 summary.step(t, 1, pairs, None, None, skipped="no pairs above the margin")
                 print(f"iteration {t}: every prompt's samples tied (no pairs); skipping training")
                 continue

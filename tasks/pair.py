@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import polars as pl
 
-
-from alignment.losses import NEEDS_REFERENCE
+from alignment.loss_table import LOSSES
 from alignment.models import load_policy
 from alignment.pairs import make_pairs
 from alignment.preference import add_reference_logps
@@ -36,7 +35,7 @@ def write_pairs(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str
     if not ref.recipe.filter.keep_truncated and "finish_reason" in scored.columns:
         scored = scored.filter(pl.col("finish_reason") != "length")  # a cut-off answer is never a chosen one
     pairs = make_pairs(scored, cfg.pairing, cfg.min_margin, seed=ref.recipe.seed + iteration)
-    if pairs.height and cfg.loss in NEEDS_REFERENCE:
+    if pairs.height and LOSSES[cfg.loss].needs_reference:
         model, tokenizer = load_policy(ref.local_model(reference_uri), trust_remote_code=ref.recipe.model.trust_remote_code)
         pairs = add_reference_logps(model, tokenizer, pairs, dtype=ref.recipe.model.dtype, prompt=ref.recipe.prompt_format())
     config = {"pairing": cfg.pairing, "min_margin": cfg.min_margin, "loss": cfg.loss, "reference": reference_uri}

@@ -79,7 +79,7 @@ def _preference_config(ref: RunRef, seed: int):
 
 @flywheel_task(name="train-preference")
 def train_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str, iteration: int) -> str:
-    """One iterative-DPO training step with the recipe's preference loss; RLOO trains on the scored groups."""
+    """One iterative-DPO training step with the recipe's preference loss; a group loss (RLOO) trains on the scored samples."""
     out_uri = ref.stage(iteration, "checkpoint", 1)
     if ref.open_lake().is_done(out_uri):
         return out_uri
@@ -93,7 +93,7 @@ def fit_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str,
 
     lake = ref.open_lake()
     cfg = _preference_config(ref, ref.recipe.seed * 1000 + iteration)
-    if cfg.loss == "rloo":
+    if cfg.spec.kind == "group":  # trains on the policy's scored samples, grouped by prompt
         data_uri, data = scored_uri, lake.read(scored_uri).filter(pl.col("sample_idx") >= 0)
         fit = train_rloo
     else:

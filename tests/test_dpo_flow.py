@@ -20,7 +20,7 @@ import pytest
 # Bind Prefect's console handler to pytest's session-long capture (see test_rest_flow.py).
 from prefect import flow as _prefect_flow  # noqa: F401
 
-from alignment.losses import NEEDS_REFERENCE
+from alignment.loss_table import LOSSES
 from tests.flywheel_helpers import (
     ROOT,
     client_for,
@@ -74,7 +74,7 @@ def test_pairs_put_a_better_answer_first_with_its_reference_log_probs(fast_run):
         assert (pairs["chosen_reward"] > pairs["rejected_reward"]).all()
         assert (pairs["margin"] == pairs["chosen_reward"] - pairs["rejected_reward"]).all()
         assert pairs["prompt_id"].n_unique() == pairs.height  # best vs worst: one pair per prompt
-        assert "dpo" in NEEDS_REFERENCE
+        assert LOSSES["dpo"].needs_reference
         for column in ("ref_chosen_logp", "ref_rejected_logp"):
             assert pairs[column].null_count() == 0 and (pairs[column] < 0).all()
     assert partial_stages(fast_run / "lake") == []

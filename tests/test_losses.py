@@ -12,12 +12,13 @@ import torch
 
 from alignment import losses as L
 from alignment.logprobs import batch_logps, sequence_logps
-from alignment.losses import LOSS_HPARAMS, LOSS_KIND, LOSSES, GroupInputs, LossInputs, compute_loss
+from alignment.loss_table import LOSSES, HParam, LossSpec
+from alignment.losses import GroupInputs, LossInputs, compute_loss
 from alignment.models import build_tiny_gpt2, load_policy
 from alignment.preference import PreferenceConfig, train_preference, train_rloo
 from alignment.training import collate, encode_pairs
 
-PAIRWISE = sorted(name for name, kind in LOSS_KIND.items() if kind == "pairwise")
+PAIRWISE = sorted(name for name, spec in LOSSES.items() if spec.kind == "pairwise")
 
 
 def sig(x: float) -> float:
@@ -75,7 +76,7 @@ EXPECTED = {
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_loss_values_match_hand_computation(name):
     hparams, expected = EXPECTED[name]
-    assert torch.allclose(LOSSES[name](BATCH, **hparams), t(*expected), rtol=0, atol=1e-12)
+    assert torch.allclose(LOSSES[name].fn(BATCH, **hparams), t(*expected), rtol=0, atol=1e-12)
 
 
 def test_every_loss_has_a_numeric_test():
@@ -86,7 +87,7 @@ def test_kto_reference_point_is_the_clamped_detached_mean_logratio():
     # Δ_w = [2, 2], Δ_l = [0, 0]: z0 = mean = 1.
     chosen, rejected = t(2.0, 2.0).requires_grad_(), t(0.0, 0.0).requires_grad_()
     batch = LossInputs(chosen, rejected, t(0.0, 0.0), t(0.0, 0.0))
-    loss = LOSSES["kto"](batch, beta=0.1, lambda_d=1.0, lambda_u=1.0)
+    loss = LOSSES["kto"].fn(batch, beta=0.1, lambda_d=1.0, lambda_u=1.0)
     assert torch.allclose(loss, t(1 - sig(0.1), 1 - sig(0.1)), atol=1e-12)
     loss.mean().backward()
     # z0 is a constant: d/dΔ_w of (1 − σ(β(Δ_w − z0)))/2/B is −β·σ(0.1)·(1 − σ(0.1))/4.
@@ -100,13 +101,13 @@ def test_rloo_uses_the_leave_one_out_baseline_within_each_prompt():
     # Group 3: r = [2, 0] → A = [2, −2]. The loss is −A·log π.
     group = GroupInputs(logps=t(-1.0, -0.5, -2.0, -3.0, -1.5), rewards=t(1.0, 2.0, 0.0, 0.5, 0.0),
                         group_ids=torch.tensor([7, 3, 7, 7, 3]))  # fmt: skip
-    assert torch.allclose(LOSSES["rloo"](group), t(0.75, 1.0, -1.5, 0.0, -3.0), atol=1e-12)
+    assert torch.allclose(LOSSES["rloo"].fn(group), t(0.75, 1.0, -1.5, 0.0, -3.0), atol=1e-12)
     with pytest.raises(ValueError, match="at least 2 samples"):
-        LOSSES["rloo"](GroupInputs(t(-1.0, -2.0, -3.0), t(1.0, 0.0, 1.0), torch.tensor([0, 0, 1])))
+        LOSSES["rloo"].fn(GroupInputs(t(-1.0, -2.0, -3.0), t(1.0, 0.0, 1.0), torch.tensor([0, 0, 1])))
 
 
 def test_nll_term_adds_the_chosen_per_token_nll():
-    dpo = LOSSES["dpo"](BATCH, beta=0.1)
+    dpo = LOSSES["dpo"].fn(BATCH, beta=0.1)
     # −log π(y_w)/|y_w| = [1/2, 2/4].
     assert torch.allclose(compute_loss("dpo", BATCH, nll_alpha=0.3, beta=0.1), dpo + 0.3 * t(0.5, 0.5), atol=1e-12)
     assert torch.allclose(L.with_nll(dpo, BATCH, 0.3), dpo + 0.3 * t(0.5, 0.5), atol=1e-12)
@@ -114,7 +115,7 @@ def test_nll_term_adds_the_chosen_per_token_nll():
 
 def test_ipo_mean_is_ipo_when_every_completion_is_one_token():
     ones = LossInputs(**{**BATCH.__dict__, "chosen_lengths": t(1, 1), "rejected_lengths": t(1, 1)})
-    assert torch.allclose(LOSSES["ipo_mean"](ones, beta=0.3), LOSSES["ipo"](ones, beta=0.3))
+    assert torch.allclose(LOSSES["ipo_mean"].fn(ones, beta=0.3), LOSSES["ipo"].fn(ones, beta=0.3))
 
 
 def test_orpo_is_finite_when_a_probability_rounds_to_one_or_zero():
@@ -212,26 +213,26 @@ LIMITS = {  # loss at β → 0 (h ≠ 0 does not matter): f(0) of each GPO loss,
 def test_beta_to_zero_limits(name):
     hparams, limit = LIMITS[name]
     expected = t(1.0**2, 0.25**2) if limit is None else t(limit, limit)
-    assert torch.allclose(LOSSES[name](BATCH, **hparams), expected, atol=1e-6)
+    assert torch.allclose(LOSSES[name].fn(BATCH, **hparams), expected, atol=1e-6)
 
 
 def test_dpo_gradient_at_small_beta_is_half_beta_times_the_logratio_gradient():
     batch = _leaf_batch([-1.0, -2.0], [-3.0, -1.5], [-1.5, -2.5], [-2.0, -1.0], [1, 1], [1, 1], [0, 0], [0, 0])
-    LOSSES["dpo"](batch, beta=SMALL).mean().backward()
+    LOSSES["dpo"].fn(batch, beta=SMALL).mean().backward()
     # d/dΔ_w of −log σ(βh) = −β·σ(−βh) → −β/2; the batch mean divides by B = 2.
     assert torch.allclose(batch.policy_chosen_logps.grad / SMALL, t(-0.25, -0.25), atol=1e-6)
     assert torch.allclose(batch.policy_rejected_logps.grad / SMALL, t(0.25, 0.25), atol=1e-6)
 
 
 def test_ipo_squared_target_dominates_as_beta_goes_to_zero():
-    assert torch.allclose(LOSSES["ipo"](BATCH, beta=SMALL) * SMALL**2, t(0.25, 0.25), atol=1e-6)
+    assert torch.allclose(LOSSES["ipo"].fn(BATCH, beta=SMALL) * SMALL**2, t(0.25, 0.25), atol=1e-6)
 
 
 def test_hparam_table_matches_the_maths_defaults_and_bad_names_are_loud():
-    for name, hparams in LOSS_HPARAMS.items():
-        maths = getattr(L, name if name != "ipo_mean" else "ipo")
+    for name, spec in LOSSES.items():
+        maths = getattr(L, spec.function)
         defaults = {p.name: p.default for p in inspect.signature(maths).parameters.values() if p.default is not p.empty}
-        assert defaults == hparams, name
+        assert defaults == spec.defaults(), name
     with pytest.raises(ValueError, match="choose one of"):
         compute_loss("dpo2", BATCH)
     with pytest.raises(ValueError, match="its hyperparameters: beta"):
@@ -244,6 +245,56 @@ def test_hparam_table_matches_the_maths_defaults_and_bad_names_are_loud():
         compute_loss("dpo", LossInputs(t(-1.0), t(-2.0)))
     with pytest.raises(ValueError, match="no hyperparameter beta"):
         PreferenceConfig(loss="orpo", beta=0.1)
+
+
+def test_every_loss_function_is_declared_once_and_every_declaration_has_a_function():
+    """A maths function in alignment.losses (public, tensors in, a Tensor out) needs a LossSpec, and back."""
+    helpers = {"nll", "with_nll", "compute_loss", "entry_point"}
+    maths = {
+        name for name, f in vars(L).items()
+        if inspect.isfunction(f) and f.__module__ == L.__name__ and not name.startswith("_") and name not in helpers
+        and inspect.signature(f).return_annotation == "Tensor"
+    }  # fmt: skip
+    assert maths == {spec.function for spec in LOSSES.values()} == set(L._MATHS)
+    assert all(name == spec.name for name, spec in LOSSES.items())
+    for spec in LOSSES.values():
+        assert spec.kind == ("group" if spec.reads == "group" else "pairwise")
+        assert spec.fn is not None and (spec.reads == "group" or spec.reads in L._READERS)
+
+
+def test_the_table_answers_what_the_code_asks():
+    assert [n for n, s in LOSSES.items() if s.kind == "group"] == ["rloo"]
+    assert sorted(n for n, s in LOSSES.items() if not s.needs_reference) == ["orpo", "rloo", "simpo"]
+    assert sorted(n for n, s in LOSSES.items() if s.needs_rewards) == ["rebel", "rloo"]
+    assert sorted(n for n, s in LOSSES.items() if not s.takes_nll) == ["orpo", "rloo"]
+    assert LOSSES["simpo"].defaults() == {"beta": 2.0, "gamma": 1.0}
+    assert HParam(0.1, gt=0).problem(0.0) == "must be > 0" and HParam(1.0, ge=0).problem(0.0) is None
+    assert isinstance(LOSSES["dpo"], LossSpec)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        compute_loss("dpo", BATCH, beta=0.0)
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        PreferenceConfig(loss="rebel", hparams={"eta": -1.0})
+
+
+def test_a_recipe_loads_and_validates_its_loss_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from alignment.recipe import PreferenceSettings, load_recipe\n"
+        "load_recipe('recipes/arithmetic-dpo.yaml', ['preference.loss=simpo', 'preference.hparams.gamma=0.5'])\n"
+        "try:\n"
+        "    PreferenceSettings(loss='kto', hparams={'gamma': 1.0})\n"
+        "except ValueError as exc:\n"
+        "    assert 'its hyperparameters: beta, lambda_d, lambda_u' in str(exc), exc\n"
+        "else:\n"
+        "    raise SystemExit('kto accepted gamma')\n"
+        "assert 'torch' not in sys.modules, 'loading a recipe imported torch'\n"
+    )
+    root = inspect.getfile(L).rsplit("/alignment/", 1)[0]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 # --- Sequence log-probs and the trainer on a tiny model ---------------------------------------

@@ -1,0 +1,141 @@
+"""The preference losses, each declared once: what it reads, its hyperparameters, what it needs.
+
+This module imports no torch, so a recipe is validated against it in milliseconds. The maths lives in
+``alignment.losses``, which builds each loss's entry point from its declaration here; ``spec.fn``
+imports it on first use. Everything else asks the table a question (``spec.kind == "group"``,
+``spec.needs_reference``) instead of testing a loss's name.
+
+What a loss reads (``reads``) decides the rest:
+
+- ``logratios``: ``Δ = log π_θ(y|x) − log π_ref(y|x)`` of chosen and rejected (needs a reference);
+- ``avg_logratios``: the same per completion token (needs a reference and lengths);
+- ``avg_logps``: per-token mean ``log π_θ(y|x)`` (reference-free);
+- ``group``: N samples per prompt with rewards (not pairwise: trains on the scored samples).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Reads = Literal["logratios", "avg_logratios", "avg_logps", "group"]
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyperparameter: its default and the open (``gt``) or closed (``ge``) lower bound of its range."""
+
+    default: float
+    gt: float | None = None
+    ge: float | None = None
+    help: str = ""
+
+    def problem(self, value: float) -> str | None:
+        """Why ``value`` is out of range, or None."""
+        if not math.isfinite(value):
+            return "must be a finite number"
+        if self.gt is not None and not value > self.gt:
+            return f"must be > {self.gt:g}"
+        if self.ge is not None and not value >= self.ge:
+            return f"must be >= {self.ge:g}"
+        return None
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Everything the code needs to know about one loss.
+
+    ``function`` names the maths function in ``alignment.losses`` (``ipo_mean`` is ``ipo`` on other
+    inputs); ``needs_rewards`` adds the chosen and rejected rewards (or the group's rewards) to its
+    arguments; ``has_nll`` marks a loss that already carries an NLL term on the chosen response.
+    """
+
+    name: str
+    function: str
+    reads: Reads
+    hparams: dict[str, HParam] = field(default_factory=dict)
+    needs_rewards: bool = False
+    has_nll: bool = False
+    cite: str = ""  # where the seed notes define it
+
+    @property
+    def kind(self) -> Literal["pairwise", "group"]:
+        return "group" if self.reads == "group" else "pairwise"
+
+    @property
+    def needs_reference(self) -> bool:
+        """Its pairs must carry the reference policy's log-probs (``ref_chosen_logp, ref_rejected_logp``)."""
+        return self.reads in ("logratios", "avg_logratios")
+
+    @property
+    def takes_nll(self) -> bool:
+        """An ``nll_alpha`` NLL term may be added: pairwise losses without their own."""
+        return self.kind == "pairwise" and not self.has_nll
+
+    def defaults(self) -> dict[str, float]:
+        return {name: hp.default for name, hp in self.hparams.items()}
+
+    @property
+    def fn(self) -> Any:
+        """The entry point ``fn(batch, **hparams) -> per-example losses`` (imports torch)."""
+        from alignment.losses import entry_point
+
+        return entry_point(self)
+
+    def check(self, hparams: dict[str, float], nll_alpha: float = 0.0) -> None:
+        """Raise a ValueError that names the fix if ``hparams`` or ``nll_alpha`` don't fit this loss."""
+        unknown = sorted(set(hparams) - set(self.hparams))
+        if unknown:
+            allowed = ", ".join(sorted(self.hparams)) or "none"
+            raise ValueError(
+                f"Loss {self.name!r} has no hyperparameter {', '.join(unknown)}; its hyperparameters: {allowed}."
+            )
+        for name, value in hparams.items():
+            why = self.hparams[name].problem(float(value))
+            if why:
+                raise ValueError(f"Loss {self.name!r}: {name} {why}, got {value}.")
+        if nll_alpha and not self.takes_nll:
+            raise ValueError(f"nll_alpha applies to pairwise losses without their own NLL term; set it to 0 for {self.name!r}.")
+
+
+def _beta(default: float = 0.1) -> dict[str, HParam]:
+    return {"beta": HParam(default, gt=0, help="inverse temperature of the margin")}
+
+
+_DECLARED = (
+    # The GPO family, f(β·h) for a convex f (seed l.1207, table l.1212-1217).
+    LossSpec("dpo", "dpo", "logratios", _beta(), cite="l.877"),
+    LossSpec("hinge", "hinge", "logratios", _beta(), cite="l.1213"),
+    LossSpec("ipo", "ipo", "logratios", _beta(), cite="l.978"),
+    # TRL's "ipo": the same squared loss on per-token mean logratios.
+    LossSpec("ipo_mean", "ipo", "avg_logratios", _beta()),
+    LossSpec("exponential", "exponential", "logratios", _beta(), cite="l.1215"),
+    LossSpec("truncated_quadratic", "truncated_quadratic", "logratios", _beta(), cite="l.1216"),
+    LossSpec("savage", "savage", "logratios", _beta(), cite="l.1217"),
+    # Reference-free, on length-normalised log-probs.
+    LossSpec("simpo", "simpo", "avg_logps", {**_beta(2.0), "gamma": HParam(1.0, ge=0, help="target margin")}, cite="l.1067"),
+    LossSpec("orpo", "orpo", "avg_logps", {"lam": HParam(0.1, ge=0, help="weight of the odds-ratio term")},
+             has_nll=True, cite="l.1020"),
+    # Unpaired, reward-regression and on-policy.
+    LossSpec("kto", "kto", "logratios", {**_beta(), "lambda_d": HParam(1.0, ge=0, help="weight of desirable examples"),
+                                         "lambda_u": HParam(1.0, ge=0, help="weight of undesirable examples")}, cite="l.1116"),
+    LossSpec("rebel", "rebel", "logratios", {"eta": HParam(1.0, gt=0, help="step size")}, needs_rewards=True, cite="l.1261"),
+    LossSpec("rloo", "rloo", "group", needs_rewards=True, cite="l.708"),
+)
+
+LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _DECLARED}
+LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)
+
+
+def loss_spec(name: str) -> LossSpec:
+    """The declaration of loss ``name``; an unknown name is a ValueError that lists the choices."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"Unknown loss {name!r}; choose one of: {', '.join(sorted(LOSSES))}.") from None
+
+
+def check_loss(name: str, hparams: dict[str, float], nll_alpha: float = 0.0) -> None:
+    """Raise a ValueError that names the fix if ``name``, ``hparams`` or ``nll_alpha`` don't fit together."""
+    loss_spec(name).check(hparams, nll_alpha)
