@@ -111,6 +111,12 @@ def stop_on_signals(lake_uri: str, run: str, grace_s: float = 5.0) -> Iterator[N
             f"resume it with the same recipe and --run-name {run}.\n"
         )
         sys.stderr.flush()
+        # Nothing else is printed while the process winds down: threads that lose their connections
+        # (Prefect's server, MLflow's SQLite pool) would otherwise log tracebacks after the one line.
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        sys.stdout.flush()
+        os.dup2(quiet, 1)
+        os.dup2(quiet, 2)
         closer = threading.Thread(target=_close_quietly, args=(lake_uri, run), daemon=True)
         closer.start()
         closer.join(grace_s)
@@ -138,6 +144,11 @@ def _close_quietly(lake_uri: str, run: str) -> None:
 
         if SubprocessASGIServer._instances:  # only one this process started
             for server in list(SubprocessASGIServer._instances.values()):
+                # Killed, not terminated: a terminated server flushes its event services and logs
+                # their cancellation tracebacks on the terminal it shares with this process.
+                if server.server_process is not None:
+                    server.server_process.kill()
+                    server.server_process.wait(timeout=5)
                 server.stop()
     except Exception:
         pass
