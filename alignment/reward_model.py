@@ -21,7 +21,6 @@ averages instead. Members are combined as they are, with no rescaling: give it r
 from __future__ import annotations
 
 import math
-import random
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,13 +30,12 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification
 
 from alignment.models import default_device, load_tokenizer
 from alignment.rewards import RewardError, RewardFn, resolve_reward, score
 from alignment.prompting import Formatter
-from alignment.training import autocast, encode_pairs
+from alignment.training import autocast, encode_pairs, train_loop
 
 RewardSpec = Union[str, Sequence["RewardSpec"], Mapping[str, object]]
 
@@ -107,28 +105,17 @@ def train_reward_model(
     prompts = pairs["prompt"].to_list()
     chosen = _encode(tokenizer, prompts, pairs["chosen"].to_list(), model.config)
     rejected = _encode(tokenizer, prompts, pairs["rejected"].to_list(), model.config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    steps_per_epoch = math.ceil(pairs.height / cfg.batch_size)
-    bar = tqdm(total=steps_per_epoch * cfg.epochs, desc="reward model", unit="step", disable=not progress, leave=False)
-    rng = random.Random(cfg.seed)
-    losses: list[float] = []
     wins: list[float] = []
-    for _ in range(cfg.epochs):
-        order = list(range(pairs.height))
-        rng.shuffle(order)
-        for start in range(0, len(order), cfg.batch_size):
-            rows = order[start : start + cfg.batch_size]
-            batch = [chosen[i] for i in rows] + [rejected[i] for i in rows]
-            loss, win = _train_step(model, tokenizer, optimizer, batch, cfg)
-            schedule.step()
-            losses.append(loss)
-            wins.append(win)
-            if on_step is not None:
-                on_step(len(losses), losses[-1])
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
+
+    def step_loss(rows: list[int]) -> torch.Tensor:
+        r_w, r_l = _rewards(model, [chosen[i] for i in rows] + [rejected[i] for i in rows], tokenizer, cfg.dtype)
+        wins.append((r_w > r_l).float().mean().item())
+        return bradley_terry_loss(r_w, r_l).mean()
+
+    # The one training loop of flywheel (alignment.training.train_loop); only the objective is the reward model's.
+    losses = train_loop(model, [[i] for i in range(pairs.height)], step_loss, cfg, desc="reward model",
+                        progress=progress, on_step=on_step)
+    steps_per_epoch = math.ceil(pairs.height / cfg.batch_size)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -299,17 +286,6 @@ def _collate(sequences: Sequence[list[int]], pad_id: int, device: torch.device) 
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-
-def _train_step(model, tokenizer, optimizer, batch: list[list[int]], cfg: RewardModelConfig) -> tuple[float, float]:
-    """One step on the mean ``-log sigma(r_w - r_l)`` of a chosen-then-rejected batch: (loss, share ranked right)."""
-    r_w, r_l = _rewards(model, batch, tokenizer, cfg.dtype)
-    loss = bradley_terry_loss(r_w, r_l).mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item(), (r_w > r_l).float().mean().item()
 
 
 def _rewards(model, sequences: list[list[int]], tokenizer, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
