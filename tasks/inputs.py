@@ -124,6 +124,7 @@ def preflight(recipe: Recipe) -> None:
     from alignment.reward_model import check_reward_spec
 
     check_reward_spec(recipe.reward)
+    _check_sampler(recipe)
     if recipe.eval.reward is not None:
         check_reward_spec(recipe.eval.reward)
     data = load_task(recipe.task, recipe.seed)
@@ -132,6 +133,18 @@ def preflight(recipe: Recipe) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         check_lengths(recipe, _build_base(recipe, _texts([data.prompts, data.eval, data.labelled], recipe), tmp), data)
+
+
+def _check_sampler(recipe: Recipe) -> None:
+    """Grow's sampler options as Grow will pass them (without importing a GPU engine)."""
+    import importlib.util
+
+    from alignment.samplers import check_options
+    from tasks.grow import sampler_options
+
+    if recipe.grow.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
+        return  # vLLM runs on GPU workers; this machine cannot check its options
+    check_options(recipe.grow.sampler, sampler_options(recipe, recipe.grow.batch_size))
 
 
 def check_lengths(recipe: Recipe, model_dir: str, data: TaskData) -> None:

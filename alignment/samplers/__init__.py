@@ -64,6 +64,17 @@ def make_sampler(backend: str, model_path: str, **options: Any) -> Sampler:
     An option the backend does not take is one sentence naming it and the ones it does take
     (``grow.sampler_options`` comes straight from a recipe).
     """
+    from alignment.errors import ConfigError
+
+    cls = check_options(backend, options)
+    try:
+        return cls(model_path, **options)
+    except TypeError as exc:
+        raise ConfigError(f"The {backend!r} sampler's options are wrong ({exc}); check grow.sampler_options.") from None
+
+
+def check_options(backend: str, options: dict[str, Any]):
+    """The backend's sampler class, after checking it takes every option (one sentence naming any it does not)."""
     import inspect
 
     from alignment.errors import ConfigError
@@ -76,12 +87,10 @@ def make_sampler(backend: str, model_path: str, **options: Any) -> Sampler:
     if unknown and not takes_any:
         raise ConfigError(
             f"The {backend!r} sampler does not take {', '.join(map(repr, unknown))}; "
-            f"its options are {', '.join(allowed)} (grow.sampler_options)."
+            f"its options are {', '.join(allowed)} (grow.sampler_options)"
+            + ("; stop strings go in prompt.stop." if any("stop" in k for k in unknown) else ".")
         )
-    try:
-        return cls(model_path, **options)
-    except TypeError as exc:
-        raise ConfigError(f"The {backend!r} sampler's options are wrong ({exc}); check grow.sampler_options.") from None
+    return cls
 
 
 def _backend(backend: str):
