@@ -28,11 +28,17 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not stack" -q
 
 # The real local stack (Prefect server, MLflow server, S3 server on loopback), as users run it.
+# It installs what it needs itself: Playwright for Python (pinned in requirements.lock; never
+# `playwright install`) and Debian's chromium, which the browser test drives headless.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 test-stack: $(STAMP)
+	$(PIP) -e ".[dev,stack]"
+	test -x /usr/bin/chromium || ($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium)
 	$(BIN)/python -m pytest -m stack -q
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(MAKE) test-stack
+	$(BIN)/python -m pytest -m "not stack" -q
 
 bench: $(STAMP)
 	$(PIP) -e ".[dev,bench]"

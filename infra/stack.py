@@ -173,7 +173,9 @@ def _child_env(**extra: str) -> dict[str, str]:
 def start_prefect(home: Path, port: int, log: Path, *, ui: bool = True) -> int:
     """``prefect server start`` on loopback with its SQLite database in ``home``; returns the pid."""
     home.mkdir(parents=True, exist_ok=True)
-    env = _child_env(PREFECT_HOME=str(home), PREFECT_SERVER_UI_ENABLED="true" if ui else "false")
+    # The UI's own API address: without it the browser calls the default port 4200, not this server's.
+    env = _child_env(PREFECT_HOME=str(home), PREFECT_SERVER_UI_ENABLED="true" if ui else "false",
+                     PREFECT_UI_API_URL=f"http://{LOOPBACK}:{port}/api")
     command = [_bin("prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port), "--analytics-off"]
     return _spawn(command, log, env, home)
 
