@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-
 from alignment.evaluation import evaluate as run_eval
 from alignment.reward_model import resolve_reward_spec
+from alignment.rewards import with_timeout
 from alignment.samplers import make_sampler
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK
-from tasks.placement import run_stage
+from tasks.placement import run_once
 
 
 @flywheel_task(name="evaluate", retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_on_io)
 def evaluate(ref: RunRef, model_uri: str, iteration: int, step: int) -> dict[str, float]:
     """Greedy completions for every held-out prompt, committed as ``eval/step={i}``; returns the metrics."""
-    lake, uri = ref.open_lake(), ref.stage(iteration, "eval", step)
-    if not lake.is_done(uri):
-        run_stage(ref, "evaluate", write_eval, model_uri, iteration, step, label=f"g={iteration} step {step}")
+    lake, label = ref.open_lake(), f"g={iteration} step {step}"
+    uri = run_once(ref, ref.stage(iteration, "eval", step), "evaluate", write_eval, model_uri, iteration, step, label=label)
     metrics = lake.get_json(f"{uri}/_manifest.json")["metrics"]
     log().info("eval %s: reward %.3f, accuracy %.3f", ref.policy_version(model_uri), metrics["eval_reward"], metrics["eval_accuracy"])
     return metrics
@@ -36,7 +35,8 @@ def write_eval(ref: RunRef, model_uri: str, iteration: int, step: int) -> str:
         sampler = make_sampler("transformers", ref.local_model(model_uri), **options)
     frame, metrics = run_eval(
         sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(), prompts["reference"].to_list(),
-        resolve_reward_spec(recipe.eval.reward or recipe.reward), max_new_tokens=recipe.eval.max_new_tokens,
+        with_timeout(resolve_reward_spec(recipe.eval.reward or recipe.reward), recipe.reward_timeout_s),
+        max_new_tokens=recipe.eval.max_new_tokens,
     )
     lake.write_stage(uri, [frame], config={"eval": recipe.eval.model_dump()}, parents=[model_uri], extra={"metrics": metrics})
     return uri

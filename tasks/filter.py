@@ -7,7 +7,7 @@ import polars as pl
 from alignment import filters
 from alignment.recipe import FilterConfig
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
-from tasks.placement import run_stage
+from tasks.placement import run_once, run_stage
 
 
 @flywheel_task(name="thresholds")
@@ -38,9 +38,8 @@ def compute_thresholds(ref: RunRef, scored_uri: str) -> list[float | None]:
 @flywheel_task(name="filter", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
 def filter_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: float | None) -> dict:
     """Commit ``filtered/step={i}``: the rows of ``scored`` that F(x, y; tau) keeps. Returns uri and counts."""
-    lake, uri = ref.open_lake(), ref.stage(iteration, "filtered", step)
-    if not lake.is_done(uri):
-        run_stage(ref, "filter", write_filtered, scored_uri, iteration, step, tau, label=f"g={iteration} step {step}")
+    lake, label = ref.open_lake(), f"g={iteration} step {step}"
+    uri = run_once(ref, ref.stage(iteration, "filtered", step), "filter", write_filtered, scored_uri, iteration, step, tau, label=label)
     m = lake.manifest(uri)
     scored_rows = lake.manifest(scored_uri).rows
     dropped = lake.get_json(f"{uri}/_manifest.json").get("dropped", {})

@@ -13,15 +13,14 @@ from alignment.models import load_policy
 from alignment.pairs import make_pairs
 from alignment.preference import add_reference_logps
 from tasks.context import RunRef, flywheel_task, log
-from tasks.placement import run_stage
+from tasks.placement import run_once
 
 
 @flywheel_task(name="pair", retries=1, retry_delay_seconds=[5])
 def pair(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str) -> dict:
     """Commit the ``pairs`` stage (best vs worst by default) and return its uri and counts."""
-    lake, uri = ref.open_lake(), ref.stage(iteration, "pairs")
-    if not lake.is_done(uri):
-        run_stage(ref, "pair", write_pairs, scored_uri, iteration, reference_uri, label=f"t={iteration}")
+    lake = ref.open_lake()
+    uri = run_once(ref, ref.stage(iteration, "pairs"), "pair", write_pairs, scored_uri, iteration, reference_uri, label=f"t={iteration}")
     m, scored_rows = lake.manifest(uri), lake.manifest(scored_uri).rows
     log().info("pair t=%d: %d pairs from %d scored samples", iteration, m.rows, scored_rows)
     return {"uri": uri, "kept": m.rows, "samples": scored_rows, "tau": None}

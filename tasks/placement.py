@@ -56,6 +56,15 @@ def run_stage(ref: RunRef, stage: str, fn: Callable[..., T], *args: Any, label: 
     return run_on_pool(ref, stage, deployment, fn, *args, label=label)
 
 
+def run_once(ref: RunRef, uri: str, stage: str, fn: Callable[..., Any], *args: Any, label: str = "") -> str:
+    """Run a stage that commits ``uri`` at most once: skip it when ``uri`` is committed, else ``fn(ref, *args)``
+    where the recipe places ``stage``. The body replaces whatever an interrupted attempt left at ``uri``
+    (``Lake.write_stage``, ``Lake.put_dir``) and commits it last. Returns ``uri``."""
+    if not ref.open_lake().is_done(uri):
+        run_stage(ref, stage, fn, *args, label=label)
+    return uri
+
+
 def run_here(ref: RunRef, stage: str, fn: Callable[..., T], *args: Any) -> T:
     """``fn(ref, *args)`` in this process (or a fresh one), holding a GPU slot for a GPU stage."""
     if is_gpu_stage(ref.recipe, stage):

@@ -13,7 +13,7 @@ import polars as pl
 
 from alignment.training import TrainConfig, sft
 from tasks.context import RunRef, flywheel_task, log
-from tasks.placement import run_stage
+from tasks.placement import run_once
 
 
 def _train_config(ref: RunRef, settings: str, seed: int) -> TrainConfig:
@@ -28,9 +28,7 @@ def _train_config(ref: RunRef, settings: str, seed: int) -> TrainConfig:
 
 
 def _fit(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: str, seed: int) -> str:
-    if ref.open_lake().is_done(out_uri):
-        return out_uri
-    return run_stage(ref, "train", fit_sft, start_uri, data_uri, out_uri, settings, seed, label=ref.policy_version(out_uri))
+    return run_once(ref, out_uri, "train", fit_sft, start_uri, data_uri, out_uri, settings, seed, label=ref.policy_version(out_uri))
 
 
 def fit_sft(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: str, seed: int) -> str:
@@ -81,10 +79,8 @@ def _preference_config(ref: RunRef, seed: int):
 def train_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str, iteration: int) -> str:
     """One iterative-DPO training step with the recipe's preference loss; a group loss (RLOO) trains on the scored samples."""
     out_uri = ref.stage(iteration, "checkpoint", 1)
-    if ref.open_lake().is_done(out_uri):
-        return out_uri
-    return run_stage(ref, "train", fit_preference, start_uri, pairs_uri, scored_uri, iteration, out_uri,
-                     label=ref.policy_version(out_uri))
+    return run_once(ref, out_uri, "train", fit_preference, start_uri, pairs_uri, scored_uri, iteration, out_uri,
+                    label=ref.policy_version(out_uri))
 
 
 def fit_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str, iteration: int, out_uri: str) -> str:
