@@ -110,7 +110,7 @@ def train_loop(
     micro = max(1, min(getattr(cfg, "micro_batch_size", None) or cfg.batch_size, cfg.batch_size))
     rng = random.Random(cfg.seed)
     total = math.ceil(len(units) / cfg.batch_size) * cfg.epochs
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc=desc, unit="step", disable=None if progress else True, leave=False)  # bars only on a terminal
     losses: list[float] = []
     model.train()
     for _ in range(cfg.epochs):

@@ -218,6 +218,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sql(args: argparse.Namespace) -> int:
+    from flows.sql import query, render, write
+    from tasks.lake import Lake
+    from tasks.storage import normalize_uri
+
+    write(render(query(Lake(normalize_uri(args.lake)), args.query), args.format), args.out)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from flows.sql import runs
+    from tasks.lake import Lake
+    from tasks.storage import normalize_uri
+
+    rows = runs(Lake(normalize_uri(args.lake)))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'run':40} {'status':10} {'algorithm':13} {'iter':>4}  {'champion':28} {'reward':>7}  started")
+    for r in rows:
+        reward = "-" if r["champion_reward"] is None else f"{r['champion_reward']:.3f}"
+        print(f"{r['run']:40} {r['status']:10} {r['algorithm'] or '-':13} {r['iterations']:>4}  "
+              f"{r['champion'] or '-':28} {reward:>7}  {r['started'] or '-'}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from flows.serve import serve
 
@@ -271,6 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=5, help="Sample rows to show per stage.")
     p.add_argument("--json", action="store_true", help="Print JSON for scripts.")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("sql", help="SQL over the lake's stage tables (scored, filtered, eval, ... and drops).")
+    p.add_argument("query", help='e.g. "SELECT run, iteration, avg(reward) FROM scored GROUP BY run, iteration"')
+    p.add_argument("--lake", default="file://./lake", help="The lake: file://PATH or s3://BUCKET/PREFIX.")
+    p.add_argument("--format", choices=["table", "json", "csv", "parquet"], default="table", help="Output format.")
+    p.add_argument("--out", default=None, help="Write the result to this file instead of stdout.")
+    p.set_defaults(func=cmd_sql)
+    p = sub.add_parser("runs", help="List the runs in a lake: status, iterations, champion, start time.")
+    p.add_argument("--lake", default="file://./lake", help="The lake: file://PATH or s3://BUCKET/PREFIX.")
+    p.add_argument("--json", action="store_true", help="Print JSON for scripts.")
+    p.set_defaults(func=cmd_runs)
     p = sub.add_parser("serve", help="Serve recipes as Prefect deployments (schedules, runs from the UI or API).")
     p.add_argument("recipes", nargs="*", help="Recipe YAML files (default: every recipes/*.yaml).")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -58,3 +58,20 @@ def tiny_model_dir(tmp_path_factory):
     task = arithmetic_task()
     texts = [*task.prompts["prompt"], *task.labelled["completion"], *task.eval["reference"]]
     return build_tiny_model(texts, tmp_path_factory.mktemp("tiny-model"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop Prefect's temporary server while pytest's output is still open, so its goodbye line has
+    somewhere to go (at interpreter exit the captured streams are closed and logging complains)."""
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+    except ImportError:
+        return
+    import logging
+
+    logging.disable(logging.CRITICAL)
+    try:
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
+    finally:
+        logging.disable(logging.NOTSET)

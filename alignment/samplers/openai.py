@@ -233,7 +233,7 @@ class OpenAISampler:
     ) -> list[tuple[list[str], list[int], list[str]]]:
         """Send every request with at most ``concurrency`` in flight; the first failure stops the rest."""
         stop = threading.Event()
-        bar = tqdm(total=len(requests), desc="sampling", unit="prompt", disable=not self.progress, leave=False)
+        bar = tqdm(total=len(requests), desc="sampling", unit="prompt", disable=None if self.progress else True, leave=False)
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-sampler") as pool:
             futures = [pool.submit(self._complete, client, body, i, n, key, stop) for i, body in enumerate(requests)]
             for future in futures:

@@ -1,0 +1,149 @@
+"""``flywheel sql`` and ``flywheel runs``: the lake's stages as tables to query, and its runs at a glance.
+
+Every committed stage of every run is one table per stage name — ``prompts``, ``eval_prompts``,
+``labelled``, ``samples``, ``scored``, ``filtered``, ``pairs``, ``eval`` — with ``run``,
+``iteration`` and ``step`` columns added from where the stage lies, so one query spans runs and
+iterations::
+
+    flywheel sql "SELECT run, iteration, avg(reward) AS reward FROM scored GROUP BY run, iteration ORDER BY 1, 2"
+    flywheel sql "SELECT finish_reason, count(*) FROM samples GROUP BY 1" --format json
+    flywheel sql "SELECT run, iteration, step, drop_reason, n FROM drops" --lake s3://bucket/lake
+
+Only the parts a stage's manifest lists are read (an interrupted stage is invisible, as it is to
+every reader), lazily, with polars' SQL engine; the same works on ``file://`` and ``s3://``.
+``drops`` is a small table of how many scored rows each Improve step dropped, and why.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import sys
+import time
+from typing import Any
+
+import polars as pl
+
+from alignment.errors import UserError
+from tasks.lake import MANIFEST, Lake
+
+TABLES = ("prompts", "eval_prompts", "labelled", "samples", "scored", "filtered", "pairs", "eval")
+FORMATS = ("table", "json", "csv", "parquet")
+_STAGE = re.compile(r"^(?P<run>[^/]+)/iteration=(?P<iteration>\d+)/(?P<stage>[a-z_]+)(?:/step=(?P<step>\d+))?$")
+
+
+class QueryError(UserError):
+    """A query the lake's tables cannot answer."""
+
+
+def committed_stages(lake: Lake) -> list[dict[str, Any]]:
+    """Every committed stage in the lake: its table name, run, iteration, step and manifest."""
+    out = []
+    root = lake.uri.rstrip("/") + "/"
+    for uri in lake.store.list(lake.uri):
+        if not uri.endswith(f"/{MANIFEST}"):
+            continue
+        m = _STAGE.match(uri[len(root) : -len(MANIFEST) - 1])
+        if m is None or m["stage"] not in TABLES:
+            continue
+        manifest = json.loads(lake.store.get(uri))
+        out.append({
+            "table": m["stage"], "run": m["run"], "iteration": int(m["iteration"]),
+            "step": int(m["step"]) if m["step"] else None, "uri": uri[: -len(MANIFEST) - 1], "manifest": manifest,
+        })  # fmt: skip
+    return out
+
+
+def tables(lake: Lake) -> dict[str, pl.LazyFrame]:
+    """One lazy frame per stage name, over the committed parts of every run and iteration."""
+    frames: dict[str, list[pl.LazyFrame]] = {}
+    options = lake.store.storage_options()
+    for s in committed_stages(lake):
+        files = [f"{s['uri']}/{f['name']}" for f in s["manifest"].get("files", [])]
+        if not files:
+            continue
+        paths = [_readable(p) for p in files]
+        scan = pl.scan_parquet(paths, storage_options=options) if options else pl.scan_parquet(paths)
+        frames.setdefault(s["table"], []).append(scan.with_columns(
+            pl.lit(s["run"]).alias("run"), pl.lit(s["iteration"], pl.Int64).alias("iteration"),
+            pl.lit(s["step"], pl.Int64).alias("step"),
+        ))  # fmt: skip
+    out = {name: pl.concat(parts, how="diagonal_relaxed") for name, parts in frames.items()}
+    drops = [
+        {"run": s["run"], "iteration": s["iteration"], "step": s["step"], "drop_reason": reason, "n": n}
+        for s in committed_stages(lake) if s["table"] == "filtered"
+        for reason, n in (s["manifest"].get("dropped") or {}).items()
+    ]  # fmt: skip
+    schema = {"run": pl.Utf8, "iteration": pl.Int64, "step": pl.Int64, "drop_reason": pl.Utf8, "n": pl.Int64}
+    out["drops"] = pl.DataFrame(drops, schema=schema).lazy()
+    return out
+
+
+def _readable(uri: str) -> str:
+    return uri.removeprefix("file://")
+
+
+def query(lake: Lake, sql: str) -> pl.DataFrame:
+    """Run ``sql`` over the lake's tables; a query they cannot answer is one sentence."""
+    available = tables(lake)
+    ctx = pl.SQLContext(available, eager=False)
+    try:
+        return ctx.execute(sql).collect()
+    except Exception as exc:  # polars raises SQL, column and table errors of several types
+        detail = " ".join(str(exc).split("Resolved plan")[0].split())[:300].rstrip(".;: ")
+        raise QueryError(
+            f"The query failed ({type(exc).__name__}: {detail}); the tables are {', '.join(sorted(available))}, "
+            "each with run, iteration and step columns."
+        ) from None
+
+
+def render(frame: pl.DataFrame, fmt: str) -> bytes:
+    """The result as a printed table, JSON rows, CSV or Parquet bytes."""
+    if fmt == "json":
+        return (json.dumps(frame.to_dicts(), default=str) + "\n").encode()
+    if fmt == "csv":
+        return frame.write_csv().encode()
+    if fmt == "parquet":
+        buf = io.BytesIO()
+        frame.write_parquet(buf)
+        return buf.getvalue()
+    with pl.Config(tbl_rows=200, tbl_cols=30, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
+        return (str(frame) + "\n").encode()
+
+
+def runs(lake: Lake) -> list[dict[str, Any]]:
+    """The runs in the lake: status (running / finished / unfinished), iterations, champion, start time."""
+    names = sorted({s["run"] for s in committed_stages(lake)})
+    rows = []
+    for run in names:
+        base = lake.run_uri(run)
+        summary = _json(lake, f"{base}/summary.json") or {}
+        identity = _json(lake, f"{base}/_run.json") or {}
+        lease = _json(lake, f"{base}/_lease.json") or {}
+        live = bool(lease) and not lease.get("released") and float(lease.get("expires_at") or 0) > time.time()
+        status = "running" if live else ("finished" if summary.get("stopped") else "unfinished")
+        champion = summary.get("champion") or {}
+        rows.append({
+            "run": run, "status": status, "algorithm": summary.get("algorithm"),
+            "iterations": max((r.get("iteration", 0) for r in summary.get("iterations", [])), default=0),
+            "champion": f"{champion['model_name']} v{champion['version']}" if champion else None,
+            "champion_reward": champion.get("eval_reward"), "started": identity.get("created_at"),
+        })  # fmt: skip
+    return rows
+
+
+def _json(lake: Lake, uri: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(lake.store.get(uri)) if lake.store.exists(uri) else None
+    except (ValueError, OSError):
+        return None
+
+
+def write(data: bytes, out: str | None) -> None:
+    if out:
+        with open(out, "wb") as fh:
+            fh.write(data)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
