@@ -168,7 +168,7 @@ def promotion_checks(
     if cfg.max_kl is not None:
         kl = candidate.get("eval_kl")
         checks["kl"] = {"value": kl, "limit": cfg.max_kl, "passed": kl is None or kl <= cfg.max_kl}
-    if verifier_differs and cfg.max_reward_gap_widening is not None:
+    if verifier_differs and cfg.max_reward_gap_widening is not None and "eval_train_reward" in candidate:
         gap = candidate["eval_train_reward"] - candidate["eval_reward"]
         base_gap = baseline["eval_train_reward"] - baseline["eval_reward"]
         widening = gap - base_gap

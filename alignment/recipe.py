@@ -249,6 +249,31 @@ class EvalConfig(Strict):
     )
 
 
+class PromotionConfig(Strict):
+    """The champion gate: every check must pass for the ``champion`` alias to move (alignment.metrics.promotion_checks).
+
+    Each check is logged with its value, limit and verdict (MLflow version tags ``flywheel.promotion.<check>``,
+    ``summary.json``); a null limit turns a check off.
+    """
+
+    min_improvement: float = Field(
+        0.0, description="Held-out reward must beat the champion's by more than this (with eval.reward set, the "
+        "verifier's reward: the verifier must improve).",
+    )
+    max_length_drift: float | None = Field(
+        None, ge=0, description="Largest relative change of the mean held-out completion length vs the baseline "
+        "(0.5 = 50%); null = off.",
+    )
+    max_kl: float | None = Field(
+        None, ge=0, description="Largest per-token KL(policy || initial policy) on held-out prompts (k1 estimate on "
+        "greedy completions); null = off.",
+    )
+    max_reward_gap_widening: float | None = Field(
+        None, description="When eval.reward (the verifier) differs from the training reward: the largest rise of "
+        "(training reward - verifier reward) on held-out completions vs the baseline's; null = off.",
+    )
+
+
 class MlflowConfig(Strict):
     """Tracking and the model registry."""
 
@@ -339,6 +364,9 @@ class Recipe(Strict):
     )
     grow_steps: int = Field(3, ge=0, description="G, Grow steps (iterations; T for iterative DPO); 0 = warm start only.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    promotion: PromotionConfig = Field(
+        default_factory=PromotionConfig, description="Checks that must all pass for a new version to become the champion."
+    )
     lake: str = Field("file://./lake", description="Where datasets and checkpoints go: file://PATH or s3://BUCKET/PREFIX.")
     s3: S3Config = Field(default_factory=S3Config, description="S3 endpoint settings for an s3:// lake.")
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="Tracking and registry.")

@@ -173,6 +173,8 @@ def format_table(summary: dict) -> str:
         reward = "skipped" if r.get("eval_reward") is None else f"{r['eval_reward']:.3f}"
         accuracy = "-" if r.get("eval_accuracy") is None else f"{r['eval_accuracy']:.3f}"
         version = (r.get("model_version") or "-") + ("*" if r.get("promoted") else "")
+        guards = [c for c in r.get("blocked_by") or [] if c != "improvement"]  # "3 (kl)": a guard blocked the promotion
+        version += f" ({','.join(guards)})" if guards else ""
         lines.append(f"{r['iteration']:>4} {r['step']:>4} {tau:>7} {r['samples']:>8} {r['kept']:>7} {reward:>12} {accuracy:>8} {version:>8}")
     champ = summary.get("champion")
     if champ:

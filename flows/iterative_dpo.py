@@ -29,9 +29,10 @@ from tasks.evaluate import evaluate
 from tasks.grow import grow
 from tasks.inputs import prepare_inputs
 from tasks.pair import pair
-from tasks.register import register, tracked
+from tasks.register import log_step_metrics, register, tracked
 from tasks.report import Summary
 from tasks.score import score
+from tasks.step_metrics import Stopwatch, step_metrics
 from tasks.train import train_metrics, train_preference
 
 
@@ -52,22 +53,28 @@ def iterative_dpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]
 
         policy, _, versions = warm_start_and_baseline(ref, inputs, summary)
         initial = policy
+        champion_eval, clock = ref.stage(0, "eval", 0), Stopwatch()  # win rates are against the champion's answers
 
         for t in range(1, recipe.grow_steps + 1):
-            scored = score(ref, grow(ref, policy, t), t)
+            samples = clock("grow", grow, ref, policy, t)
+            scored = clock("score", score, ref, samples, t)
             reference = initial if cfg.reference == "initial" else policy
-            pairs = pair(ref, scored, t, reference)
+            pairs = clock("pair", pair, ref, scored, t, reference)
             if pairs["kept"] == 0 and trains_on_pairs:
                 summary.step(t, 1, pairs, None, None, skipped="no pairs above the margin")
                 print(f"iteration {t}: every prompt's samples tied (no pairs); skipping training")
                 continue
             start = policy if cfg.start_from == "previous" else initial
-            candidate = train_preference(ref, start, pairs["uri"], scored, t)
-            metrics = evaluate(ref, candidate, t, 1)
-            reg = register(ref, candidate, metrics, t, 1, [pairs["uri"], ref.stage(t, "eval", 1)],
-                           parent_version=versions[start], step_metrics={"pairs": pairs["kept"], **train_metrics(ref, candidate)})
+            candidate = clock("train", train_preference, ref, start, pairs["uri"], scored, t)
+            metrics = clock("evaluate", evaluate, ref, candidate, t, 1)
+            extra = step_metrics(ref, scored, None, ref.stage(t, "eval", 1), champion_eval, clock.seconds)
+            reg = clock("register", register, ref, candidate, metrics, t, 1, [pairs["uri"], ref.stage(t, "eval", 1)],
+                        parent_version=versions[start],
+                        step_metrics={"pairs": pairs["kept"], **train_metrics(ref, candidate), **extra})
+            log_step_metrics(ref, t, 1, {"seconds_register": clock.seconds["seconds_register"]})
             versions[candidate] = reg["model_version"]
-            summary.step(t, 1, pairs, metrics, reg, loss=cfg.loss)
+            summary.step(t, 1, pairs, metrics, reg, loss=cfg.loss, **extra, seconds_register=clock.seconds["seconds_register"])
             publish_iteration(ref, t, scored, pairs["uri"])
+            champion_eval = ref.stage(t, "eval", 1) if reg["promoted"] else champion_eval
             policy = candidate
         return summary.stop("completed all iterations")

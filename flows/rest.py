@@ -27,9 +27,10 @@ from tasks.evaluate import evaluate
 from tasks.filter import filter_stage, thresholds
 from tasks.grow import grow
 from tasks.inputs import prepare_inputs
-from tasks.register import register, tracked
+from tasks.register import log_step_metrics, register, tracked
 from tasks.report import Summary
 from tasks.score import score
+from tasks.step_metrics import Stopwatch, step_metrics
 from tasks.train import improve, train_metrics
 
 
@@ -49,28 +50,33 @@ def rest(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
         # Train pi_theta on D (behaviour cloning), and measure where we start.
         policy, best, versions = warm_start_and_baseline(ref, inputs, summary)
         base, stale = policy, 0
+        champion_eval, clock = ref.stage(0, "eval", 0), Stopwatch()  # win rates are against the champion's answers
 
         for g in range(1, recipe.grow_steps + 1):
             # Grow: D_g = samples of pi_theta, annotated with R(x, y).
-            scored = score(ref, grow(ref, policy, g), g)
+            samples = clock("grow", grow, ref, policy, g)
+            scored = clock("score", score, ref, samples, g)
             for i, tau in enumerate(thresholds(ref, scored), start=1):
                 # Improve: keep F(x, y; tau_i) and fine-tune on it.
-                kept = filter_stage(ref, scored, g, i, tau)
+                kept = clock("filter", filter_stage, ref, scored, g, i, tau)
                 if kept["kept"] == 0:
                     summary.step(g, i, kept, None, None, skipped="filter kept no rows")
                     print(f"iteration {g} step {i}: the filter (tau={tau}) kept no rows; skipping this Improve step")
                     continue
                 start = base if recipe.improve.restart_from_base else policy
-                candidate = improve(ref, start, kept["uri"], g, i)
-                metrics = evaluate(ref, candidate, g, i)
+                candidate = clock("train", improve, ref, start, kept["uri"], g, i)
+                metrics = clock("evaluate", evaluate, ref, candidate, g, i)
                 datasets = [kept["uri"], ref.stage(g, "eval", i)]
-                reg = register(ref, candidate, metrics, g, i, datasets, parent_version=versions[start],
-                               step_metrics={"tau": tau or 0.0, "kept": kept["kept"], **train_metrics(ref, candidate)})
+                extra = step_metrics(ref, scored, kept["uri"], datasets[1], champion_eval, clock.seconds)
+                reg = clock("register", register, ref, candidate, metrics, g, i, datasets, parent_version=versions[start],
+                            step_metrics={"tau": tau or 0.0, "kept": kept["kept"], **train_metrics(ref, candidate), **extra})
+                log_step_metrics(ref, g, i, {"seconds_register": clock.seconds["seconds_register"]})
                 versions[candidate] = reg["model_version"]
-                summary.step(g, i, kept, metrics, reg)
+                summary.step(g, i, kept, metrics, reg, **extra, seconds_register=clock.seconds["seconds_register"])
                 publish_iteration(ref, g, scored, kept["uri"])
-                # while reward improves on D_eval
-                if metrics["eval_reward"] > best:
+                champion_eval = datasets[1] if reg["promoted"] else champion_eval
+                # while reward improves on D_eval (and the promotion guards hold: a hacked step is not built on)
+                if metrics["eval_reward"] > best and not set(reg.get("blocked_by", [])) - {"improvement"}:
                     policy, best, stale = candidate, metrics["eval_reward"], 0
                 else:
                     stale += 1

@@ -9,6 +9,7 @@ from alignment.samplers import make_sampler
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_once
+from tasks.step_metrics import held_out_extras
 
 
 @flywheel_task(name="evaluate", retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_on_io)
@@ -37,5 +38,6 @@ def write_eval(ref: RunRef, model_uri: str, iteration: int, step: int) -> str:
         sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(), prompts["reference"].to_list(),
         resolve_reward_spec(recipe.eval.reward or recipe.reward), max_new_tokens=recipe.eval.max_new_tokens,
     )
+    metrics |= held_out_extras(ref, sampler, frame, iteration)  # KL to the initial policy; the training reward
     lake.write_stage(uri, [frame], config={"eval": recipe.eval.model_dump()}, parents=[model_uri], extra={"metrics": metrics})
     return uri

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 import urllib.error
 import urllib.request
@@ -21,10 +22,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from alignment.errors import UserError
+from alignment.metrics import blocked_by, promotion_checks
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 
 CHAMPION = "champion"
 PROMOTED_TAG = "flywheel.promoted"  # set once the champion decision for a version is made
+PROMOTION_TAG = "flywheel.promotion."  # + check name: {"value", "limit", "passed"} as JSON
 ERROR_TAG = "flywheel.error"  # why a run ended FAILED or KILLED
 MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "retry_condition_fn": retry_on_io}
 # MLflow's HTTP client waits 120 s per request and retries 7 times with backoff: a stopped server
@@ -240,10 +243,7 @@ def register(
     lake = ref.open_lake()
     existing = _existing_version(client, name, ref, iteration, step)
     if existing is None:
-        for key, value in {**metrics, **(step_metrics or {})}.items():
-            client.log_metric(run_id, key, float(value), step=step)
-            if ref.mlflow_run_id:
-                client.log_metric(ref.mlflow_run_id, key, float(value), step=iteration * 100 + step)
+        log_step_metrics(ref, iteration, step, {**metrics, **(step_metrics or {})}, run_id=run_id)
         lineage = []
         with mlflow.start_run(run_id=run_id):
             for uri in datasets:
@@ -291,19 +291,59 @@ def register(
         champion = _champion(client, name)
         best = metrics["eval_reward"] if promoted else _reward(champion)
         holder = str(version) if promoted or champion is None else str(champion.version)
+        checks = {k[len(PROMOTION_TAG):]: json.loads(v) for k, v in (existing.tags or {}).items() if k.startswith(PROMOTION_TAG)}
         return {"model_version": str(version), "promoted": promoted, "champion_reward": best, "model_name": name,
-                "champion_version": holder}
+                "champion_version": holder, "promotion": checks, "blocked_by": blocked_by(checks)}
     champion = _champion(client, name)
     best = _reward(champion)
+    checks = gate(ref, metrics, best, iteration)
+    blocked = blocked_by(checks)
     promoted = champion is not None and str(champion.version) == str(version)  # MLflow mixes int and str versions
-    if champion is None or metrics["eval_reward"] > best:
+    if not blocked:
         client.set_registered_model_alias(name, CHAMPION, version)
         promoted, best = True, metrics["eval_reward"]
         log().info("model %s version %s is the new champion (held-out reward %.3f)", name, version, best)
+    elif blocked != ["improvement"]:
+        log().warning("model %s version %s is not promoted: blocked by %s", name, version,
+                      ", ".join(f"{c} (value {_show(checks[c]['value'])}, limit {checks[c]['limit']})" for c in blocked))
+    for check, verdict in checks.items():
+        client.set_model_version_tag(name, version, PROMOTION_TAG + check, json.dumps(verdict))
     client.set_model_version_tag(name, version, PROMOTED_TAG, "true" if promoted else "false")
     holder = str(version) if promoted else str(champion.version)
     return {"model_version": str(version), "promoted": promoted, "champion_reward": best, "model_name": name,
-            "champion_version": holder}
+            "champion_version": holder, "promotion": checks, "blocked_by": blocked}
+
+
+def gate(ref: RunRef, metrics: dict[str, float], champion_reward: float, iteration: int) -> dict[str, dict[str, Any]]:
+    """The recipe's promotion checks for a candidate with these held-out metrics (alignment.metrics.promotion_checks).
+
+    Drift, KL and the reward gap are measured against the run's baseline (its iteration-0 evaluation).
+    """
+    from tasks.step_metrics import verifier_differs
+
+    lake = ref.open_lake()
+    base_uri = ref.stage(0, "eval", 0)
+    baseline = metrics if iteration == 0 or not lake.is_done(base_uri) else lake.get_json(f"{base_uri}/_manifest.json")["metrics"]
+    return promotion_checks(ref.recipe.promotion, metrics, champion_reward, baseline, verifier_differs=verifier_differs(ref.recipe))
+
+
+def log_step_metrics(ref: RunRef, iteration: int, step: int, values: dict[str, float | None], run_id: str | None = None) -> None:
+    """Log ``values`` on the iteration's run (MLflow step = Improve step) and on the parent run (step = iteration * 100 + step)."""
+    configure(ref)
+    client, run_id = MlflowClient(), run_id or iteration_run(ref, iteration)
+    now = int(time.time() * 1000)
+    entries = [(k, float(v)) for k, v in values.items() if v is not None]
+    batch = [mlflow.entities.Metric(k, v, now, step) for k, v in entries]
+    for i in range(0, len(batch), 900):
+        client.log_batch(run_id, metrics=batch[i : i + 900])
+    if ref.mlflow_run_id:
+        parent = [mlflow.entities.Metric(k, v, now, iteration * 100 + step) for k, v in entries]
+        for i in range(0, len(parent), 900):
+            client.log_batch(ref.mlflow_run_id, metrics=parent[i : i + 900])
+
+
+def _show(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _reward(version) -> float:

@@ -38,6 +38,8 @@ class Summary:
         if metrics is not None and reg is not None:
             row.update(metrics)
             row.update(model_version=reg["model_version"], promoted=reg["promoted"])
+            if "promotion" in reg:  # each check of the champion gate: {value, limit, passed}; which ones blocked
+                row.update(promotion=reg["promotion"], blocked_by=reg["blocked_by"])
             self._champion(reg)
         self.doc["iterations"].append(row)
         save_summary(self.ref, self.doc)

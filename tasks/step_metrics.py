@@ -1,0 +1,115 @@
+"""The figures of one Improve step beyond held-out reward (alignment.metrics), and how long each stage took.
+
+- ``held_out_extras`` runs inside the evaluation stage, where the candidate is loaded: the per-token
+  KL to the initial policy on the held-out completions (``eval_kl``) and, when ``eval.reward`` is a
+  separate verifier, the training reward on the same completions (``eval_train_reward``).
+- ``step_metrics`` (a task) reads the step's committed stages and returns reward spread, kept
+  fraction, prompt coverage, pass@k, lengths, win rate against the champion, Grow throughput and
+  the seconds per stage, for ``register(step_metrics=...)`` and ``summary.step(..., **extra)``.
+- ``Stopwatch`` times the stage calls in the flows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from alignment import metrics as m
+from tasks.context import RunRef, flywheel_task, log
+
+T = TypeVar("T")
+
+
+class Stopwatch:
+    """``clock("grow", grow, ref, policy, g)`` calls ``grow(ref, policy, g)`` and keeps its seconds as ``seconds_grow``.
+
+    A Grow step's grow and score seconds stay in ``seconds`` for each of its Improve steps.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds[f"seconds_{stage}"] = time.perf_counter() - start
+
+
+def verifier_differs(recipe) -> bool:
+    """Whether held-out evaluation uses its own reward (a verifier) rather than the training reward."""
+    return recipe.eval.reward is not None and recipe.eval.reward != recipe.reward
+
+
+def held_out_extras(ref: RunRef, sampler, frame, iteration: int) -> dict[str, float]:
+    """``eval_kl``, ``eval_train_reward`` (with a separate verifier) and the seconds they took (``seconds_eval_extras``).
+
+    The reference of the KL is the policy the run started from (the checkpoint evaluated as the
+    baseline), so the figure is the drift of the whole run; the baseline's own KL is 0.
+    """
+    from alignment.reward_model import resolve_reward_spec
+    from alignment.rewards import score, with_timeout
+
+    start, recipe, out = time.perf_counter(), ref.recipe, {}
+    prompts, completions = frame["prompt"].to_list(), frame["completion"].to_list()
+    out["eval_kl"] = 0.0 if iteration == 0 else _kl(ref, sampler, frame)
+    if verifier_differs(recipe):
+        reward = with_timeout(resolve_reward_spec(recipe.reward), recipe.reward_timeout_s)
+        train = score(reward, prompts, completions, frame["reference"].to_list())
+        out["eval_train_reward"] = sum(train) / max(1, len(train))
+    out["seconds_eval_extras"] = time.perf_counter() - start
+    return out
+
+
+def _kl(ref: RunRef, sampler, frame) -> float:
+    import polars as pl
+
+    from alignment.logprobs import sequence_logps
+    from alignment.models import load_policy
+    from alignment.prompting import PromptFormat
+    from tasks.gpu import MODEL_LOAD_LOCK
+
+    recipe, lake = ref.recipe, ref.open_lake()
+    reference_uri = lake.manifest(ref.stage(0, "eval", 0)).parents[0]  # the baseline's eval stage names its model
+    fmt, dtype = PromptFormat.of(recipe.prompt_format()), recipe.model.dtype
+    prompts, completions = frame["prompt"].to_list(), frame["completion"].to_list()
+    logp, tokens = sequence_logps(sampler.model, sampler.tokenizer, prompts, completions, batch_size=recipe.eval.batch_size,
+                                  dtype=dtype, prompt=fmt)
+    with MODEL_LOAD_LOCK:
+        model, tokenizer = load_policy(ref.local_model(reference_uri), trust_remote_code=recipe.model.trust_remote_code,
+                                       device=str(sampler.model.device), dtype=dtype)
+    ref_logp, _ = sequence_logps(model, tokenizer, prompts, completions, batch_size=recipe.eval.batch_size, dtype=dtype, prompt=fmt)
+    rows = pl.DataFrame({"logp": logp.tolist(), "ref_logp": ref_logp.tolist(), "tokens": tokens.tolist()})
+    return m.kl_per_token(rows) or 0.0
+
+
+@flywheel_task(name="step-metrics", retries=1, retry_delay_seconds=[2])
+def step_metrics(
+    ref: RunRef,
+    scored_uri: str,
+    kept_uri: str | None,
+    eval_uri: str,
+    champion_eval_uri: str | None,
+    seconds: dict[str, float],
+) -> dict[str, float]:
+    """The step's figures (alignment.metrics.step_metrics), duplicates dropped, Grow throughput and stage
+    seconds; figures that do not exist (no kept rows, no champion) are left out."""
+    start, lake = time.perf_counter(), ref.open_lake()
+    scored = lake.read(scored_uri)
+    kept = lake.read(kept_uri) if kept_uri else None
+    champion = lake.read(champion_eval_uri) if champion_eval_uri else None
+    out: dict[str, float | None] = m.step_metrics(scored, kept, lake.read(eval_uri), champion)
+    if kept_uri:
+        out["duplicates_dropped"] = lake.get_json(f"{kept_uri}/_manifest.json").get("dropped", {}).get("duplicate")
+    out |= m.throughput(scored, seconds.get("seconds_grow", 0.0))
+    out |= {k: v for k, v in seconds.items() if k != "seconds_register"}  # register's are logged once it has run
+    out["seconds_metrics"] = time.perf_counter() - start
+    log().info("metrics: kept fraction %s, win rate %s, pass@1 %s", _fmt(out.get("kept_fraction")), _fmt(out["win_rate"]),
+               _fmt(out["pass_at_1"]))
+    return {k: float(v) for k, v in out.items() if v is not None}
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
