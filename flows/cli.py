@@ -4,6 +4,7 @@
     flywheel inspect URI [--limit N] [--json]
     flywheel serve [RECIPE.yaml ...]
     flywheel stack up|down|status
+    flywheel report RUN [--lake URI] [--out PATH]
 
 ``flywheel run`` prints one line per stage (the flow's and tasks' own log lines, with the time the
 stage has taken), then the per-step table and where the logs, lake, MLflow run and champion are.
@@ -212,6 +213,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tasks.report_html import write_report
+
+    print(write_report(args.lake, args.run, args.out))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from flows.inspect import inspect_uri, render
 
@@ -324,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=180.0, help="Seconds to wait for each service to answer.")
     p.add_argument("--json", action="store_true", help="Print JSON for scripts.")
     p.set_defaults(func=cmd_stack)
+    p = sub.add_parser("report", help="Write one self-contained HTML report of a run (plots inline).")
+    p.add_argument("run", help="The run's name.")
+    p.add_argument("--lake", default="file://./lake", help="The run's lake (file://PATH or s3://BUCKET/PREFIX).")
+    p.add_argument("--out", default=None, help="Where to write the HTML (default RUN-report.html).")
+    p.set_defaults(func=cmd_report)
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     args = parser.parse_args(argv)

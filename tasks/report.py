@@ -48,6 +48,9 @@ class Summary:
         """The run is over: save the summary, end the MLflow runs FINISHED, publish the summary artifact."""
         self.doc["stopped"] = reason
         save_summary(self.ref, self.doc)
+        if report := publish_report(self.ref):  # the HTML report (flywheel report RUN), on the parent MLflow run
+            self.doc["report"] = report
+            save_summary(self.ref, self.doc)
         finish_tracking(self.ref)
         publish_summary(self.doc)
         return self.doc
@@ -66,6 +69,34 @@ def save_summary(ref: RunRef, doc: dict[str, Any]) -> str:
     uri = f"{ref.open_lake().run_uri(ref.run)}/summary.json"
     ref.open_lake().put_json(uri, doc)
     return uri
+
+
+@flywheel_task(name="publish-report")
+def publish_report(ref: RunRef) -> str | None:
+    """Render the run's HTML report and log it as an artifact of the parent MLflow run; its artifact URI.
+
+    A report is a convenience: a failure is logged and the run ends as it would have.
+    """
+    import tempfile
+
+    from tasks.report_html import write_report
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_report(ref.lake, ref.run, f"{tmp}/{ref.run}-report.html", ref.recipe.s3.model_dump(exclude_none=True))
+            if not ref.mlflow_run_id:
+                return None
+            from mlflow import MlflowClient
+
+            from tasks.register import configure
+
+            configure(ref)
+            client = MlflowClient()
+            client.log_artifact(ref.mlflow_run_id, str(path), "report")
+            return f"{client.get_run(ref.mlflow_run_id).info.artifact_uri}/report/{path.name}"
+    except Exception as exc:  # noqa: BLE001
+        log().warning("no HTML report for run %s: %s: %s", ref.run, type(exc).__name__, exc)
+        return None
 
 
 @flywheel_task(name="finish-tracking", retries=3, retry_delay_seconds=[2, 5, 15])
@@ -121,6 +152,8 @@ def summary_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"- **MLflow run**: {run} in experiment `{tracking['experiment']}` at `{tracking['tracking_uri']}`")
     lines.append(f"- **Lake**: `{run_uri}` (every stage as hive-partitioned Parquet; `flywheel inspect {run_uri}`)")
     lines.append(f"- **Summary**: `{run_uri}/summary.json`")
+    if doc.get("report"):
+        lines.append(f"- **Report**: [{doc['run']}-report.html]({doc['report']}) (MLflow artifact; `flywheel report {doc['run']}`)")
     return "\n".join(lines)
 
 

@@ -1,0 +1,229 @@
+"""``flywheel report RUN``: one self-contained HTML file that shows a run's turns of the flywheel.
+
+    flywheel report RUN [--lake file://./lake] [--out RUN-report.html]
+
+It reads the run's ``summary.json`` and its committed stages (any lake: ``file://`` or ``s3://``)
+and draws, as inline base64 PNGs (matplotlib, no display), one section each: held-out reward and
+accuracy per step with the champion marked, kept fraction and tau, completion length and
+truncation, KL to the initial policy, reward histograms per iteration (grown vs kept), Grow
+throughput and seconds per stage, the promotion checks, and a few kept and dropped samples with the
+reason each was dropped. A finished run also logs it as an MLflow artifact of its parent run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+SECTIONS = {
+    "heldout": "Held-out reward and accuracy",
+    "filter": "Kept fraction and threshold",
+    "length": "Completion length and truncation",
+    "kl": "KL to the initial policy",
+    "histograms": "Reward per iteration: grown vs kept",
+    "throughput": "Throughput and seconds per stage",
+    "promotion": "Promotion checks",
+    "samples": "Kept and dropped samples",
+}
+STAGES = ("grow", "score", "filter", "pair", "train", "evaluate", "register")
+SAMPLES_SHOWN = 5
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _figure(width: float = 6.0, height: float = 3.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def _rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Baseline (step label ``0``) and every trained step, as ``{"label", ...row}``."""
+    out = []
+    if b := doc.get("baseline"):
+        out.append({"label": "0", "promoted": True, **b})
+    for r in doc.get("iterations", []):
+        if r.get("eval_reward") is not None:
+            out.append({"label": f"{r['iteration']}.{r['step']}", **r})
+    return out
+
+
+def _series(rows, key):
+    return [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
+
+
+def _line_plot(rows, keys: dict[str, str], ylabel: str, *, mark_champion: bool = False) -> str:
+    fig = _figure()
+    ax = fig.subplots()
+    x = list(range(len(rows)))
+    for key, label in keys.items():
+        ax.plot(x, _series(rows, key), marker="o", label=label)
+    if mark_champion:
+        promoted = [i for i, r in enumerate(rows) if r.get("promoted")]
+        ax.scatter(promoted, [rows[i].get("eval_reward") for i in promoted], s=160, facecolors="none",
+                   edgecolors="gold", linewidths=2, label="promoted (champion)", zorder=3)
+    ax.set_xticks(x, [r["label"] for r in rows])
+    ax.set_xlabel("iteration.step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _bar_plot(rows, keys: list[str], ylabel: str) -> str:
+    fig = _figure()
+    ax = fig.subplots()
+    bottom = [0.0] * len(rows)
+    for key in keys:
+        values = [r.get(key) or 0.0 for r in rows]
+        ax.bar([r["label"] for r in rows], values, bottom=bottom, label=key.removeprefix("seconds_"))
+        bottom = [a + b for a, b in zip(bottom, values, strict=True)]
+    ax.set_xlabel("iteration.step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _histograms(frames: dict[int, tuple[pl.DataFrame, pl.DataFrame | None]]) -> list[str]:
+    images = []
+    for g, (grown, kept) in sorted(frames.items()):
+        fig = _figure(5.0, 2.6)
+        ax = fig.subplots()
+        r = grown.filter(pl.col("sample_idx") >= 0)["reward"].drop_nulls().to_list()
+        ax.hist(r, bins=20, alpha=0.6, label=f"grown ({len(r)})")
+        if kept is not None and "reward" in kept.columns:
+            k = kept.filter(pl.col("sample_idx") >= 0)["reward"].drop_nulls().to_list()
+            ax.hist(k, bins=20, alpha=0.6, label=f"kept ({len(k)})")
+        ax.set_title(f"iteration {g}")
+        ax.set_xlabel("reward")
+        ax.legend(fontsize=8)
+        images.append(_png(fig))
+    return images
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def dropped_with_reasons(scored: pl.DataFrame, kept: pl.DataFrame, keep_truncated: bool, dedupe: bool) -> pl.DataFrame:
+    """The policy's own samples the filter dropped, each with its reason (truncated, duplicate, below_threshold),
+    found the way the filter found them (alignment.filters)."""
+    from alignment import filters
+
+    key = ["prompt_id", "sample_idx"]
+    own = scored.filter(pl.col("sample_idx") >= 0)
+    finished = own if keep_truncated else filters.drop_truncated(own)
+    pool = filters.dedupe(finished) if dedupe else finished
+    reason = (pl.when(~pl.struct(key).is_in(finished.select(pl.struct(key)).to_series().implode())).then(pl.lit("truncated"))
+              .when(~pl.struct(key).is_in(pool.select(pl.struct(key)).to_series().implode())).then(pl.lit("duplicate"))
+              .otherwise(pl.lit("below_threshold")))
+    return own.join(kept.select(key), on=key, how="anti").with_columns(reason.alias("reason"))
+
+
+def _load(lake, run: str, doc: dict[str, Any]):
+    """Per iteration: (scored, the last step's filtered stage or None) and the recipe's filter settings."""
+    frames: dict[int, tuple[pl.DataFrame, pl.DataFrame | None]] = {}
+    last: tuple[int, int] | None = None
+    for r in doc.get("iterations", []):
+        g, i = r["iteration"], r["step"]
+        scored_uri = lake.stage_uri(run, g, "scored")
+        if not lake.is_done(scored_uri):
+            continue
+        kept_uri = lake.stage_uri(run, g, "filtered", i)
+        kept = lake.read(kept_uri) if lake.is_done(kept_uri) else None
+        frames[g] = (lake.read(scored_uri), kept)
+        if kept is not None:
+            last = (g, i)
+    return frames, last
+
+
+def _samples_section(lake, run: str, frames, last) -> str:
+    if last is None:
+        return "<p>No filtered stage (iterative DPO trains on pairs; see the pairs stage with flywheel inspect).</p>"
+    g, i = last
+    scored, kept = frames[g]
+    cfg = lake.get_json(f"{lake.stage_uri(run, g, 'filtered', i)}/_manifest.json")
+    settings = (cfg.get("config") or {}).get("filter") or {}
+    dropped = dropped_with_reasons(scored, kept, settings.get("keep_truncated", False), settings.get("dedupe", True))
+    cols = ["prompt", "completion", "reference", "reward"]
+    own_kept = kept.filter(pl.col("sample_idx") >= 0).head(SAMPLES_SHOWN)
+    # a few of each reason, so every reason the filter used is seen
+    shown = pl.concat([dropped.filter(pl.col("reason") == r).head(2) for r in ("truncated", "duplicate", "below_threshold")])
+    return (f"<h3>Kept (iteration {g}, step {i})</h3>" + _table(cols, [list(r) for r in own_kept.select(cols).iter_rows()])
+            + f"<h3>Dropped (iteration {g}, step {i})</h3>"
+            + _table([*cols, "reason"], [list(r) for r in shown.select(*cols, "reason").iter_rows()]))
+
+
+def build_report(lake, run: str) -> str:
+    """The report of ``run`` in ``lake`` (a ``tasks.lake.Lake``), as one HTML string."""
+    doc = lake.get_json(f"{lake.run_uri(run)}/summary.json")
+    rows = _rows(doc)
+    steps = [r for r in rows if r["label"] != "0"]
+    frames, last = _load(lake, run, doc)
+    body: dict[str, str] = {}
+    body["heldout"] = _line_plot(rows, {"eval_reward": "held-out reward", "eval_accuracy": "accuracy",
+                                        "eval_train_reward": "training reward on held-out"}, "reward", mark_champion=True)
+    body["filter"] = _line_plot(steps, {"kept_fraction": "kept fraction (own samples)", "tau": "tau",
+                                        "prompt_coverage": "prompt coverage", "pass_at_1": "pass@1", "pass_at_n": "pass@N"}, "")
+    body["length"] = (_line_plot(rows, {"grown_length_mean": "grown", "kept_length_mean": "kept", "eval_length": "held-out"}, "tokens")
+                      + _line_plot(rows, {"grown_truncated": "grown", "eval_truncated": "held-out"}, "truncated share"))
+    body["kl"] = _line_plot(rows, {"eval_kl": "per-token KL (k1, greedy held-out completions)"}, "nats per token")
+    body["histograms"] = "".join(_histograms(frames)) or "<p>No scored stage.</p>"
+    stage_keys = [f"seconds_{s}" for s in STAGES if any(r.get(f"seconds_{s}") for r in steps)]
+    body["throughput"] = (_line_plot(steps, {"grow_samples_per_s": "samples/s", "grow_tokens_per_s": "tokens/s"}, "per second")
+                          + _bar_plot(steps, stage_keys, "seconds"))
+    checks = sorted({c for r in steps for c in (r.get("promotion") or {})})
+    body["promotion"] = _table(
+        ["step", "version", "promoted", *checks],
+        [[r["label"], r.get("model_version"), "yes" if r.get("promoted") else "no: " + ", ".join(r.get("blocked_by") or []),
+          *[_verdict((r.get("promotion") or {}).get(c)) for c in checks]] for r in steps],
+    )
+    body["samples"] = _samples_section(lake, run, frames, last)
+    champ = doc.get("champion") or {}
+    sections = "".join(f'<section id="{key}"><h2>{html.escape(title)}</h2>{body[key]}</section>' for key, title in SECTIONS.items())
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>flywheel report: {html.escape(run)}</title><style>{CSS}</style></head><body>"
+        f"<h1>Run {html.escape(run)}</h1><p>{html.escape(doc.get('algorithm', ''))}, recipe {html.escape(str(doc.get('recipe')))}; "
+        f"champion: version {html.escape(str(champ.get('version')))} (held-out reward {champ.get('eval_reward')}); "
+        f"stopped: {html.escape(str(doc.get('stopped')))}</p>{sections}</body></html>"
+    )
+
+
+def _verdict(check: dict | None) -> str:
+    if not check:
+        return "-"
+    value = "-" if check["value"] is None else f"{check['value']:.3f}"
+    return f"{'pass' if check['passed'] else 'FAIL'} ({value} vs {check['limit']})"
+
+
+CSS = """body{font-family:sans-serif;margin:2em;max-width:1100px}section{margin-bottom:2em}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
+img{margin:4px;vertical-align:top}"""
+
+
+def write_report(lake_uri: str, run: str, out: str | Path | None = None, s3: dict[str, Any] | None = None) -> Path:
+    """Write the report of ``run`` to ``out`` (default ``RUN-report.html``) and return its path."""
+    from tasks.lake import Lake
+
+    path = Path(out or f"{run}-report.html")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(build_report(Lake(lake_uri, s3), run), encoding="utf-8")
+    return path
