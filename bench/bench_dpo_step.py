@@ -1,51 +1,67 @@
 """One DPO training step, ours (alignment.losses + alignment.logprobs) against TRL's DPOTrainer.
 
-Both sides start from the same tiny GPT-2 policy, use the same frozen reference model (a second tiny
-GPT-2, so that the loss is not trivially log 2), the same batch of (prompt, chosen, rejected) pairs,
-the same β, precomputed reference log-probs, dropout off, float32 and the same torch AdamW. The
-script first checks that the loss and every gradient of step 1 agree to 1e-5, then times steps
-(forward + DPO loss + backward + AdamW update), alternating between the two sides so that machine
-noise hits both alike, and prints the median step times, their ratio and the loss after the updates.
+Both sides start from the same policy — the bench Llama (``bench/realistic.py``: 8 layers, 512 wide,
+BPE + ChatML, about 38M parameters) — with the same frozen reference model (a second one, differently
+seeded, so that the loss is not trivially log 2), the same batch of (prompt, chosen, rejected) pairs
+(prompts of 50-200 tokens templated, answers of 64-128 tokens), the same beta, precomputed reference
+log-probs, dropout off, float32 and the same torch AdamW. Our step is ``train_preference``'s: one
+forward pass over the chosen rows followed by the rejected rows (collated together), summed
+completion log-probs, ``compute_loss("dpo")``. The script first checks that the loss and every
+gradient of step 1 agree to 1e-5, then times steps (forward + DPO loss + backward + AdamW update),
+alternating between the two sides so that machine noise hits both alike, and prints the median step
+times, their ratio and the loss after the updates.
 
 Run on a laptop:   .venv/bin/python bench/bench_dpo_step.py
-Run on a GPU node: .venv/bin/python bench/bench_dpo_step.py --pairs 64 --n-layer 4 --n-embd 256
-Needs ``trl`` (``pip install trl --no-deps datasets``); without it the script says so and compares
-against a direct transcription of the DPO loss (seed 004 l.877) instead.
+Run on a GPU node: .venv/bin/python bench/bench_dpo_step.py --pairs 64 --steps 12
+Needs ``trl`` (the ``bench`` extra); without it the script says so and compares against a direct
+transcription of the DPO loss (seed 004 l.877) instead.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import random
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_sampler.py
+
+import argparse  # noqa: E402
+import json  # noqa: E402
 import statistics
-import tempfile
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import torch
-import torch.nn.functional as F
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from realistic import build_bench_model, completions, prompts  # noqa: E402
 
-from alignment.logprobs import batch_logps, sequence_logps
-from alignment.losses import LossInputs, compute_loss
-from alignment.models import build_tiny_gpt2, load_policy
-from alignment.training import collate, encode_pairs
+from alignment.logprobs import batch_logps, sequence_logps  # noqa: E402
+from alignment.losses import LossInputs, compute_loss  # noqa: E402
+from alignment.models import load_policy, load_tokenizer  # noqa: E402
+from alignment.prompting import PromptFormat  # noqa: E402
+from alignment.training import collate, encode_pairs  # noqa: E402
 
 TOLERANCE = 1e-5
+RAW = PromptFormat(format="raw")
 
 
-def make_pairs(n: int, seed: int) -> tuple[list[str], list[str], list[str]]:
-    """Arithmetic prompts ``b+a=`` with the right answer as chosen and a wrong one as rejected."""
-    rng = random.Random(seed)
-    prompts, chosen, rejected = [], [], []
-    for _ in range(n):
-        a, b = rng.randrange(100), rng.randrange(10)
-        prompts.append(f"{a}+{b}=")
-        chosen.append(str(a + b))
-        rejected.append(str(a + b + rng.choice([-10, -1, 1, 10, 11])))
-    return prompts, chosen, rejected
+def make_pairs(tokenizer, n: int) -> tuple[list[str], list[str], list[str]]:
+    """``n`` prompts of 50-200 tokens, with two different answers of 64-128 tokens each.
+
+    The prompts are rendered with the chat template here and both sides take them as raw text (ours:
+    ``PromptFormat("raw")``; TRL: a standard, not conversational, data set, to which it appends EOS), so
+    the two tokenise to the same ids: TRL's conversational path would also train the newline the
+    ChatML template writes after ``<|im_end|>``.
+    """
+    lengths = [64 + 64 * i // max(1, n - 1) for i in range(n)]
+    chosen = [completions(tokenizer, 1, k, seed=10 + i)[0] for i, k in enumerate(lengths)]
+    rejected = [completions(tokenizer, 1, k, seed=1000 + i)[0] for i, k in enumerate(reversed(lengths))]
+    chat = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts(tokenizer, n)
+    ]
+    return chat, chosen, rejected
 
 
 def no_dropout(model):
@@ -88,9 +104,10 @@ def ours_side(policy_path: Path, ref_model, pairs, beta: float, lr: float, workd
     model, tok = load_policy(policy_path)
     no_dropout(model).train()
     prompts, chosen, rejected = pairs
-    ref_c, _ = sequence_logps(ref_model, tok, prompts, chosen, batch_size=len(prompts))
-    ref_r, _ = sequence_logps(ref_model, tok, prompts, rejected, batch_size=len(prompts))
-    examples = encode_pairs(tok, prompts, chosen) + encode_pairs(tok, prompts, rejected)
+    ref_c, _ = sequence_logps(ref_model, tok, prompts, chosen, batch_size=len(prompts), prompt=RAW)
+    ref_r, _ = sequence_logps(ref_model, tok, prompts, rejected, batch_size=len(prompts), prompt=RAW)
+    # As train_preference's step: chosen rows then rejected rows, collated into one forward pass.
+    examples = encode_pairs(tok, prompts, chosen, RAW) + encode_pairs(tok, prompts, rejected, RAW)
     batch = {k: v.to(model.device) for k, v in collate(examples, tok.pad_token_id).items()}
     ref_c, ref_r = ref_c.to(model.device), ref_r.to(model.device)
 
@@ -132,7 +149,7 @@ def direct_side(policy_path: Path, ref_model, pairs, beta: float, lr: float, wor
     model, tok = load_policy(policy_path)
     no_dropout(model).train()
     prompts, chosen, rejected = pairs
-    examples = encode_pairs(tok, prompts, chosen) + encode_pairs(tok, prompts, rejected)
+    examples = encode_pairs(tok, prompts, chosen, RAW) + encode_pairs(tok, prompts, rejected, RAW)
     batch = {k: v.to(model.device) for k, v in collate(examples, tok.pad_token_id).items()}
 
     def logps(m):
@@ -181,21 +198,21 @@ def quiet() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=16, help="pairs in the batch")
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per side (after 2 warm-up steps)")
+    parser.add_argument("--pairs", type=int, default=8, help="pairs in the batch")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per side (after 2 warm-up steps)")
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--n-layer", type=int, default=2)
-    parser.add_argument("--n-embd", type=int, default=96)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--n-layer", type=int, default=8)
+    parser.add_argument("--n-embd", type=int, default=512)
     args = parser.parse_args()
     quiet()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
-    pairs = make_pairs(args.pairs, seed=0)
-    size = {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": 4}
-    texts = ["0123456789+="]
-    policy_path = build_tiny_gpt2(texts, workdir / "policy", seed=1, **size)
-    ref_model, _ = load_policy(build_tiny_gpt2(texts, workdir / "ref", seed=0, **size))
+    size = {"n_layer": args.n_layer, "n_embd": args.n_embd}
+    bench_model = build_bench_model(workdir / "policy", seed=1, **size)
+    policy_path = bench_model.path
+    ref_model, _ = load_policy(build_bench_model(workdir / "ref", seed=0, **size).path)
+    pairs = make_pairs(load_tokenizer(policy_path), args.pairs)
     no_dropout(ref_model).eval()
     setup = (policy_path, ref_model, pairs, args.beta, args.lr, workdir)
 
@@ -222,7 +239,7 @@ def main() -> None:
 
     t_a, t_b = statistics.median(times_a), statistics.median(times_b)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"\nDPO step: {args.pairs} pairs, beta={args.beta}, GPT-2 {args.n_layer}x{args.n_embd}, {device}")
+    print(f"\nDPO step: {args.pairs} pairs, beta={args.beta}, {bench_model.shape} ({bench_model.params / 1e6:.1f}M params), {device}")
     print(f"peer: {peer.name}; median of {args.steps} timed steps each\n")
     row("", "ours", "peer", "|diff|")
     row("reference logps (max)", "", "", f"{(mine.ref_logps - peer.ref_logps).abs().max().item():.2e}")
@@ -239,7 +256,9 @@ def main() -> None:
     print(json.dumps({
         "bench": "dpo_step", "ratio": round(t_a / t_b, 3), "ratio_means": "ours/peer seconds per DPO step",
         "target": "<=1", "peer": peer.name, "loss_diff_step1": abs(loss_a - loss_b), "grad_diff_step1": grad_diff,
-        "ours_ms": round(t_a * 1e3, 2), "peer_ms": round(t_b * 1e3, 2),
+        "ours_ms": round(t_a * 1e3, 2), "peer_ms": round(t_b * 1e3, 2), "model_params": bench_model.params,
+        "model": bench_model.shape, "pairs": args.pairs, "ours_step_ms": [round(t * 1e3, 1) for t in times_a],
+        "peer_step_ms": [round(t * 1e3, 1) for t in times_b], "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
     }))
 
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py                 # every bench/bench_*.py, one after another
     .venv/bin/python bench/run.py --only sampler  # one bench (``sampler``, ``bench_sampler`` or the file name)
+    .venv/bin/python bench/run.py --only sampler --only sft --only dpo_step   # several, in that order
     make bench                                    # the same as the first line
 
 The convention every ``bench/bench_*.py`` follows:
@@ -48,16 +49,19 @@ RESULTS = BENCH_DIR / "results"
 _TARGET = re.compile(r"^\s*(<=|>=|<|>)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
 
 
-def discover(only: str | None = None) -> list[Path]:
-    """``bench/bench_*.py`` in name order; ``only`` picks one by short name, module name or file name."""
+def discover(only: list[str] | str | None = None) -> list[Path]:
+    """``bench/bench_*.py`` in name order; ``only`` picks some, in its order, by short name, module name or file name."""
     found = sorted(BENCH_DIR.glob("bench_*.py"))
-    if only is None:
+    if not only:
         return found
-    want = Path(only).name.removesuffix(".py").removeprefix("bench_")
-    picked = [p for p in found if p.stem.removeprefix("bench_") == want]
-    if not picked:
-        names = ", ".join(p.stem.removeprefix("bench_") for p in found) or "none"
-        raise SystemExit(f"No bench named {only!r} in {BENCH_DIR} (there are: {names}).")
+    picked: list[Path] = []
+    for name in [only] if isinstance(only, str) else only:
+        want = Path(name).name.removesuffix(".py").removeprefix("bench_")
+        match = [p for p in found if p.stem.removeprefix("bench_") == want]
+        if not match:
+            names = ", ".join(p.stem.removeprefix("bench_") for p in found) or "none"
+            raise SystemExit(f"No bench named {name!r} in {BENCH_DIR} (there are: {names}).")
+        picked += [p for p in match if p not in picked]
     return picked
 
 
@@ -132,7 +136,7 @@ def run_one(path: Path, timeout: float) -> dict:
 
 
 def table(records: list[dict]) -> str:
-    head = f"{'bench':<20} {'ratio':>9}  {'target':>7} {'met':>4} {'wall s':>7}  ratio means"
+    head = f"{'bench':<20} {'ratio':>9}  {'target':>7} {'met':>4} {'wall s':>7} {'params':>7}  ratio means"
     rows = [head, "-" * len(head)]
     for r in records:
         res = r.get("result") or {}
@@ -148,13 +152,18 @@ def table(records: list[dict]) -> str:
             means = "no JSON result line"
         else:
             means = str(res.get("ratio_means", ""))
-        rows.append(f"{name:<20} {ratio_s:>9}  {str(res.get('target', '-')):>7} {met:>4} {r['seconds']:>7.1f}  {means}")
+        params = res.get("model_params")
+        params_s = f"{params / 1e6:.1f}M" if isinstance(params, (int, float)) else "-"
+        rows.append(f"{name:<20} {ratio_s:>9}  {str(res.get('target', '-')):>7} {met:>4} {r['seconds']:>7.1f} {params_s:>7}  {means}")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", metavar="NAME", help="run one bench, e.g. sampler or bench_sampler.py")
+    parser.add_argument(
+        "--only", metavar="NAME", action="append",
+        help="run this bench (e.g. sampler or bench_sampler.py); repeat to run several",
+    )  # fmt: skip
     parser.add_argument("--timeout", type=float, default=900, help="seconds before a bench is killed (default 900)")
     args = parser.parse_args(argv)
 

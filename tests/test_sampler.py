@@ -7,7 +7,7 @@ import torch
 
 from alignment.models import load_policy
 from alignment.samplers import SamplingParams, make_sampler, row_seed
-from alignment.samplers.hf import TransformersSampler
+from alignment.samplers.hf import TransformersSampler, counter_uniform
 
 PROMPTS = ["1+2=", "37+5=", "99+9=", "0+0=", "5+4=", "61+3="]  # different lengths: batches need padding
 IDS = [10, 11, 12, 13, 14, 15]
@@ -140,3 +140,16 @@ def test_first_token_frequencies_follow_softmax_of_logits_over_temperature(tiny_
         freq = sum(t == token for t in gen.completions[0]) / n
         # 5 standard deviations of a binomial frequency at n = 3000 is at most 0.046.
         assert abs(freq - float(probs[token_id])) < 0.046, (token, freq, float(probs[token_id]))
+
+
+def test_counter_noise_depends_only_on_row_key_step_and_token():
+    keys = torch.tensor([row_seed(7, p, j) for p in range(6) for j in range(4)])
+    u = counter_uniform(keys, 3, 1000)
+    assert u.shape == (24, 1000) and 0.0 < float(u.min()) and float(u.max()) < 1.0
+    # A row alone, or among other rows in another order, gets exactly the same noise.
+    assert torch.equal(counter_uniform(keys[5:6], 3, 1000)[0], u[5])
+    assert torch.equal(counter_uniform(keys.flip(0), 3, 1000).flip(0), u)
+    # Another step or another row is fresh noise; the values are uniform (mean 1/2, variance 1/12).
+    assert (counter_uniform(keys, 4, 1000) == u).float().mean() < 0.01
+    assert (u[0] == u[1]).float().mean() < 0.01
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
