@@ -19,6 +19,8 @@ from alignment import metrics as m
 from tasks.context import RunRef, flywheel_task, log
 
 T = TypeVar("T")
+SMALL_MODEL_PARAMS = 50_000_000
+_REFERENCE: dict[tuple[str, str, str], tuple[Any, Any]] = {}  # the KL's reference model, when small
 
 
 class Stopwatch:
@@ -77,9 +79,15 @@ def _kl(ref: RunRef, sampler, frame) -> float:
     prompts, completions = frame["prompt"].to_list(), frame["completion"].to_list()
     logp, tokens = sequence_logps(sampler.model, sampler.tokenizer, prompts, completions, batch_size=recipe.eval.batch_size,
                                   dtype=dtype, prompt=fmt)
+    key = (ref.local_model(reference_uri), str(sampler.model.device), dtype)
     with MODEL_LOAD_LOCK:
-        model, tokenizer = load_policy(ref.local_model(reference_uri), trust_remote_code=recipe.model.trust_remote_code,
-                                       device=str(sampler.model.device), dtype=dtype)
+        model, tokenizer = _REFERENCE.get(key) or load_policy(key[0], trust_remote_code=recipe.model.trust_remote_code,
+                                                              device=key[1], dtype=dtype)
+        # Keep a small reference loaded for the next evaluation (the demo's load is a quarter of the KL's
+        # cost); a large one is freed, so it never holds memory that training needs.
+        _REFERENCE.clear()
+        if sum(p.numel() for p in model.parameters()) <= SMALL_MODEL_PARAMS:
+            _REFERENCE[key] = (model, tokenizer)
     ref_logp, _ = sequence_logps(model, tokenizer, prompts, completions, batch_size=recipe.eval.batch_size, dtype=dtype, prompt=fmt)
     rows = pl.DataFrame({"logp": logp.tolist(), "ref_logp": ref_logp.tolist(), "tokens": tokens.tolist()})
     return m.kl_per_token(rows) or 0.0
