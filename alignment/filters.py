@@ -67,3 +67,23 @@ def top_k(scored: pl.DataFrame, k: int) -> pl.DataFrame:
     kept = ranked.group_by("prompt_id", maintain_order=True).head(k)
     # The threshold of a top-k filter is per prompt: the lowest reward kept for that prompt.
     return kept.with_columns(pl.col("reward").min().over("prompt_id").alias("threshold"))
+
+
+def decisions(scored: pl.DataFrame, finished: pl.DataFrame, pool: pl.DataFrame, kept: pl.DataFrame, *,
+              threshold: float | None, top_k: bool = False) -> pl.DataFrame:
+    """Every scored row's fate in one Improve step: ``decision`` (kept / dropped), its ``reason``
+    (``kept``, ``truncated``, ``duplicate``, ``below_threshold`` or ``not_top_k``) and the threshold used.
+
+    ``finished``, ``pool`` and ``kept`` are the rows left after each filter stage, in that order.
+    """
+    key = ["prompt_id", "sample_idx"]
+    steps = [("truncated", scored, finished), ("duplicate", finished, pool),
+             ("not_top_k" if top_k else "below_threshold", pool, kept)]
+    frames = [before.select(key).join(after.select(key), on=key, how="anti").with_columns(pl.lit(reason).alias("reason"))
+              for reason, before, after in steps]
+    frames.append(kept.select(key).with_columns(pl.lit("kept").alias("reason")))
+    out = pl.concat(frames).with_columns(
+        pl.when(pl.col("reason") == "kept").then(pl.lit("kept")).otherwise(pl.lit("dropped")).alias("decision"),
+        pl.lit(threshold, pl.Float64).alias("threshold"),
+    )
+    return out.sort(key).select(*key, "decision", "reason", "threshold")

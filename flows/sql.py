@@ -11,7 +11,9 @@ iterations::
 
 Only the parts a stage's manifest lists are read (an interrupted stage is invisible, as it is to
 every reader), lazily, with polars' SQL engine; the same works on ``file://`` and ``s3://``.
-``drops`` is a small table of how many scored rows each Improve step dropped, and why.
+``decisions`` holds every scored row's fate in each Improve step (``decision``, ``reason``,
+``threshold``), so "why was this row dropped" is a join with ``scored``; ``drops`` is the filter's
+own count of drops per reason.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import polars as pl
 from alignment.errors import UserError
 from tasks.lake import MANIFEST, Lake
 
-TABLES = ("prompts", "eval_prompts", "labelled", "samples", "scored", "filtered", "pairs", "eval")
+TABLES = ("prompts", "eval_prompts", "labelled", "samples", "scored", "decisions", "filtered", "pairs", "eval")
 FORMATS = ("table", "json", "csv", "parquet")
 _STAGE = re.compile(r"^(?P<run>[^/]+)/iteration=(?P<iteration>\d+)/(?P<stage>[a-z_]+)(?:/step=(?P<step>\d+))?$")
 

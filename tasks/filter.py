@@ -62,5 +62,8 @@ def write_filtered(ref: RunRef, scored_uri: str, iteration: int, step: int, tau:
         "below_threshold": pool.height - kept.height,
     }
     config = {"filter": cfg.model_dump(), "tau": tau, "step": step}
+    # Why each scored row was kept or dropped, committed before the filtered stage that marks the step done.
+    fates = filters.decisions(scored, finished, pool, kept, threshold=tau, top_k=cfg.kind == "top_k")
+    lake.write_stage(ref.stage(iteration, "decisions", step), [fates], config=config, parents=[scored_uri])
     lake.write_stage(uri, [kept], config=config, parents=[scored_uri], extra={"scored_rows": scored.height, "dropped": dropped})
     return uri

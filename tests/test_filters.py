@@ -173,3 +173,19 @@ def test_rest_schedule_on_the_scored_frame_keeps_only_rows_above_the_mean():
     # tau_1 = mean + (1 - mean) / 3 ~ 0.63, tau_2 = mean + 2 (1 - mean) / 3 ~ 0.81
     assert kept[0] == [(0, "a", 0, 1.0), (1, "y", 1, 0.75), (1, "z", 2, 0.75)]
     assert kept[1] == [(0, "a", 0, 1.0)]
+
+
+def test_decisions_give_every_scored_row_one_reason():
+    scored = pl.DataFrame({
+        "prompt_id": [1, 1, 1, 1, 2, 2], "sample_idx": [0, 1, 2, 3, 0, 1],
+        "completion": ["a", "a", "b", "c", "d", "e"], "reward": [1.0, 1.0, 0.2, 0.9, 0.0, 1.0],
+        "finish_reason": ["stop", "stop", "stop", "length", "stop", "stop"],
+    })  # fmt: skip
+    finished = filters.drop_truncated(scored)
+    pool = filters.dedupe(finished)
+    kept = filters.fixed(pool, 0.5)
+    fates = filters.decisions(scored, finished, pool, kept, threshold=0.5)
+    assert fates.rows() == [
+        (1, 0, "kept", "kept", 0.5), (1, 1, "dropped", "duplicate", 0.5), (1, 2, "dropped", "below_threshold", 0.5),
+        (1, 3, "dropped", "truncated", 0.5), (2, 0, "dropped", "below_threshold", 0.5), (2, 1, "kept", "kept", 0.5),
+    ]

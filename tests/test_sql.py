@@ -50,6 +50,23 @@ def test_drops_per_reason_for_each_improve_step_is_one_query(lake):
         assert sum(r["n"] for r in rows if r["iteration"] == g) == scored.height - kept.height
 
 
+def test_every_scored_row_has_a_decision_and_a_reason(lake):
+    proc = cli("sql", "SELECT d.iteration, d.reason, count(*) AS n, min(s.reward) AS lo, max(s.reward) AS hi "
+               "FROM decisions d JOIN scored s ON d.run = s.run AND d.iteration = s.iteration "
+               "AND d.prompt_id = s.prompt_id AND d.sample_idx = s.sample_idx GROUP BY d.iteration, d.reason",
+               "--lake", f"file://{lake}", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    for g in (1, 2):
+        manifest = json.loads((lake / "q" / f"iteration={g}" / "filtered" / "step=1" / MANIFEST).read_text())
+        by_reason = {r["reason"]: r for r in rows if r["iteration"] == g}
+        scored = read_stage(lake / "q" / f"iteration={g}" / "scored")
+        assert sum(r["n"] for r in by_reason.values()) == scored.height
+        assert by_reason["kept"]["n"] == manifest["rows"]
+        assert {k: v["n"] for k, v in by_reason.items() if k != "kept"} == {k: n for k, n in manifest["dropped"].items() if n}
+        assert by_reason["below_threshold"]["hi"] < manifest["config"]["tau"] <= by_reason["kept"]["lo"]
+
+
 def test_stage_tables_span_iterations_with_their_partition_columns(lake):
     proc = cli("sql", "SELECT run, iteration, count(*) AS n, avg(reward) AS r FROM scored GROUP BY run, iteration "
                "ORDER BY iteration", "--lake", f"file://{lake}", "--format", "csv")
