@@ -7,18 +7,70 @@ and ``--set dotted.key=value`` overrides are parsed as YAML scalars and validate
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from alignment import loss_table as _loss_table
 from alignment.errors import UserError
 
 
 class Strict(BaseModel):
+    """Forbids unknown keys, and reads counts, numbers and switches strictly (``_strict_scalar``)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        annotation = cls.model_fields[info.field_name].annotation
+        if value is None:
+            return value
+        if typing.get_origin(annotation) is dict and isinstance(value, dict):
+            kinds = _scalar_kinds(typing.get_args(annotation)[1])
+            return {k: _strict_scalar(v, kinds, f" for {k!r}") for k, v in value.items()} if kinds else value
+        kinds = _scalar_kinds(annotation)
+        return _strict_scalar(value, kinds) if kinds else value
+
+
+def _scalar_kinds(annotation: Any) -> set[type]:
+    """Which of int, float and bool a field takes (through ``X | None``)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_scalar_kinds(a) for a in typing.get_args(annotation)))
+    return {annotation} & {int, float, bool}
+
+
+def _strict_scalar(value: Any, kinds: set[type], where: str = "") -> Any:
+    """No ``true`` for a count, no ``2.5`` or ``"4"`` for a count, no ``1`` for a switch, only finite numbers.
+
+    A number field also takes a numeric string: PyYAML reads ``1e-3`` (no dot) as the string "1e-3".
+    """
+    if kinds == {bool}:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false{where}")
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"expected a {'number' if float in kinds else 'whole number'}, not true or false{where}")
+    if float in kinds:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise ValueError(f"expected a number{where}") from None
+        elif not isinstance(value, int | float):
+            raise ValueError(f"expected a number{where}")
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number{where}")
+        return number
+    if not isinstance(value, int):
+        raise ValueError(f"expected a whole number{where}")
+    return value
 
 
 class TaskConfig(Strict):
@@ -351,6 +403,10 @@ class Recipe(Strict):
         description="Built-in reward name, 'package.module:function', 'rm:PATH' (a reward model), "
         "or an ensemble {ensemble: [spec, ...], reduce: min|mean}.",
     )
+    reward_timeout_s: float = Field(
+        600.0, gt=0, description="Seconds one call of the reward may take before the run stops with an error naming it "
+        "(the call's thread is abandoned, not killed).",
+    )
     warm_start: WarmStart = Field(
         default_factory=lambda: WarmStart(epochs=30, lr=3e-3, batch_size=16),
         description="Behaviour cloning before the first Grow step.",
@@ -373,6 +429,14 @@ class Recipe(Strict):
     orchestration: OrchestrationConfig = Field(
         default_factory=OrchestrationConfig, description="Task runner, schedule and work pools."
     )
+
+    @field_validator("lake")
+    @classmethod
+    def _lake_scheme(cls, lake: str) -> str:
+        scheme = lake.partition("://")[0] if "://" in lake else "file"
+        if scheme not in ("file", "s3"):
+            raise ValueError(f"use file://PATH or s3://BUCKET/PREFIX; {scheme}:// is not supported")
+        return lake
 
     @property
     def model_name(self) -> str:
@@ -423,7 +487,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(f"Recipe {path} is not valid YAML: {exc}") from exc
+        raise RecipeError(f"Recipe {path} is not valid YAML: {' '.join(str(exc).split())}.") from exc
     if not isinstance(data, dict):
         raise RecipeError(f"Recipe {path} must be a YAML mapping of keys to values.")
     data = apply_overrides(data, overrides or [])

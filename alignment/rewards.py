@@ -1,8 +1,11 @@
 """Rewards: plain functions ``(prompts, completions, references) -> list[float]``.
 
 Built-ins are chosen by name; a user's own reward by import path ``"package.module:function"``,
-so a new task needs no change to flywheel. Every reward's output is checked: a wrong length,
-NaN or inf is an error that names the offending rows, never a silently corrupted dataset.
+so a new task needs no change to flywheel. Every reward's output is checked: a wrong length, a
+value that is not a number (a string such as "1.0", a boolean, None), NaN or inf is an error that
+names the reward and the first offending row, never a silently corrupted dataset. A reward that
+raises is one ``RewardError`` naming it and the exception (never retried), and ``with_timeout``
+bounds how long one call may take.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from alignment.errors import UserError
 
@@ -109,28 +114,100 @@ def resolve_reward(spec: str) -> RewardFn:
     return fn
 
 
+class TimedReward:
+    """A reward whose every call must return within ``timeout_s`` seconds (``recipe.reward_timeout_s``).
+
+    The call runs in a daemon worker thread and is waited for. Python cannot stop a thread, so a call
+    that overruns is abandoned, not killed: it keeps its CPU (or GPU) until it returns or the process
+    exits, and the run stops at once with a ``RewardError`` naming the reward and the setting.
+    """
+
+    def __init__(self, fn: RewardFn, timeout_s: float):
+        self.fn, self.timeout_s = fn, timeout_s
+
+    def __repr__(self) -> str:
+        return reward_name(self.fn)
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str]) -> Any:
+        box: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                box["value"] = self.fn(prompts, completions, references)
+            except BaseException as exc:  # handed to the caller's thread
+                box["error"] = exc
+
+        worker = threading.Thread(target=call, name=f"reward {self!r}", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if worker.is_alive():
+            raise RewardError(
+                f"Reward {self!r} did not return within {self.timeout_s:g} s for {len(completions)} completions; "
+                "make it faster or raise reward_timeout_s in the recipe."
+            )
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+
+def with_timeout(fn: RewardFn, timeout_s: float | None) -> RewardFn:
+    """``fn`` bounded by ``timeout_s`` seconds per call (``None``: unbounded)."""
+    return fn if timeout_s is None else TimedReward(fn, timeout_s)
+
+
+def reward_name(fn: RewardFn) -> str:
+    """How errors name a reward: a function's qualified name, else the object's repr."""
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float if it is a number (int, float, numpy or torch scalar); ``None`` for strings,
+    booleans, None and anything else, which ``float()`` would otherwise read or fail on."""
+    if isinstance(value, str | bytes | bool) or type(value).__name__ in ("bool", "bool_") or not hasattr(value, "__float__"):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # e.g. a tensor of more than one element
+        return None
+
+
 def score(fn: RewardFn, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str]) -> list[float]:
-    """Call a reward and check it returned one finite float per row."""
-    name = getattr(fn, "__qualname__", repr(fn))
-    rewards = list(fn(list(prompts), list(completions), list(references)))
+    """Call a reward and check it returned one finite number per row; any failure is one ``RewardError``."""
+    name = reward_name(fn)
+    try:
+        result = fn(list(prompts), list(completions), list(references))
+    except UserError:
+        raise
+    except Exception as exc:
+        raise RewardError(
+            f"Reward {name} raised {type(exc).__name__}: {_one_line(str(exc)) or '(no message)'}; "
+            "fix the reward (a reward's error is not retried)."
+        ) from exc
+    if isinstance(result, str | bytes | dict) or not hasattr(result, "__iter__"):
+        raise RewardError(f"Reward {name} returned {type(result).__name__}, not a list of one number per completion.")
+    rewards = list(result)
     if len(rewards) != len(completions):
         raise RewardError(
             f"Reward {name} returned {len(rewards)} values for {len(completions)} completions; "
             "it must return exactly one float per completion."
         )
-    bad = []
-    for i, r in enumerate(rewards):
-        try:
-            value = float(r)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not math.isfinite(value):
-            bad.append(i)
-        rewards[i] = value
+    values = [_number(r) for r in rewards]
+    bad = [i for i, v in enumerate(values) if v is None or not math.isfinite(v)]
     if bad:
+        first = bad[0]
+        what = (
+            "a non-finite value (NaN or inf)" if values[first] is not None
+            else f"{_one_line(repr(rewards[first]), 60)} ({type(rewards[first]).__name__}), not a number,"
+        )
         shown = ", ".join(str(i) for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
         raise RewardError(
-            f"Reward {name} returned a non-finite value (NaN, inf or not a number) for {len(bad)} row(s): {shown} "
-            f"(first: prompt {prompts[bad[0]]!r}, completion {completions[bad[0]]!r}); rewards must be finite floats."
+            f"Reward {name} returned {what} for {len(bad)} row(s): {shown} "
+            f"(first: prompt {_one_line(repr(prompts[first]), 80)}, completion {_one_line(repr(completions[first]), 80)}); "
+            "rewards must be finite numbers, not strings, booleans or None."
         )
-    return rewards
+    return values

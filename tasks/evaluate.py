@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-
 from alignment.evaluation import evaluate as run_eval
 from alignment.reward_model import resolve_reward_spec
+from alignment.rewards import with_timeout
 from alignment.samplers import make_sampler
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK
@@ -36,7 +36,8 @@ def write_eval(ref: RunRef, model_uri: str, iteration: int, step: int) -> str:
         sampler = make_sampler("transformers", ref.local_model(model_uri), **options)
     frame, metrics = run_eval(
         sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(), prompts["reference"].to_list(),
-        resolve_reward_spec(recipe.eval.reward or recipe.reward), max_new_tokens=recipe.eval.max_new_tokens,
+        with_timeout(resolve_reward_spec(recipe.eval.reward or recipe.reward), recipe.reward_timeout_s),
+        max_new_tokens=recipe.eval.max_new_tokens,
     )
     metrics |= held_out_extras(ref, sampler, frame, iteration)  # KL to the initial policy; the training reward
     lake.write_stage(uri, [frame], config={"eval": recipe.eval.model_dump()}, parents=[model_uri], extra={"metrics": metrics})

@@ -1,11 +1,13 @@
 """The run's inputs as iteration 0 of the lake: prompts, held-out prompts, labelled data, base model.
 
-Bad input is caught here, before anything is written: a missing file, a missing column or an
-empty table is one sentence naming the file and what to do.
+Bad input is caught here, before anything is written: a missing file, a missing column, an empty
+table, or rows whose prompt or reference is null, empty, a list or a repeated id: each is one
+sentence naming the file (and the column, how many rows and the first of them) and what to do.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -23,38 +25,103 @@ class InputError(UserError):
     """A prompt or labelled-data file is missing, unreadable or lacks a needed column."""
 
 
-def _read_table(path: str, what: str) -> pl.DataFrame:
+# Where a column holds something other than text: {column: (type name, how many rows, first row from 1)}.
+NonText = dict[str, tuple[str, int, int]]
+NUMBER_TYPES = ("int", "float", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "Float32", "Float64")
+
+
+def _read_table(path: str, what: str) -> tuple[pl.DataFrame, NonText]:
+    """The file's rows as text columns, and where a column held something else (a list, a number, a boolean)."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"The {what} file {path} does not exist; fix task.{what} in the recipe or pass --set task.{what}=PATH.")
-    try:
-        if p.suffix in (".jsonl", ".ndjson", ".json"):
-            frame = pl.read_ndjson(p)
-        elif p.suffix == ".parquet":
+    if p.suffix in (".jsonl", ".ndjson", ".json"):
+        frame, non_text = _read_jsonl(p, what)
+    elif p.suffix == ".parquet":
+        try:
             frame = pl.read_parquet(p)
-        else:
-            raise InputError(f"The {what} file {path} must be JSONL (.jsonl) or Parquet (.parquet).")
-    except InputError:
-        raise
-    except Exception as exc:
-        if p.suffix != ".parquet" and not p.read_text(errors="replace").strip():  # polars can't read nothing
-            raise InputError(f"The {what} file {path} has no rows; it needs at least one prompt.") from None
-        raise InputError(f"Could not read the {what} file {path} ({type(exc).__name__}: {exc}).") from exc
+        except Exception as exc:
+            raise InputError(f"Could not read the {what} file {path} ({type(exc).__name__}: {_one_line(str(exc))}).") from exc
+        non_text = {
+            c: (str(frame[c].dtype), int(frame[c].is_not_null().sum()), int(frame[c].is_not_null().arg_true()[0]) + 1)
+            for c in frame.columns if frame[c].dtype not in (pl.Utf8, pl.Null) and frame[c].is_not_null().any()
+        }
+    else:
+        raise InputError(f"The {what} file {path} must be JSONL (.jsonl) or Parquet (.parquet).")
     if frame.height == 0:
         raise InputError(f"The {what} file {path} has no rows; it needs at least one prompt.")
-    return frame
+    return frame, non_text
 
 
-def _columns(frame: pl.DataFrame, path: str, what: str, need: dict[str, str]) -> pl.DataFrame:
-    """Rename the recipe's columns to ours, or fail naming the missing one."""
+def _read_jsonl(p: Path, what: str) -> tuple[pl.DataFrame, NonText]:
+    """JSON lines read row by row: polars would turn a list or a number in a text column into text silently."""
+    rows = []
+    try:
+        lines = p.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"Could not read the {what} file {p} ({type(exc).__name__}: {_one_line(str(exc))}).") from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"The {what} file {p} is not JSON lines: line {number} is not valid JSON ({exc.msg}).") from None
+        if not isinstance(row, dict):
+            raise InputError(f"The {what} file {p} is not JSON lines: line {number} is not a JSON object of columns.")
+        rows.append(row)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    non_text: NonText = {}
+    for c in columns:
+        wrong = [(i, type(row[c]).__name__) for i, row in enumerate(rows) if c in row and not isinstance(row[c], str | None)]
+        if wrong:
+            non_text[c] = (wrong[0][1], len(wrong), wrong[0][0] + 1)
+    data = {c: [_text(row.get(c)) for row in rows] for c in columns}
+    return pl.DataFrame(data, schema=dict.fromkeys(columns, pl.Utf8)), non_text
+
+
+def _text(value: object) -> str | None:
+    return value if value is None or isinstance(value, str) else json.dumps(value)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _columns(table: tuple[pl.DataFrame, NonText], path: str, what: str, need: dict[str, str]) -> pl.DataFrame:
+    """Rename the recipe's columns to ours after checking their rows; each problem is one sentence naming
+    the file, the column, how many rows and the first of them (rows count from 1)."""
+    frame, non_text = table
     missing = [src for src in need.values() if src not in frame.columns]
     if missing:
         raise InputError(
             f"The {what} file {path} has no column {missing[0]!r} (columns: {', '.join(frame.columns)}); "
             f"rename it or set task.{_setting(need, missing[0], what)}."
         )
+    for dst, src in need.items():
+        kind = non_text.get(src)
+        if kind and (dst != "reference" or kind[0] not in NUMBER_TYPES):  # a numeric reference is read as its text
+            _bad_rows(what, path, src, kind[1], kind[2], f"hold a {kind[0]} instead of text")
+        nulls = frame[src].is_null()
+        if nulls.any():
+            _bad_rows(what, path, src, int(nulls.sum()), int(nulls.arg_true()[0]) + 1, "are null or missing")
+    empty = frame[need["prompt"]].str.strip_chars() == ""
+    if empty.any():
+        _bad_rows(what, path, need["prompt"], int(empty.sum()), int(empty.arg_true()[0]) + 1, "are empty")
+    for ids in (c for c in ("prompt_id", "id") if c in frame.columns):
+        dup = ~frame[ids].is_first_distinct() & frame[ids].is_not_null()
+        if dup.any():
+            _bad_rows(what, path, ids, int(dup.sum()), int(dup.arg_true()[0]) + 1, "repeat an earlier row's id")
     out = frame.select([pl.col(src).cast(pl.Utf8).alias(dst) for dst, src in need.items()])
     return out.with_row_index("prompt_id").with_columns(pl.col("prompt_id").cast(pl.Int64))
+
+
+def _bad_rows(what: str, path: str, column: str, count: int, first: int, problem: str) -> None:
+    raise InputError(
+        f"The {what} file {path} has {count} row(s) whose {column!r} values {problem} (the first is row {first}); "
+        "fix or drop those rows."
+    )
 
 
 def _setting(need: dict[str, str], column: str, what: str) -> str:
@@ -122,12 +189,15 @@ def preflight(recipe: Recipe) -> None:
     starts, and nothing is written.
     """
     from alignment.reward_model import check_reward_spec
+    from tasks.storage import check_writable
 
+    check_writable(recipe.lake)
     check_reward_spec(recipe.reward)
     _check_sampler(recipe)
     if recipe.eval.reward is not None:
         check_reward_spec(recipe.eval.reward)
     data = load_task(recipe.task, recipe.seed)
+    check_rewards(recipe, data)
     if recipe.model.path:
         check_lengths(recipe, recipe.model.path, data)
         return
@@ -145,6 +215,35 @@ def _check_sampler(recipe: Recipe) -> None:
     if recipe.grow.sampler == "vllm" and importlib.util.find_spec("vllm") is None:
         return  # vLLM runs on GPU workers; this machine cannot check its options
     check_options(recipe.grow.sampler, sampler_options(recipe, recipe.grow.batch_size))
+
+
+PROBE_ROWS = 64
+
+
+def check_rewards(recipe: Recipe, data: TaskData) -> None:
+    """Call the reward (and the held-out reward) once on the first ``PROBE_ROWS`` held-out rows, each
+    reference standing in for its completion, within ``reward_timeout_s``.
+
+    A reward that raises, hangs, or returns strings, booleans, NaN or the wrong number of values is
+    then one ``RewardError`` sentence before anything is committed. Reward models are not loaded here.
+    """
+    from alignment.reward_model import resolve_reward_spec
+    from alignment.rewards import score, with_timeout
+
+    rows = data.eval.head(PROBE_ROWS)
+    prompts, references = rows["prompt"].to_list(), rows["reference"].to_list()
+    specs = [recipe.reward] + ([recipe.eval.reward] if recipe.eval.reward not in (None, recipe.reward) else [])
+    for spec in specs:
+        if not _uses_reward_model(spec):
+            score(with_timeout(resolve_reward_spec(spec), recipe.reward_timeout_s), prompts, references, references)
+
+
+def _uses_reward_model(spec: object) -> bool:
+    if isinstance(spec, str):
+        return spec.startswith("rm:")
+    if isinstance(spec, dict):
+        return _uses_reward_model(spec.get("ensemble"))
+    return isinstance(spec, list) and any(_uses_reward_model(s) for s in spec)
 
 
 def check_lengths(recipe: Recipe, model_dir: str, data: TaskData) -> None:

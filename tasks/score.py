@@ -14,6 +14,7 @@ from prefect.futures import wait
 
 from alignment.reward_model import resolve_reward_spec
 from alignment.rewards import score as call_reward
+from alignment.rewards import with_timeout
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import ray_resources, run_stage
@@ -33,7 +34,7 @@ def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: 
     lake, uri = ref.open_lake(), ref.stage(iteration, "scored")
     samples = lake.read_part(samples_uri, part)  # verified against the manifest
     with MODEL_LOAD_LOCK:  # a reward model loads like a policy: one at a time per process
-        reward = resolve_reward_spec(ref.recipe.reward)
+        reward = with_timeout(resolve_reward_spec(ref.recipe.reward), ref.recipe.reward_timeout_s)
     # Labelled demonstrations without a reference are not the reward's to judge: their reward stays null.
     judged = samples.with_row_index("_row").filter(~(pl.col("reference").is_null() & (pl.col("sample_idx") < 0)))
     rewards = call_reward(reward, judged["prompt"].to_list(), judged["completion"].to_list(), judged["reference"].to_list())

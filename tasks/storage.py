@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+from alignment.errors import UserError
+
 
 class Store(Protocol):
     def put(self, uri: str, data: bytes) -> None: ...
@@ -37,6 +39,10 @@ class Store(Protocol):
     def storage_options(self) -> dict[str, str] | None: ...
 
 
+class LakeURIError(UserError):
+    """A lake URI names a storage flywheel cannot use, or a folder it cannot write."""
+
+
 def normalize_uri(uri: str) -> str:
     """Return a canonical lake URI: ``s3://bucket/prefix`` or ``file:///absolute/path`` (no trailing slash)."""
     uri = uri.rstrip("/")
@@ -45,8 +51,26 @@ def normalize_uri(uri: str) -> str:
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     if "://" in uri:
-        raise ValueError(f"Unsupported lake URI {uri!r}: use file://PATH or s3://BUCKET/PREFIX.")
+        raise LakeURIError(f"Unsupported lake URI {uri!r}: use file://PATH or s3://BUCKET/PREFIX.")
     return "file://" + str(Path(uri).expanduser().resolve())
+
+
+def check_writable(uri: str) -> None:
+    """For a ``file://`` lake: create its folder and a file in it, or raise one ``LakeURIError`` sentence.
+    (An ``s3://`` lake's access is checked by its first request.)"""
+    uri = normalize_uri(uri)
+    if not uri.startswith("file://"):
+        return
+    path = LocalStore._path(uri)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".tmp-probe-"):
+            pass
+    except OSError as exc:
+        raise LakeURIError(
+            f"The lake {uri} is not a folder flywheel can write ({type(exc).__name__}: {exc.strerror or exc}); "
+            "set lake to a writable folder or an s3:// URI."
+        ) from None
 
 
 class LocalStore:

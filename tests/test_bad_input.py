@@ -147,7 +147,7 @@ def test_reward_failing_on_grown_samples_leaves_no_half_scored_stage(workdir, ca
     ("sets", "expected"),
     [
         (["grow.samples=4"], "unknown key 'grow.samples'"),
-        (["grow.samples_per_prompt=many"], "grow.samples_per_prompt: Input should be a valid integer"),
+        (["grow.samples_per_prompt=many"], "grow.samples_per_prompt: expected a whole number"),
         (["filter.kind=best"], "filter.kind: Input should be 'rest', 'fixed', 'quantile' or 'top_k'"),
     ],
     ids=["unknown-key", "wrong-type", "not-allowed"],

@@ -162,13 +162,20 @@ def test_unknown_key_in_the_file_is_named(tmp_path):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("grow.samples_per_prompt=many", "grow.samples_per_prompt: Input should be a valid integer"),
-        ("grow.samples_per_prompt=2.5", "grow.samples_per_prompt: Input should be a valid integer"),
+        ("grow.samples_per_prompt=many", "grow.samples_per_prompt: expected a whole number"),
+        ("grow.samples_per_prompt=2.5", "grow.samples_per_prompt: expected a whole number"),
+        ("grow.samples_per_prompt=true", "grow.samples_per_prompt: expected a whole number, not true or false"),
+        ("improve.epochs=2.0", "improve.epochs: expected a whole number"),
+        ("improve.lr=true", "improve.lr: expected a number, not true or false"),
+        ("grow.temperature=.nan", "grow.temperature: expected a finite number"),
+        ("filter.dedupe=1", "filter.dedupe: expected true or false"),
+        ("task.prompt_column=[a, b]", "task.prompt_column: Input should be a valid string"),
+        ("lake=gs://bucket/lake", "lake: use file://PATH or s3://BUCKET/PREFIX; gs:// is not supported"),
         ("grow.samples_per_prompt=0", "grow.samples_per_prompt: Input should be greater than or equal to 1"),
-        ("warm_start.enabled=maybe", "warm_start.enabled: Input should be a valid boolean"),
+        ("warm_start.enabled=maybe", "warm_start.enabled: expected true or false"),
         ("filter.kind=best", "filter.kind: Input should be 'rest', 'fixed', 'quantile' or 'top_k'"),
         ("grow.top_p=1.5", "grow.top_p: Input should be less than or equal to 1"),
-        ("improve.lr=fast", "improve.lr: Input should be a valid number"),
+        ("improve.lr=fast", "improve.lr: expected a number"),
         ("grow=3", "grow: Input should be a valid dictionary"),
         ("name=has space", "name: String should match pattern"),
         ("seed=null", "seed: Input should be a valid integer"),
@@ -181,6 +188,17 @@ def test_wrong_type_names_the_key_and_the_value(override, expected):
     assert expected in message, message
     assert f"(got {yaml.safe_load(override.partition('=')[2])!r})" in message
     assert one_sentence(message), message
+
+
+def test_numbers_written_the_yaml_way_still_load(tmp_path):
+    """PyYAML reads ``1e-3`` (no dot) as a string: number fields take numeric strings, counts do not."""
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r\nimprove:\n  lr: 1e-3\ngrow:\n  temperature: '0.5'\n")
+    recipe = load_recipe(path)
+    assert recipe.improve.lr == 0.001 and recipe.grow.temperature == 0.5
+    path.write_text("name: r\ngrow:\n  samples_per_prompt: '4'\n")
+    with pytest.raises(RecipeError, match=re.escape("grow.samples_per_prompt: expected a whole number (got '4')")):
+        load_recipe(path)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from alignment.rewards import (
     regex_match,
     resolve_reward,
     score,
+    with_timeout,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -119,9 +120,9 @@ def test_score_converts_to_python_floats_and_passes_lists():
 
     def spy(prompts, completions, references):
         seen["types"] = (type(prompts), type(completions), type(references))
-        return (1, np.float32(0.5), True)
+        return (1, np.float32(0.5), np.int64(2))
 
-    assert score(spy, ("a", "b", "c"), ("x", "y", "z"), ("r", "s", "t")) == [1.0, 0.5, 1.0]
+    assert score(spy, ("a", "b", "c"), ("x", "y", "z"), ("r", "s", "t")) == [1.0, 0.5, 2.0]
     assert seen["types"] == (list, list, list)
     out = score(returns_numpy, ["p", "p"], ["ab", ""], ["r", "r"])
     assert out == [2.0, 0.0] and all(type(v) is float for v in out)
@@ -193,6 +194,68 @@ def test_non_finite_reward_names_the_rows(bad):
     assert "prompt 'p1'" in message and "completion 'c1'" in message
     assert "sometimes_bad" in message and "finite" in message
     assert one_sentence(message), message
+
+
+@pytest.mark.parametrize(("bad", "shown"), [("1.0", "'1.0' (str)"), (True, "True (bool)"), (np.bool_(False), "np.False_ (bool)")])
+def test_strings_and_booleans_are_not_rewards(bad, shown):
+    """``float("1.0")`` and ``float(True)`` would pass silently: a reward must return numbers."""
+
+    def wrong_type(prompts, completions, references):
+        return [0.5, bad, bad]
+
+    with pytest.raises(RewardError) as err:
+        score(wrong_type, ["p0", "p1", "p2"], ["c0", "c1", "c2"], ["r"] * 3)
+    message = str(err.value)
+    assert f"wrong_type returned {shown}, not a number, for 2 row(s): 1, 2" in message, message
+    assert one_sentence(message), message
+
+
+@pytest.mark.parametrize("returned", [None, "1.0", 3.0])
+def test_a_reward_that_returns_no_list_is_named(returned):
+    def no_list(prompts, completions, references):
+        return returned
+
+    with pytest.raises(RewardError, match=f"no_list returned {type(returned).__name__}, not a list"):
+        score(no_list, ["p"], ["c"], ["r"])
+
+
+def test_a_reward_that_raises_is_one_reward_error_naming_it_and_the_exception():
+    def broken(prompts, completions, references):
+        raise KeyError("answer\nwith a second line")
+
+    with pytest.raises(RewardError) as err:
+        score(broken, ["p"], ["c"], ["r"])
+    message = str(err.value)
+    assert "broken raised KeyError: 'answer\\nwith a second line'" in message, message
+    assert isinstance(err.value.__cause__, KeyError) and "\n" not in message
+
+
+def test_a_reward_that_never_returns_is_abandoned_after_its_timeout():
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def stuck(prompts, completions, references):
+        release.wait(30)
+        return [1.0] * len(completions)
+
+    start = time.monotonic()
+    with pytest.raises(RewardError) as err:
+        score(with_timeout(stuck, 0.3), ["p", "q"], ["c", "d"], ["r", "s"])
+    release.set()
+    assert time.monotonic() - start < 5
+    message = str(err.value)
+    assert "stuck did not return within 0.3 s for 2 completions" in message and "reward_timeout_s" in message
+    assert one_sentence(message), message
+    # In time, a bounded reward is the reward; its errors keep their name.
+    assert score(with_timeout(exact_match, 5), ["p"], ["1"], ["1"]) == [1.0]
+    with pytest.raises(RewardError, match="nan_everywhere returned a non-finite value"):
+        score(with_timeout(nan_everywhere, 5), ["p"], ["c"], ["r"])
+
+
+def nan_everywhere(prompts, completions, references):
+    return [math.nan] * len(completions)
 
 
 def test_many_non_finite_rewards_are_summarised():
