@@ -187,12 +187,13 @@ def format_table(summary: dict) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from alignment.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # a mistake in the recipe is reported before anything heavy loads
     from flows.common import default_run_name
     from flows.run import run_recipe
     from tasks.lake import check_name
     from tasks.register import check_tracking
 
-    recipe = load_recipe(args.recipe, args.overrides)
     check_tracking(recipe.mlflow.tracking_uri)  # a stopped server: one sentence before Prefect starts
     name = check_name(args.run_name or default_run_name(recipe), "run name")
     log_path = LOG_DIR / f"{name}.log"

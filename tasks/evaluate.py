@@ -17,7 +17,8 @@ def evaluate(ref: RunRef, model_uri: str, iteration: int, step: int) -> dict[str
     """Greedy completions for every held-out prompt, committed as ``eval/step={i}``; returns the metrics."""
     lake, label = ref.open_lake(), f"g={iteration} step {step}"
     uri = run_once(ref, ref.stage(iteration, "eval", step), "evaluate", write_eval, model_uri, iteration, step, label=label)
-    metrics = lake.get_json(f"{uri}/_manifest.json")["metrics"]
+    manifest = lake.get_json(f"{uri}/_manifest.json")
+    metrics = {**manifest["metrics"], **manifest.get("seconds", {})}
     log().info("eval %s: reward %.3f, accuracy %.3f", ref.policy_version(model_uri), metrics["eval_reward"], metrics["eval_accuracy"])
     return metrics
 
@@ -40,5 +41,8 @@ def write_eval(ref: RunRef, model_uri: str, iteration: int, step: int) -> str:
         max_new_tokens=recipe.eval.max_new_tokens,
     )
     metrics |= held_out_extras(ref, sampler, frame, iteration)  # KL to the initial policy; the training reward
-    lake.write_stage(uri, [frame], config={"eval": recipe.eval.model_dump()}, parents=[model_uri], extra={"metrics": metrics})
+    # Timings are kept apart from the metrics: a re-run stage must reproduce its metrics exactly.
+    seconds = {k: metrics.pop(k) for k in list(metrics) if k.startswith("seconds_")}
+    lake.write_stage(uri, [frame], config={"eval": recipe.eval.model_dump()}, parents=[model_uri],
+                     extra={"metrics": metrics, "seconds": seconds})
     return uri

@@ -44,7 +44,7 @@ TTL_S = 60.0
 # services are; none changes what a committed stage holds.
 RESUMABLE = (
     "grow_steps", "eval.patience", "orchestration", "mlflow.tracking_uri", "grow.batch_size",
-    "eval.batch_size", "grow.shards", "lake", "s3",
+    "eval.batch_size", "grow.shards", "lake", "s3", "reward_timeout_s",
 )
 # Recipe values that are secrets are kept out of the lake: only whether they changed matters.
 _SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password")
