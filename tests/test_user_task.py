@@ -54,11 +54,12 @@ warm_start:
   lr: 0.003
   batch_size: 16
 grow:
-  samples_per_prompt: 4
+  samples_per_prompt: 12
   max_new_tokens: 6          # four letters and the end-of-turn token, with one to spare
   include_labelled: false   # Improve learns from the policy's own samples only
 improve:
-  epochs: 3
+  epochs: 4
+  lr: 0.003
 eval:
   max_new_tokens: 6
   patience: 2
