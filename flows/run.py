@@ -39,13 +39,12 @@ def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     each failure is one ``UserError`` sentence. The lease is released when the flow ends, however.
     """
     from flows.common import default_run_name, guard_run
-    from tasks.lake import check_name
     from tasks.inputs import preflight
     from tasks.placement import check_stage_deployments
-    from tasks.runs import release
+    from tasks.runs import check_names, release
 
     name = run_name or default_run_name(recipe)
-    check_name(name, "run name")
+    check_names(recipe, name)  # the run and model names, before anything touches the lake
     check_lake(recipe)
     check_stage_deployments(recipe)
     preflight(recipe)

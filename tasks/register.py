@@ -296,9 +296,11 @@ def register(
                 "champion_version": holder, "promotion": checks, "blocked_by": blocked_by(checks)}
     champion = _champion(client, name)
     best = _reward(champion)
-    checks = gate(ref, metrics, best, iteration)
-    blocked = blocked_by(checks)
     promoted = champion is not None and str(champion.version) == str(version)  # MLflow mixes int and str versions
+    saved = {k[len(PROMOTION_TAG):]: json.loads(v) for k, v in (existing.tags or {}).items() if k.startswith(PROMOTION_TAG)}
+    # The alias already moved here (a run killed before recording its decision): the gate was passed then.
+    checks = saved if promoted and saved else gate(ref, metrics, float("-inf") if promoted else best, iteration)
+    blocked = blocked_by(checks)
     if not blocked:
         client.set_registered_model_alias(name, CHAMPION, version)
         promoted, best = True, metrics["eval_reward"]
@@ -323,7 +325,7 @@ def gate(ref: RunRef, metrics: dict[str, float], champion_reward: float, iterati
 
     lake = ref.open_lake()
     base_uri = ref.stage(0, "eval", 0)
-    baseline = metrics if iteration == 0 or not lake.is_done(base_uri) else lake.get_json(f"{base_uri}/_manifest.json")["metrics"]
+    baseline = metrics if iteration == 0 or not lake.is_done(base_uri) else lake.get_json(f"{base_uri}/_manifest.json").get("metrics", metrics)
     return promotion_checks(ref.recipe.promotion, metrics, champion_reward, baseline, verifier_differs=verifier_differs(ref.recipe))
 
 

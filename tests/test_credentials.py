@@ -80,7 +80,8 @@ def existing(s3_server: SeaweedServer, s3_lake: str, tmp_path: Path):
     before = _snapshot(store, bucket)
     yield s3_lake
     assert _snapshot(store, bucket) == before
-    assert not (tmp_path / "mlflow").exists() and not (tmp_path / ".flywheel").exists()  # no run was started
+    # No run was started: no tracking database, no model cache (the console's log folder may exist).
+    assert not (tmp_path / "mlflow").exists() and not (tmp_path / ".flywheel" / "cache").exists()
 
 
 def test_wrong_credentials_are_one_sentence(existing: str, s3_server: SeaweedServer, tmp_path: Path) -> None:
