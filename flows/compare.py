@@ -5,7 +5,7 @@
 
 Rows: the warm start alone (``grow_steps=0``), ReST, then iterative DPO once per loss. Each row is
 a full flywheel run in its own lake folder under ``--out``; the table reports the final policy's
-held-out exact match (the latest iterate for DPO, the best adopted step for ReST), the champion's,
+held-out accuracy (the latest iterate for DPO, the best adopted step for ReST), the champion's,
 and the run's wall time.
 """
 
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dpo_recipe")
-    parser.add_argument("--rest", default="recipes/arithmetic-rest.yaml", help="ReST recipe for the ReST row.")
+    parser.add_argument("--rest", default=str(Path(__file__).resolve().parents[1] / "recipes" / "arithmetic-rest.yaml"),
+                        help="ReST recipe for the ReST row.")
     parser.add_argument("--losses", default="dpo,ipo,simpo,hinge,orpo,kto,rloo")
     parser.add_argument("--out", default=".flywheel/compare", help="Folder for the lakes and the MLflow db.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Override for every run.")
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         champion = summary.get("champion") or {}
         rows.append((label, summary["baseline"]["eval_accuracy"], _final(summary), champion.get("eval_reward"), wall))
         print(f"{label}: {rows[-1]}", flush=True)
-    print("\n| run | start exact match | final exact match | champion reward | wall time (s) |")
+    print("\n| run | start accuracy | final accuracy | champion reward | wall time (s) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for label, start, final, champ, wall in rows:
         print(f"| {label} | {start:.3f} | {final:.3f} | {champ if champ is None else f'{champ:.3f}'} | {wall:.0f} |")
@@ -65,4 +66,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from alignment.errors import UserError
+
+    try:
+        raise SystemExit(main())
+    except UserError as exc:  # one sentence, as from the flywheel CLI
+        print(f"flywheel: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -30,30 +30,28 @@ from alignment.samplers import SamplingParams
 from alignment.samplers.hf import TransformersSampler
 
 
-class CompletionRequest(BaseModel):
+class _Sampling(BaseModel):
+    """The sampling fields both endpoints take, as the samplers send them."""
+
+    model: str
+    n: int = Field(default=1, ge=1)
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=16, ge=1)
+    stop: str | list[str] | None = None
+
+
+class CompletionRequest(_Sampling):
     """The subset of OpenAI's completions request that the samplers send."""
 
-    model: str
     prompt: str | list[str]
-    n: int = Field(default=1, ge=1)
-    seed: int = Field(default=0, ge=0, lt=2**63)
-    temperature: float = Field(default=1.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    max_tokens: int = Field(default=16, ge=1)
-    stop: str | list[str] | None = None
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(_Sampling):
     """The subset of OpenAI's chat completions request that the samplers send."""
 
-    model: str
     messages: list[dict[str, str]]
-    n: int = Field(default=1, ge=1)
-    seed: int = Field(default=0, ge=0, lt=2**63)
-    temperature: float = Field(default=1.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    max_tokens: int = Field(default=16, ge=1)
-    stop: str | list[str] | None = None
 
 
 @dataclass
