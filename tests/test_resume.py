@@ -242,7 +242,8 @@ def _datasets(cwd: Path, run: str) -> dict[str, pl.DataFrame]:
 def _versions_per_step(cwd: Path, run: str) -> dict[tuple[str, str], int]:
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow' / 'mlflow.db'}")
+    uri = f"sqlite:///{cwd / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not the registry an earlier test left set
     counts: dict[tuple[str, str], int] = {}
     for v in client.search_model_versions("name = 'arithmetic-rest'"):
         assert v.tags["flywheel.run"] == run

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -214,7 +215,7 @@ def s3_run(s3_server: SeaweedServer, tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.slow
 def test_s3_run_reads_back_with_pyarrow_and_polars(s3_run, s3_server: SeaweedServer) -> None:
     lake, run = s3_run.lake, s3_run.run
-    assert "summary: s3://" in s3_run.proc.stdout
+    assert re.search(r"^summary:\s+s3://", s3_run.proc.stdout, re.M)
     filesystem = pafs.S3FileSystem(access_key=s3_server.access_key, secret_key=s3_server.secret_key,
                                    endpoint_override=s3_server.endpoint_url, region="us-east-1")
     base = lake.run_uri(run)[len("s3://"):]
@@ -262,10 +263,12 @@ def test_s3_run_artifacts_lineage_and_plots(s3_run) -> None:
     from mlflow import MlflowClient
 
     from tasks.artifacts import HELDOUT_PLOT, REWARD_PLOT, artifact_key
+    from tasks.report import summary_key
 
     lake, run = s3_run.lake, s3_run.run
     found = _artifacts(run)  # the run name is already lowercase-dash
-    assert set(found) == {artifact_key(run, g, w) for g in (1, 2) for w in ("rewards", "lake", "samples")}
+    # One summary of the run, and rewards, lake and samples of each iteration.
+    assert set(found) == {artifact_key(run, g, w) for g in (1, 2) for w in ("rewards", "lake", "samples")} | {summary_key(run)}
     assert found[artifact_key(run, 2, "lake")].data.count(f"{lake.run_uri(run)}/iteration=2") == 2  # text and target
 
     client = MlflowClient(tracking_uri=s3_run.tracking, registry_uri=s3_run.tracking)

@@ -151,7 +151,8 @@ def test_served_deployment_runs_from_the_api(api, s3_lake, workdir):
     assert lake.is_done(lake.stage_uri("from-api", 1, "scored"))
     summary = lake.get_json(f"{s3_lake}/from-api/summary.json")
     assert [r["iteration"] for r in summary["iterations"]] == [1]  # grow_steps edited from 2 to 1
-    versions = MlflowClient(f"sqlite:///{workdir / 'tracking' / 'mlflow.db'}").search_model_versions("name='served-rest'")
+    tracking = f"sqlite:///{workdir / 'tracking' / 'mlflow.db'}"
+    versions = MlflowClient(tracking, registry_uri=tracking).search_model_versions("name='served-rest'")
     numbers = {str(v.version) for v in versions}
     assert numbers >= {"1", "2"}  # the warm start and the Grow step's model
     assert str(summary["iterations"][0]["model_version"]) in numbers
