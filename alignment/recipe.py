@@ -7,70 +7,16 @@ and ``--set dotted.key=value`` overrides are parsed as YAML scalars and validate
 
 from __future__ import annotations
 
-import math
-import types
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from alignment import loss_table as _loss_table
 from alignment.errors import UserError
-
-
-class Strict(BaseModel):
-    """Forbids unknown keys, and reads counts, numbers and switches strictly (``_strict_scalar``)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
-        annotation = cls.model_fields[info.field_name].annotation
-        if value is None:
-            return value
-        if typing.get_origin(annotation) is dict and isinstance(value, dict):
-            kinds = _scalar_kinds(typing.get_args(annotation)[1])
-            return {k: _strict_scalar(v, kinds, f" for {k!r}") for k, v in value.items()} if kinds else value
-        kinds = _scalar_kinds(annotation)
-        return _strict_scalar(value, kinds) if kinds else value
-
-
-def _scalar_kinds(annotation: Any) -> set[type]:
-    """Which of int, float and bool a field takes (through ``X | None``)."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return set().union(*(_scalar_kinds(a) for a in typing.get_args(annotation)))
-    return {annotation} & {int, float, bool}
-
-
-def _strict_scalar(value: Any, kinds: set[type], where: str = "") -> Any:
-    """No ``true`` for a count, no ``2.5`` or ``"4"`` for a count, no ``1`` for a switch, only finite numbers.
-
-    A number field also takes a numeric string: PyYAML reads ``1e-3`` (no dot) as the string "1e-3".
-    """
-    if kinds == {bool}:
-        if not isinstance(value, bool):
-            raise ValueError(f"expected true or false{where}")
-        return value
-    if isinstance(value, bool):
-        raise ValueError(f"expected a {'number' if float in kinds else 'whole number'}, not true or false{where}")
-    if float in kinds:
-        number = value
-        if isinstance(value, str):
-            try:
-                number = float(value.strip())
-            except ValueError:
-                raise ValueError(f"expected a number{where}") from None
-        elif not isinstance(value, int | float):
-            raise ValueError(f"expected a number{where}")
-        if not math.isfinite(number):
-            raise ValueError(f"expected a finite number{where}")
-        return number
-    if not isinstance(value, int):
-        raise ValueError(f"expected a whole number{where}")
-    return value
+from alignment.run_settings import MlflowConfig, OrchestrationConfig, S3Config, Stage  # noqa: F401  (re-exported)
+from alignment.strict import Strict
 
 
 class TaskConfig(Strict):
@@ -324,69 +270,6 @@ class PromotionConfig(Strict):
         None, description="When eval.reward (the verifier) differs from the training reward: the largest rise of "
         "(training reward - verifier reward) on held-out completions vs the baseline's; null = off.",
     )
-
-
-class MlflowConfig(Strict):
-    """Tracking and the model registry."""
-
-    tracking_uri: str = Field("sqlite:///mlflow/mlflow.db", description="MLflow tracking URI.")
-    experiment: str = Field("flywheel", description="MLflow experiment name.")
-    model_name: str | None = Field(None, description="Registered model name; defaults to the recipe name.")
-    artifact_location: str | None = Field(
-        None, description="Where a new experiment keeps artifacts (e.g. s3://bucket/mlflow); null = beside the SQLite db."
-    )
-
-
-class S3Config(Strict):
-    """S3 endpoint settings; credentials always come from the standard AWS settings, never the recipe."""
-
-    endpoint_url: str | None = Field(None, description="S3 endpoint (e.g. http://127.0.0.1:8333); null = AWS default.")
-    region: str | None = Field(None, description="S3 region; null = AWS default.")
-
-
-Stage = Literal["grow", "score", "filter", "pair", "train", "evaluate"]
-
-
-class OrchestrationConfig(Strict):
-    """How the run is orchestrated beyond one process: task runner, stage placement, schedule, GPU admission.
-
-    Every stage runs in the flow run's own process unless ``stage_deployments`` sends it to a
-    deployment of the ``flywheel-stage`` flow, whose work pool decides the machine (infra/prefect.yaml:
-    Grow, training and evaluation on ``flywheel-gpu``, scoring and filtering on ``flywheel-cpu``).
-    """
-
-    runner: Literal["thread", "ray"] = Field("thread", description="Task runner for Grow shards and scoring.")
-    ray_address: str | None = Field(None, description="Ray cluster address (e.g. ray://head:10001); null starts a local one.")
-    ray_gpus_per_stage: float = Field(
-        0.0, ge=0, description="With runner ray: GPUs a Grow shard or training stage asks Ray for (1 = a whole GPU; "
-        "0 = none, the CPU demo).",
-    )
-    schedule: str | None = Field(None, description="Cron schedule for `flywheel serve` (e.g. '0 3 * * *'); null = none.")
-    stage_deployments: dict[Stage, str] = Field(
-        default_factory=dict,
-        description="Stage -> deployment ('flywheel-stage/gpu') that runs it as its own flow run on that deployment's "
-        "work pool; a stage not listed runs in the flow's process. Stages: grow, score, filter, pair, train, evaluate.",
-    )
-    stage_timeout_s: float | None = Field(
-        None, gt=0, description="A stage sent to a deployment that has not finished after this many seconds is "
-        "cancelled and fails (then its task's retries apply); null waits as long as it takes.",
-    )
-    score_on_gpu: bool = Field(False, description="Treat scoring as a GPU stage (reward models): it takes a GPU slot.")
-    gpu_concurrency_limit: str = Field("gpu", description="Global concurrency limit that holds one GPU job per GPU.")
-    isolate_gpu_stages: bool = Field(
-        False, description="Run Grow, training and evaluation in their own process so GPU memory is freed between stages."
-    )
-
-    @model_validator(mode="after")
-    def _deployment_names(self) -> OrchestrationConfig:
-        for stage, name in self.stage_deployments.items():
-            flow_name, _, deployment = name.partition("/")
-            if not flow_name or not deployment or "/" in deployment:
-                raise ValueError(
-                    f"orchestration.stage_deployments.{stage} is {name!r}; name a deployment as "
-                    "'FLOW/DEPLOYMENT', e.g. 'flywheel-stage/gpu'"
-                )
-        return self
 
 
 class Recipe(Strict):
