@@ -45,13 +45,13 @@ class Summary:
         save_summary(self.ref, self.doc)
 
     def stop(self, reason: str) -> dict[str, Any]:
-        """The run is over: save the summary, end the MLflow runs FINISHED, publish the summary artifact."""
+        """The run is over: save the summary, publish the report and the summary artifact (the flow's
+        ``tasks.register.tracked`` ends the MLflow runs with its outcome)."""
         self.doc["stopped"] = reason
         save_summary(self.ref, self.doc)
         if report := publish_report(self.ref):  # the HTML report (flywheel report RUN), on the parent MLflow run
             self.doc["report"] = report
             save_summary(self.ref, self.doc)
-        finish_tracking(self.ref)
         publish_summary(self.doc)
         return self.doc
 
@@ -97,14 +97,6 @@ def publish_report(ref: RunRef) -> str | None:
     except Exception as exc:  # noqa: BLE001
         log().warning("no HTML report for run %s: %s: %s", ref.run, type(exc).__name__, exc)
         return None
-
-
-@flywheel_task(name="finish-tracking", retries=3, retry_delay_seconds=[2, 5, 15])
-def finish_tracking(ref: RunRef) -> None:
-    """End the parent MLflow run and its iteration runs as FINISHED (a resumed run reopens them)."""
-    from tasks.register import end_tracking
-
-    end_tracking(ref, "FINISHED")
 
 
 def mlflow_where(ref: RunRef) -> dict[str, Any]:

@@ -177,6 +177,7 @@ CASES = [
     # -- sampler options ---------------------------------------------------------------------------
     Case("sampler-unknown-option", ["grow.sampler_options.bogus=1"], ["bogus"]),
     Case("sampler-api-key", ["grow.sampler_options.api_key=sk-not-a-real-key"], ["api_key"]),
+    Case("sampler-missing-option", ["grow.sampler=openai"], ["needs 'base_url'"]),
 ]
 
 

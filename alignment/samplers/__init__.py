@@ -64,13 +64,7 @@ def make_sampler(backend: str, model_path: str, **options: Any) -> Sampler:
     An option the backend does not take is one sentence naming it and the ones it does take
     (``grow.sampler_options`` comes straight from a recipe).
     """
-    from alignment.errors import ConfigError
-
-    cls = check_options(backend, options)
-    try:
-        return cls(model_path, **options)
-    except TypeError as exc:
-        raise ConfigError(f"The {backend!r} sampler's options are wrong ({exc}); check grow.sampler_options.") from None
+    return check_options(backend, options)(model_path, **options)
 
 
 def check_options(backend: str, options: dict[str, Any]):
@@ -90,6 +84,9 @@ def check_options(backend: str, options: dict[str, Any]):
             f"its options are {', '.join(allowed)} (grow.sampler_options)"
             + ("; stop strings go in prompt.stop." if any("stop" in k for k in unknown) else ".")
         )
+    missing = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY and p.default is p.empty and n not in options]
+    if missing:
+        raise ConfigError(f"The {backend!r} sampler needs {', '.join(map(repr, missing))} in grow.sampler_options.")
     return cls
 
 
