@@ -122,21 +122,6 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def dropped_with_reasons(scored: pl.DataFrame, kept: pl.DataFrame, keep_truncated: bool, dedupe: bool) -> pl.DataFrame:
-    """The policy's own samples the filter dropped, each with its reason (truncated, duplicate, below_threshold),
-    found the way the filter found them (alignment.filters)."""
-    from alignment import filters
-
-    key = ["prompt_id", "sample_idx"]
-    own = scored.filter(pl.col("sample_idx") >= 0)
-    finished = own if keep_truncated else filters.drop_truncated(own)
-    pool = filters.dedupe(finished) if dedupe else finished
-    reason = (pl.when(~pl.struct(key).is_in(finished.select(pl.struct(key)).to_series().implode())).then(pl.lit("truncated"))
-              .when(~pl.struct(key).is_in(pool.select(pl.struct(key)).to_series().implode())).then(pl.lit("duplicate"))
-              .otherwise(pl.lit("below_threshold")))
-    return own.join(kept.select(key), on=key, how="anti").with_columns(reason.alias("reason"))
-
-
 def _load(lake, run: str, doc: dict[str, Any]):
     """Per iteration: (scored, the last step's filtered stage or None) and the recipe's filter settings."""
     frames: dict[int, tuple[pl.DataFrame, pl.DataFrame | None]] = {}
@@ -159,13 +144,15 @@ def _samples_section(lake, run: str, frames, last) -> str:
         return "<p>No filtered stage (iterative DPO trains on pairs; see the pairs stage with flywheel inspect).</p>"
     g, i = last
     scored, kept = frames[g]
-    cfg = lake.get_json(f"{lake.stage_uri(run, g, 'filtered', i)}/_manifest.json")
-    settings = (cfg.get("config") or {}).get("filter") or {}
-    dropped = dropped_with_reasons(scored, kept, settings.get("keep_truncated", False), settings.get("dedupe", True))
+    # Each row's fate as the filter recorded it (the decisions stage), for the policy's own samples.
+    fates = lake.read(lake.stage_uri(run, g, "decisions", i)).filter(pl.col("decision") == "dropped")
+    dropped = scored.filter(pl.col("sample_idx") >= 0).join(fates.select("prompt_id", "sample_idx", "reason"),
+                                                             on=["prompt_id", "sample_idx"])
     cols = ["prompt", "completion", "reference", "reward"]
     own_kept = kept.filter(pl.col("sample_idx") >= 0).head(SAMPLES_SHOWN)
     # a few of each reason, so every reason the filter used is seen
-    shown = pl.concat([dropped.filter(pl.col("reason") == r).head(2) for r in ("truncated", "duplicate", "below_threshold")])
+    shown = pl.concat([dropped.filter(pl.col("reason") == r).head(2)
+                       for r in ("truncated", "duplicate", "below_threshold", "not_top_k")])
     return (f"<h3>Kept (iteration {g}, step {i})</h3>" + _table(cols, [list(r) for r in own_kept.select(cols).iter_rows()])
             + f"<h3>Dropped (iteration {g}, step {i})</h3>"
             + _table([*cols, "reason"], [list(r) for r in shown.select(*cols, "reason").iter_rows()]))
