@@ -5,8 +5,9 @@ temporary folder (``infra.seaweed.start_seaweed``), with the local filesystem (`
 peer measured in the same run:
 
 1. **write**: 1M synthetic rows with the lake's ``scored`` schema committed through
-   ``tasks.lake.Lake.write_stage`` as 4 parts (encode with zstd, upload, read every part back to
-   verify its row count, write the manifest). MB/s counts the Parquet bytes committed.
+   ``tasks.lake.Lake.write_stage`` as 4 parts (encode with zstd, upload to the run's staging area,
+   move each into the table's partition, check its size, write the manifest). MB/s counts the
+   Parquet bytes committed.
 2. **scan**: the same stage read back whole, with polars ``scan_parquet`` (a glob over the parts
    and ``storage_options``: what a user's notebook does) and with ``Lake.read`` (what the tasks do:
    exactly the files the manifest lists); plus a one-column scan (``mean(reward)``) to show that a
@@ -99,9 +100,10 @@ def timed(fn, repeats: int) -> list[float]:
 def throughput(lake: Lake, frame: pl.DataFrame, parts: int, repeats: int) -> dict[str, float]:
     """Write and scan ``frame`` as one stage of ``parts`` parts; MB/s of committed Parquet bytes (medians)."""
     shards = [frame.slice(i * frame.height // parts, frame.height // parts) for i in range(parts)]
-    stages = [lake.stage_uri("bench", 1, f"scored-{i}") for i in range(repeats)]
+    stages = [lake.stage_uri("bench", 100 + i, "scored") for i in range(repeats)]
     for stage in stages:
-        lake.store.delete_prefix(stage)
+        lake.clear(stage)
+        lake.store.delete_prefix(lake.manifest_uri(stage).rsplit("/", 1)[0])
     write = timed(lambda i: lake.write_stage(stages[i], shards), repeats)
     nbytes = sum(f["bytes"] for f in lake.manifest(stages[0]).files)
     options = lake.store.storage_options()  # holds the secret for S3: handed to polars, never printed

@@ -150,11 +150,11 @@ class RunConsole:
 
 def where_lines(summary: dict, log_path: Path | None) -> list[str]:
     """Where a person looks next: the log, the lake, the MLflow run (the table's last lines name the champion)."""
-    run_uri = summary.get("run_uri") or f"{summary['lake']}/{summary['run']}"
+    run_uri = summary.get("run_uri") or f"{summary['lake']}/runs/{summary['run']}"
     lines = []
     if log_path is not None:
         lines.append(f"log:      {log_path}   (Prefect's per-task lines; --verbose prints them)")
-    lines.append(f"lake:     {run_uri}   (flywheel inspect {run_uri})")
+    lines.append(f"lake:     {summary['lake']}   (flywheel inspect {run_uri}; flywheel sql \"SELECT ... FROM scored\")")
     lines.append(f"summary:  {run_uri}/summary.json")
     tracking = summary.get("mlflow") or {}
     if tracking.get("run_id"):
@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Also print Prefect's per-task log lines and library warnings (else in .flywheel/logs/RUN.log).")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("inspect", help="Show counts, reward statistics and sample rows of any lake URI.")
-    p.add_argument("uri", help="A run, iteration or stage URI, e.g. file://./lake/RUN or s3://bucket/prefix/RUN")
+    p.add_argument("uri", help="A lake, run, table or partition URI, e.g. file://./lake/runs/RUN, "
+                               "file://./lake/scored/run=RUN/iteration=1 or s3://bucket/prefix/runs/RUN")
     p.add_argument("--limit", type=int, default=5, help="Sample rows to show per stage.")
     p.add_argument("--json", action="store_true", help="Print JSON for scripts.")
     p.set_defaults(func=cmd_inspect)

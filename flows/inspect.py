@@ -1,9 +1,15 @@
-"""``flywheel inspect URI``: what is in any part of the lake — a run, an iteration or one stage.
+"""``flywheel inspect URI``: what is in any part of the lake — a lake, a run, a table or one partition.
 
-For every committed stage under the URI: row count, reward statistics and a histogram, the kept
-fraction of filtered data against its scored parent, and example kept and dropped rows. Only
-committed stages (with a manifest) are shown; an interrupted stage is invisible here as it is to
-every reader.
+The URI names what to show::
+
+    file://./lake                                   every run
+    file://./lake/runs/RUN[/iteration=G]            one run (or one iteration of it), every stage
+    file://./lake/scored[/run=RUN[/iteration=G]]    one table (or a partition of it)
+    file://./lake/models/RUN[/iteration=G/...]      a run's checkpoints
+
+For every committed stage it selects: row count, reward statistics and a histogram, the kept fraction
+of filtered data against its scored parent, and example kept and dropped rows. Only committed stages
+(with a manifest) are shown; an interrupted stage is invisible here as it is to every reader.
 """
 
 from __future__ import annotations
@@ -13,19 +19,35 @@ from typing import Any
 
 import polars as pl
 
-from tasks.lake import MANIFEST, Lake, StageNotFound
+from tasks.lake import MANIFEST, MODELS, TABLES, Address, Lake, StageNotFound
 from tasks.storage import normalize_uri
 
 SHOW = ["prompt_id", "sample_idx", "prompt", "completion", "reference", "reward"]
-_KEYS = re.compile(r"/(iteration|step)=(\d+)")
+_KEYS = r"(?:/iteration=(?P<iteration>\d+)(?:/(?P<model>{models}))?(?:/step=(?P<step>\d+))?)?/?"
+_SELECTIONS = [
+    re.compile(r"(?P<root>.+?)/runs/(?P<run>[^/]+)" + _KEYS.format(models="(?!)")),
+    re.compile(rf"(?P<root>.+)/(?P<table>{'|'.join(TABLES)})(?:/run=(?P<run>[^/]+)" + _KEYS.format(models="(?!)") + ")?/?"),
+    re.compile(r"(?P<root>.+?)/models/(?P<run>[^/]+)" + _KEYS.format(models="|".join(MODELS))),
+]
 
 
-def _lake_for(uri: str) -> Lake:
-    return Lake(uri)
+def select(uri: str) -> tuple[Lake, dict[str, Any]]:
+    """The lake a URI lies in and what of it the URI names (run, table, model, iteration, step)."""
+    uri = normalize_uri(uri).rstrip("/")
+    for pattern in _SELECTIONS:
+        m = pattern.fullmatch(uri)
+        if m:
+            keys = {k: v for k, v in m.groupdict().items() if v is not None and k != "root"}
+            return Lake(m["root"]), {k: int(v) if k in ("iteration", "step") else v for k, v in keys.items()}
+    return Lake(uri), {}
 
 
-def _stage_name(stage_uri: str) -> str:
-    return stage_uri.rsplit("/iteration=", 1)[-1].split("/", 1)[-1] if "/iteration=" in stage_uri else stage_uri
+def _selected(a: Address, selection: dict[str, Any]) -> bool:
+    if "table" in selection and a.stage != selection["table"]:
+        return False
+    if "model" in selection and a.stage != selection["model"]:
+        return False
+    return all(getattr(a, k) == selection[k] for k in ("run", "iteration", "step") if k in selection)
 
 
 def reward_stats(rewards: pl.Series, bins: int = 10) -> dict[str, Any]:
@@ -53,10 +75,10 @@ def _rows(frame: pl.DataFrame, limit: int) -> list[dict[str, Any]]:
 
 
 def inspect_stage(lake: Lake, stage_uri: str, limit: int) -> dict[str, Any]:
-    m = lake.manifest(stage_uri)
-    keys = {k: int(v) for k, v in _KEYS.findall(stage_uri)}
-    out: dict[str, Any] = {"uri": stage_uri, "stage": _stage_name(stage_uri), **keys, "rows": m.rows, "manifest_sha256": m.sha256}
-    raw = lake.get_json(f"{stage_uri}/{MANIFEST}")
+    m, a = lake.manifest(stage_uri), lake._address(stage_uri)
+    keys = {"run": a.run, "iteration": a.iteration} | ({"step": a.step} if a.step is not None else {})
+    out: dict[str, Any] = {"uri": stage_uri, "stage": a.label, **keys, "rows": m.rows, "manifest_sha256": m.sha256}
+    raw = lake.manifest_doc(stage_uri)
     if raw.get("kind") in ("checkpoint", "base-model"):
         out.update(kind=raw["kind"], files=len(m.files), metrics=raw.get("metrics", {}))
         return out
@@ -79,17 +101,23 @@ def inspect_stage(lake: Lake, stage_uri: str, limit: int) -> dict[str, Any]:
 
 def inspect_uri(uri: str, *, limit: int = 5) -> dict[str, Any]:
     """A JSON-able report of every committed stage under ``uri``."""
-    uri = normalize_uri(uri)
-    lake = _lake_for(uri)
-    manifests = [u[: -len(MANIFEST) - 1] for u in lake.store.list(uri) if u.endswith("/" + MANIFEST)]
-    if lake.store.exists(f"{uri}/{MANIFEST}"):
-        manifests = [uri]
-    if not manifests:
-        raise StageNotFound(f"Nothing committed under {uri}: check the URI (a lake, run, iteration or stage).")
-    stages = [inspect_stage(lake, s, limit) for s in sorted(manifests, key=_sort_key)]
+    uri = normalize_uri(uri).rstrip("/")
+    lake, selection = select(uri)
+    run = selection.get("run")
+    found = lake.committed(run) if "model" not in selection else []
+    if "table" not in selection:  # the run's checkpoints too
+        models = f"{lake.uri}/models" + (f"/{run}" if run else "")
+        found += [a for u in lake.store.list(models) if u.endswith("/" + MANIFEST) and (a := lake.address(u[: -len(MANIFEST) - 1]))]
+    chosen = sorted((a for a in found if _selected(a, selection)), key=_sort_key)
+    if not chosen:
+        raise StageNotFound(
+            f"Nothing committed under {uri}: check the URI (a lake, {{lake}}/runs/RUN, a table such as {{lake}}/scored, "
+            "or a partition such as {lake}/scored/run=RUN/iteration=1); `flywheel runs` lists the runs."
+        )
+    stages = [inspect_stage(lake, a.uri, limit) for a in chosen]
     report: dict[str, Any] = {"uri": uri, "stages": stages}
-    if lake.store.exists(f"{uri}/summary.json"):
-        report["summary"] = lake.get_json(f"{uri}/summary.json")
+    if run and set(selection) <= {"run", "iteration"} and lake.store.exists(f"{lake.run_uri(run)}/summary.json"):
+        report["summary"] = lake.get_json(f"{lake.run_uri(run)}/summary.json")
     report["kept_by_step"] = [
         {"iteration": s.get("iteration"), "step": s.get("step"), "kept": s["rows"], "scored": s.get("scored_rows"),
          "kept_fraction": s.get("kept_fraction"), "threshold": s.get("threshold")}
@@ -98,10 +126,12 @@ def inspect_uri(uri: str, *, limit: int = 5) -> dict[str, Any]:
     return report
 
 
-def _sort_key(stage_uri: str) -> tuple:
-    keys = dict(_KEYS.findall(stage_uri))
-    prefix = stage_uri.split("/iteration=", 1)[0]
-    return (prefix, int(keys.get("iteration", -1)), _stage_name(stage_uri).split("/")[0], int(keys.get("step", -1)))
+_ORDER = {name: i for i, name in enumerate(("prompts", "eval_prompts", "labelled", "base", "samples", "scored", "decisions",
+                                             "filtered", "pairs", "checkpoint", "eval"))}
+
+
+def _sort_key(a: Address) -> tuple:
+    return (a.run, a.iteration, -1 if a.step is None else a.step, _ORDER.get(a.stage, 99))
 
 
 def _histogram_line(stats: dict[str, Any], width: int = 30) -> str:
@@ -115,7 +145,7 @@ def render(report: dict[str, Any]) -> str:
     """The report as text for a terminal."""
     lines = [f"{report['uri']}"]
     for s in report["stages"]:
-        where = f"iteration={s.get('iteration', '-')}"
+        where = f"{s['run']} iteration={s.get('iteration', '-')}"
         head = f"  {where:<14} {s['stage']:<22} rows={s['rows']:<7}"
         if s.get("kind"):
             head += f" {s['kind']} ({s['files']} files)"

@@ -9,8 +9,10 @@ iterations::
     flywheel sql "SELECT finish_reason, count(*) FROM samples GROUP BY 1" --format json
     flywheel sql "SELECT run, iteration, step, drop_reason, n FROM drops" --lake s3://bucket/lake
 
-Only the parts a stage's manifest lists are read (an interrupted stage is invisible, as it is to
-every reader), lazily, with polars' SQL engine; the same works on ``file://`` and ``s3://``.
+Each table is the lake's own table prefix (``{lake}/scored``, hive-partitioned by ``run``,
+``iteration`` and ``step``), read through its manifests: only the parts a committed partition lists
+are read (an interrupted stage is invisible, as it is to every flywheel reader), lazily, with polars'
+SQL engine; the same works on ``file://`` and ``s3://``.
 ``decisions`` holds every scored row's fate in each Improve step (``decision``, ``reason``,
 ``threshold``), so "why was this row dropped" is a join with ``scored``; ``drops`` is the filter's
 own count of drops per reason.
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import sys
 import time
 from typing import Any
@@ -28,11 +29,10 @@ from typing import Any
 import polars as pl
 
 from alignment.errors import UserError
-from tasks.lake import MANIFEST, Lake
+from tasks.lake import TABLES, Lake
+from tasks.runs import LEASE_FILE, RUN_FILE
 
-TABLES = ("prompts", "eval_prompts", "labelled", "samples", "scored", "decisions", "filtered", "pairs", "eval")
 FORMATS = ("table", "json", "csv", "parquet")
-_STAGE = re.compile(r"^(?P<run>[^/]+)/iteration=(?P<iteration>\d+)/(?P<stage>[a-z_]+)(?:/step=(?P<step>\d+))?$")
 
 
 class QueryError(UserError):
@@ -42,18 +42,9 @@ class QueryError(UserError):
 def committed_stages(lake: Lake) -> list[dict[str, Any]]:
     """Every committed stage in the lake: its table name, run, iteration, step and manifest."""
     out = []
-    root = lake.uri.rstrip("/") + "/"
-    for uri in lake.store.list(lake.uri):
-        if not uri.endswith(f"/{MANIFEST}"):
-            continue
-        m = _STAGE.match(uri[len(root) : -len(MANIFEST) - 1])
-        if m is None or m["stage"] not in TABLES:
-            continue
-        manifest = json.loads(lake.store.get(uri))
-        out.append({
-            "table": m["stage"], "run": m["run"], "iteration": int(m["iteration"]),
-            "step": int(m["step"]) if m["step"] else None, "uri": uri[: -len(MANIFEST) - 1], "manifest": manifest,
-        })  # fmt: skip
+    for a in lake.committed():
+        manifest = json.loads(lake.store.get(a.manifest_uri))
+        out.append({"table": a.stage, "run": a.run, "iteration": a.iteration, "step": a.step, "uri": a.uri, "manifest": manifest})
     return out
 
 
@@ -61,7 +52,8 @@ def tables(lake: Lake) -> dict[str, pl.LazyFrame]:
     """One lazy frame per stage name, over the committed parts of every run and iteration."""
     frames: dict[str, list[pl.LazyFrame]] = {}
     options = lake.store.storage_options()
-    for s in committed_stages(lake):
+    stages = committed_stages(lake)
+    for s in stages:
         files = [f"{s['uri']}/{f['name']}" for f in s["manifest"].get("files", [])]
         if not files:
             continue
@@ -73,8 +65,8 @@ def tables(lake: Lake) -> dict[str, pl.LazyFrame]:
         ))  # fmt: skip
     out = {name: pl.concat(parts, how="diagonal_relaxed") for name, parts in frames.items()}
     drops = [
-        {"run": s["run"], "iteration": s["iteration"], "step": s["step"], "drop_reason": reason, "n": n}
-        for s in committed_stages(lake) if s["table"] == "filtered"
+        {"run": s["run"], "iteration": s["iteration"], "step": 1 if s["step"] is None else s["step"], "drop_reason": reason, "n": n}
+        for s in stages if s["table"] in ("filtered", "pairs")
         for reason, n in (s["manifest"].get("dropped") or {}).items()
     ]  # fmt: skip
     schema = {"run": pl.Utf8, "iteration": pl.Int64, "step": pl.Int64, "drop_reason": pl.Utf8, "n": pl.Int64}
@@ -116,13 +108,14 @@ def render(frame: pl.DataFrame, fmt: str) -> bytes:
 
 def runs(lake: Lake) -> list[dict[str, Any]]:
     """The runs in the lake: status (running / finished / unfinished), iterations, champion, start time."""
-    names = sorted({s["run"] for s in committed_stages(lake)})
+    root = f"{lake.uri}/runs/"
+    names = sorted({u[len(root) :].split("/", 1)[0] for u in lake.store.list(root.rstrip("/")) if u.endswith(("/" + RUN_FILE, "/_manifest.json"))})
     rows = []
     for run in names:
         base = lake.run_uri(run)
         summary = _json(lake, f"{base}/summary.json") or {}
-        identity = _json(lake, f"{base}/_run.json") or {}
-        lease = _json(lake, f"{base}/_lease.json") or {}
+        identity = _json(lake, f"{base}/{RUN_FILE}") or {}
+        lease = _json(lake, f"{base}/{LEASE_FILE}") or {}
         live = bool(lease) and not lease.get("released") and float(lease.get("expires_at") or 0) > time.time()
         status = "running" if live else ("finished" if summary.get("stopped") else "unfinished")
         champion = summary.get("champion") or {}

@@ -52,12 +52,12 @@ def publish_iteration(ref: RunRef, iteration: int, scored_uri: str, kept_uri: st
         table=reward_table(ref, iteration, scored, kept, kept_uri), key=keys["rewards"],
         description=f"Reward statistics of iteration {iteration} of run {ref.run}.",
     )
-    prefix = f"{lake.run_uri(ref.run)}/iteration={iteration}"
     create_link_artifact(
-        link=prefix, link_text=prefix, key=keys["lake"],
-        description=f"Every committed stage of iteration {iteration} (hive-partitioned Parquet; `_manifest.json` marks a commit).",
+        link=scored_uri, link_text=scored_uri, key=keys["lake"],
+        description=f"The scored rows of iteration {iteration}: one partition of the `scored` table (hive-partitioned "
+                    f"Parquet by run and iteration; the other stages are the sibling tables, e.g. `{lake.address(kept_uri).name}`).",
     )
-    create_markdown_artifact(markdown=samples_markdown(scored, kept, kept_uri), key=keys["samples"],
+    create_markdown_artifact(markdown=samples_markdown(scored, kept, lake.address(kept_uri).label), key=keys["samples"],
                              description=f"Kept and dropped rows of iteration {iteration}.")
     log_plots(ref, iteration)
     log().info("published artifacts %s and plots for iteration %d", ", ".join(keys.values()), iteration)
@@ -81,7 +81,7 @@ def reward_table(ref: RunRef, iteration: int, scored: pl.DataFrame, kept: pl.Dat
     rows = [_stats("scored", scored["reward"])]
     if "sample_idx" in scored.columns:
         rows.append(_stats("scored (policy samples)", scored.filter(pl.col("sample_idx") >= 0)["reward"]))
-    name = _stage_name(kept_uri)
+    name = ref.open_lake().address(kept_uri).label
     if "reward" in kept.columns:
         rows.append(_stats(name, kept["reward"]))
     elif "chosen_reward" in kept.columns:
@@ -92,10 +92,6 @@ def reward_table(ref: RunRef, iteration: int, scored: pl.DataFrame, kept: pl.Dat
         if lake.is_done(uri):
             rows.append(_stats(f"eval/step={step}", lake.read(uri)["reward"]))
     return rows
-
-
-def _stage_name(uri: str) -> str:
-    return uri.rsplit("/iteration=", 1)[-1].split("/", 1)[-1]
 
 
 # -- the markdown -----------------------------------------------------------------------------
@@ -113,7 +109,7 @@ def _markdown_table(frame: pl.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
-def samples_markdown(scored: pl.DataFrame, kept: pl.DataFrame, kept_uri: str, limit: int = 10) -> str:
+def samples_markdown(scored: pl.DataFrame, kept: pl.DataFrame, kept_label: str, limit: int = 10) -> str:
     """Up to ``limit`` kept rows and the ``limit`` best-rewarded dropped rows, as markdown tables."""
     if "chosen" in kept.columns:  # pairs: a sample is used when it is the chosen or rejected side of a pair
         used = pl.concat([
@@ -128,7 +124,7 @@ def samples_markdown(scored: pl.DataFrame, kept: pl.DataFrame, kept_uri: str, li
     dropped = scored.join(used.cast({"sample_idx": scored["sample_idx"].dtype}), on=["prompt_id", "sample_idx"], how="anti")
     dropped = dropped.sort("reward", "prompt_id", "sample_idx", descending=[True, False, False])
     return "\n".join([
-        f"### Kept: {kept.height} rows of `{_stage_name(kept_uri)}` (of {scored.height} scored)",
+        f"### Kept: {kept.height} rows of `{kept_label}` (of {scored.height} scored)",
         _markdown_table(shown.head(limit)),
         "",
         f"### Dropped: {dropped.height} scored rows, best reward first",

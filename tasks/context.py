@@ -42,7 +42,7 @@ class RunRef(BaseModel):
         Cut at the run's own prefix, not at the first ``/{run}/``: a lake under a folder that shares
         the run's name (``.../exp/lake/exp/...``) must not leak its path into the datasets.
         """
-        prefix = f"{self.open_lake().run_uri(self.run)}/"
+        prefix = f"{self.open_lake().uri}/models/{self.run}/"
         return model_uri[len(prefix):] if model_uri.startswith(prefix) else model_uri
 
 

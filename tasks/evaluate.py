@@ -17,7 +17,7 @@ def evaluate(ref: RunRef, model_uri: str, iteration: int, step: int) -> dict[str
     """Greedy completions for every held-out prompt, committed as ``eval/step={i}``; returns the metrics."""
     lake, label = ref.open_lake(), f"g={iteration} step {step}"
     uri = run_once(ref, ref.stage(iteration, "eval", step), "evaluate", write_eval, model_uri, iteration, step, label=label)
-    manifest = lake.get_json(f"{uri}/_manifest.json")
+    manifest = lake.manifest_doc(uri)
     metrics = {**manifest["metrics"], **manifest.get("seconds", {})}
     log().info("eval %s: reward %.3f, accuracy %.3f", ref.policy_version(model_uri), metrics["eval_reward"], metrics["eval_accuracy"])
     return metrics

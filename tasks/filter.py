@@ -42,7 +42,7 @@ def filter_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: f
     uri = run_once(ref, ref.stage(iteration, "filtered", step), "filter", write_filtered, scored_uri, iteration, step, tau, label=label)
     m = lake.manifest(uri)
     scored_rows = lake.manifest(scored_uri).rows
-    dropped = lake.get_json(f"{uri}/_manifest.json").get("dropped", {})
+    dropped = lake.manifest_doc(uri).get("dropped", {})
     why = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
     log().info("filter g=%d step %d: tau=%s kept %d of %d%s", iteration, step, tau, m.rows, scored_rows, f" (dropped: {why})" if why else "")
     return {"uri": uri, "kept": m.rows, "samples": scored_rows, "tau": tau}

@@ -109,7 +109,7 @@ def grow(ref: RunRef, model_uri: str, iteration: int) -> str:
     lake, uri = ref.open_lake(), ref.stage(iteration, "samples")
     if lake.is_done(uri):
         return uri
-    lake.store.delete_prefix(uri)  # whatever an interrupted attempt left behind
+    lake.clear(uri)  # whatever an interrupted attempt left behind
     shards = ref.recipe.grow.shards
     with ray_resources(ref.recipe, "grow"):
         futures = grow_shard.map(unmapped(ref), unmapped(model_uri), unmapped(iteration), range(shards), unmapped(shards))

@@ -1,15 +1,26 @@
-"""The lake: every stage of every iteration as hive-partitioned Parquet, committed by a manifest.
+"""The lake: each stage one Parquet table that any engine reads, committed by a manifest; models kept apart.
 
 Layout (identical under ``file://`` and ``s3://``)::
 
-    {lake}/{run}/iteration={g}/{stage}/part-{shard:05d}.parquet
-    {lake}/{run}/iteration={g}/{stage}/_manifest.json      <- written last: the commit marker
-    {lake}/{run}/summary.json
+    {lake}/{stage}/run={run}/iteration={g}[/step={i}]/part-{shard:05d}.parquet   <- one table per stage
+    {lake}/models/{run}/iteration={g}/{base|checkpoint}[/step={i}]/...           <- weights, tokenizers
+    {lake}/runs/{run}/stages/{stage}/iteration={g}[/step={i}]/_manifest.json     <- a partition's commit
+    {lake}/runs/{run}/staging/{stage}/iteration={g}[/step={i}]/part-*.parquet    <- parts not yet committed
+    {lake}/runs/{run}/{run.json, lease.json, summary.json}                       <- what the run is
 
-Commit protocol (STYLE #7): clear whatever an unfinished attempt left, write the parts, read them
-back to verify the row counts, then write the manifest. A stage is done only when its manifest
-exists; readers read exactly the files the manifest lists, so a stage killed mid-write is never
-half-visible, and a re-run replaces it. Partition keys live only in the path, never as columns.
+A table prefix (``{lake}/scored``) holds nothing but that stage's Parquet, partitioned hive-style by
+``run``, ``iteration`` and ``step``: ``pyarrow.dataset(f"{lake}/scored", partitioning="hive")``,
+``pl.scan_parquet(f"{lake}/scored/**/*.parquet")`` and DuckDB's ``read_parquet(..., hive_partitioning
+=true)`` read every scored row of every run. Partition keys live only in the path, never as columns.
+
+Commit protocol (docs/lake.md has the measured comparison with Delta Lake): parts are written to the
+run's ``staging`` area, outside every table, as long as a stage takes (a Grow shard writes its part
+when it finishes); ``commit`` then moves them into the partition (a rename on ``file://``, a server-side
+copy on ``s3://``), checks their sizes and writes the manifest last. A stage is done only when its
+manifest exists; flywheel's readers read exactly the files the manifest lists, verified by hash. A
+plain scan of a table sees a partition's parts from their move on, so the one window in which it can
+see an uncommitted partition is the moves themselves (one rename per part locally); a writer killed
+in it leaves those parts without a manifest, and the resumed run clears and rewrites the partition.
 """
 
 from __future__ import annotations
@@ -33,7 +44,10 @@ from alignment.errors import UserError
 from tasks.storage import Store, normalize_uri, open_store
 
 MANIFEST = "_manifest.json"
-PARTITION_KEYS = ("iteration", "step")
+PARTITION_KEYS = ("run", "iteration", "step")
+# Stages kept as tables; every other stage (``base``, ``checkpoint``) is a model directory under ``models/``.
+TABLES = ("prompts", "eval_prompts", "labelled", "samples", "scored", "decisions", "filtered", "pairs", "eval")
+MODELS = ("base", "checkpoint")
 
 
 def code_version() -> str:
@@ -97,6 +111,66 @@ class Manifest:
     config_hash: str
     parents: list[str]
     sha256: str  # of the manifest itself: the dataset's identity for lineage
+    manifest_uri: str = ""
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where one stage of one run lies: the one place that spells lake paths (``Lake.address`` parses them)."""
+
+    root: str
+    stage: str
+    run: str
+    iteration: int
+    step: int | None = None
+
+    @property
+    def is_table(self) -> bool:
+        return self.stage not in MODELS
+
+    @property
+    def partition(self) -> str:
+        """``run=R/iteration=G[/step=I]``: the hive partition of a table stage."""
+        return f"run={self.run}/{self._keys}"
+
+    @property
+    def label(self) -> str:
+        """``filtered/step=1``: the stage within its iteration, as tables and logs name it."""
+        return self.stage if self.step is None else f"{self.stage}/step={self.step}"
+
+    @property
+    def name(self) -> str:
+        """``scored/run=R/iteration=G``: table and partition, the name lineage records."""
+        return f"{self.stage}/{self.partition}" if self.is_table else f"models/{self.run}/{self._model_path}"
+
+    @property
+    def uri(self) -> str:
+        return f"{self.root}/{self.name}"
+
+    @property
+    def manifest_uri(self) -> str:
+        if not self.is_table:
+            return f"{self.uri}/{MANIFEST}"
+        return f"{self.root}/runs/{self.run}/stages/{self.stage}/{self._keys}/{MANIFEST}"
+
+    @property
+    def staging_uri(self) -> str:
+        return f"{self.root}/runs/{self.run}/staging/{self.stage}/{self._keys}"
+
+    @property
+    def _keys(self) -> str:
+        return f"iteration={self.iteration}" + ("" if self.step is None else f"/step={self.step}")
+
+    @property
+    def _model_path(self) -> str:
+        return f"iteration={self.iteration}/{self.label}"
+
+
+_TABLE_PATH = re.compile(r"(?P<stage>[a-z_]+)/run=(?P<run>[^/]+)/iteration=(?P<iteration>\d+)(?:/step=(?P<step>\d+))?")
+_MODEL_PATH = re.compile(r"models/(?P<run>[^/]+)/iteration=(?P<iteration>\d+)/(?P<stage>[a-z_]+)(?:/step=(?P<step>\d+))?")
+_MANIFEST_PATH = re.compile(
+    r"runs/(?P<run>[^/]+)/stages/(?P<stage>[a-z_]+)/iteration=(?P<iteration>\d+)(?:/step=(?P<step>\d+))?/" + re.escape(MANIFEST)
+)
 
 
 class Lake:
@@ -108,21 +182,59 @@ class Lake:
 
     # -- addresses ---------------------------------------------------------------------------
     def run_uri(self, run: str) -> str:
-        return f"{self.uri}/{check_name(run, 'run name')}"
+        """``{lake}/runs/{run}``: the run's own records (identity, lease, summary, manifests), outside every table."""
+        return f"{self.uri}/runs/{check_name(run, 'run name')}"
 
     def stage_uri(self, run: str, iteration: int, stage: str, step: int | None = None) -> str:
-        uri = f"{self.run_uri(run)}/iteration={iteration}/{stage}"
-        return uri if step is None else f"{uri}/step={step}"
+        return Address(self.uri, stage, check_name(run, "run name"), iteration, step).uri
+
+    def address(self, uri: str) -> Address | None:
+        """The stage a table partition, model directory or manifest URI of this lake names; None for any other URI."""
+        root = self.uri.rstrip("/") + "/"
+        if not uri.startswith(root):
+            return None
+        rel = uri[len(root) :].rstrip("/")
+        for pattern in (_TABLE_PATH, _MODEL_PATH, _MANIFEST_PATH):
+            m = pattern.fullmatch(rel)
+            if m and (pattern is _MODEL_PATH) == (m["stage"] in MODELS):
+                step = int(m["step"]) if m["step"] is not None else None
+                return Address(self.uri, m["stage"], m["run"], int(m["iteration"]), step)
+        return None
+
+    def _address(self, stage_uri: str) -> Address:
+        found = self.address(stage_uri)
+        if found is None:
+            raise StageNotFound(f"{stage_uri} is not a stage of the lake {self.uri}.")
+        return found
+
+    def manifest_uri(self, stage_uri: str) -> str:
+        return self._address(stage_uri).manifest_uri
+
+    def committed(self, run: str | None = None) -> list[Address]:
+        """Every committed table partition of ``run`` (or of every run), from the manifests under ``runs/``."""
+        prefix = f"{self.uri}/runs" if run is None else f"{self.run_uri(run)}/stages"
+        found = (self.address(u) for u in self.store.list(prefix) if u.endswith("/" + MANIFEST))
+        return [a for a in found if a is not None]
 
     # -- commit protocol ---------------------------------------------------------------------
     def is_done(self, stage_uri: str) -> bool:
-        return self.store.exists(f"{stage_uri}/{MANIFEST}")
+        return self.store.exists(self.manifest_uri(stage_uri))
+
+    def clear(self, stage_uri: str) -> None:
+        """Remove whatever an unfinished attempt at an uncommitted stage left: its parts and its staged parts."""
+        a = self._address(stage_uri)
+        self.store.delete_prefix(a.uri)
+        if a.is_table:
+            self.store.delete_prefix(a.staging_uri)
 
     def manifest(self, stage_uri: str) -> Manifest:
         try:
-            raw = self.store.get(f"{stage_uri}/{MANIFEST}")
+            raw = self.store.get(self.manifest_uri(stage_uri))
         except (FileNotFoundError, KeyError) as exc:
             raise StageNotFound(f"No committed stage at {stage_uri} (it has no {MANIFEST}).") from exc
+        return self._parse_manifest(stage_uri, raw)
+
+    def _parse_manifest(self, stage_uri: str, raw: bytes) -> Manifest:
         data = json.loads(raw)
         return Manifest(
             uri=stage_uri,
@@ -132,7 +244,15 @@ class Lake:
             config_hash=data["config_hash"],
             parents=data["parents"],
             sha256=hashlib.sha256(raw).hexdigest(),
+            manifest_uri=self.manifest_uri(stage_uri),
         )
+
+    def manifest_doc(self, stage_uri: str) -> dict[str, Any]:
+        """The committed stage's whole manifest document, with what its writer added (metrics, drop counts)."""
+        try:
+            return self.get_json(self.manifest_uri(stage_uri))
+        except (FileNotFoundError, KeyError) as exc:
+            raise StageNotFound(f"No committed stage at {stage_uri} (it has no {MANIFEST}).") from exc
 
     def check_config(self, stage_uri: str, config: Any) -> Manifest:
         """The committed stage's manifest, if it was made with ``config``; ``StageChanged`` if not."""
@@ -140,7 +260,7 @@ class Lake:
         if m.config_hash != config_hash(config):
             raise StageChanged(
                 f"The committed stage {stage_uri} was made with other settings than this run's (config hash "
-                f"{m.config_hash}, now {config_hash(config)}); delete {stage_uri}/{MANIFEST} to re-run it, or use another --run-name."
+                f"{m.config_hash}, now {config_hash(config)}); delete {m.manifest_uri} to re-run it, or use another --run-name."
             )
         return m
 
@@ -154,16 +274,22 @@ class Lake:
         extra: dict[str, Any] | None = None,
     ) -> Manifest:
         """Commit ``shards`` as the stage at ``stage_uri``; a stage already committed is left as it is
-        (whether it was made with this ``config`` is for the caller to ask: ``check_config``)."""
+        (whether it was made with this ``config`` is for the caller to ask: ``check_config``).
+
+        The frames are computed already, so their parts go straight into the partition, one upload
+        each, followed by the manifest: staging them first would only add a move per part.
+        """
         if self.is_done(stage_uri):
             return self.manifest(stage_uri)
-        self.store.delete_prefix(stage_uri)
+        self.clear(stage_uri)
         files = []
         for shard, frame in enumerate(shards):
-            files.append(self.write_part(stage_uri, shard, frame))
+            files.append(self.write_part(stage_uri, shard, frame, staged=False))
         return self.commit(stage_uri, files, config=config, parents=parents, extra=extra)
 
-    def write_part(self, stage_uri: str, shard: int, frame: pl.DataFrame) -> dict[str, Any]:
+    def write_part(self, stage_uri: str, shard: int, frame: pl.DataFrame, *, staged: bool = True) -> dict[str, Any]:
+        """Write one part of an uncommitted stage: to the run's staging area, from where ``commit`` moves it into
+        the table (a shard of a stage that is still computing), or, with ``staged=False``, into the partition."""
         clash = [k for k in PARTITION_KEYS if k in frame.columns]
         if clash:
             raise ValueError(f"Columns {clash} are partition keys of the lake path and must not be written as columns.")
@@ -171,8 +297,12 @@ class Lake:
         frame.write_parquet(buf, compression="zstd", statistics=True)
         data = buf.getvalue()
         name = f"part-{shard:05d}.parquet"
-        self.store.put(f"{stage_uri}/{name}", data)
-        return {"name": name, "rows": frame.height, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        self.store.put(f"{self._address(stage_uri).staging_uri if staged else stage_uri}/{name}", data)
+        arrow = pq.read_metadata(io.BytesIO(data)).schema.to_arrow_schema()
+        return {
+            "name": name, "rows": frame.height, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "schema": {n: str(t) for n, t in zip(arrow.names, arrow.types)}, "staged": staged,
+        }  # fmt: skip
 
     def commit(
         self,
@@ -183,15 +313,33 @@ class Lake:
         parents: list[str] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> Manifest:
-        """Verify the parts and write the manifest last: the stage becomes visible atomically."""
-        schema: dict[str, str] = {}
+        """Move the staged parts into the table and write the manifest last.
+
+        A move is a rename (``file://``) or a server-side copy (``s3://``) of the very bytes ``write_part``
+        wrote and hashed, so it needs no read-back. Safe to repeat after a failure part-way: a part an
+        earlier attempt already moved is found in place and checked by its size.
+        """
+        a = self._address(stage_uri)
+        files = [dict(f) for f in files]
+        schema = next((f["schema"] for f in files if f.get("schema")), {})
         for f in files:
-            meta = pq.read_metadata(io.BytesIO(self.store.get(f"{stage_uri}/{f['name']}")))
-            if meta.num_rows != f["rows"]:
-                raise OSError(f"Part {stage_uri}/{f['name']} holds {meta.num_rows} rows, expected {f['rows']}.")
-            schema = schema or {n: str(t) for n, t in zip(meta.schema.names, meta.schema.to_arrow_schema().types)}
+            f.pop("schema", None)
+            if not f.pop("staged", True):
+                continue  # written into the partition by write_stage a moment ago
+            staged, final = f"{a.staging_uri}/{f['name']}", f"{stage_uri}/{f['name']}"
+            try:
+                self.store.move(staged, final)
+            except FileNotFoundError:  # moved by an earlier attempt at this commit, or lost
+                try:
+                    size = self.store.size(final)
+                except FileNotFoundError:
+                    raise OSError(f"Part {final} is missing: it was neither staged nor moved into place.") from None
+                if size != f["bytes"]:
+                    raise OSError(f"Part {final} holds {size} bytes, expected {f['bytes']}.") from None
         manifest = {
-            "stage": stage_uri.rsplit("/iteration=", 1)[-1].split("/", 1)[-1],
+            "stage": a.label,
+            "table": a.stage if a.is_table else None,
+            "partition": a.partition if a.is_table else None,
             "uri": stage_uri,
             "rows": sum(f["rows"] for f in files),
             "files": files,
@@ -203,8 +351,9 @@ class Lake:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra or {}),
         }
-        self.store.put(f"{stage_uri}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())
-        return self.manifest(stage_uri)
+        raw = json.dumps(manifest, indent=2, default=str).encode()
+        self.store.put(a.manifest_uri, raw)
+        return self._parse_manifest(stage_uri, raw)
 
     def read(self, stage_uri: str) -> pl.DataFrame:
         """The rows of a committed stage, read from exactly the files its manifest lists, each verified."""
@@ -219,7 +368,7 @@ class Lake:
         m = self.manifest(stage_uri)
         entry = next((f for f in m.files if f["name"] == name), None)
         if entry is None:
-            raise StageNotFound(f"The stage {stage_uri} has no part {name} in its {MANIFEST}.")
+            raise StageNotFound(f"The stage {stage_uri} has no part {name} in its manifest.")
         return self._read_part(m, entry)
 
     def _read_part(self, m: Manifest, entry: dict[str, Any]) -> pl.DataFrame:
@@ -269,7 +418,7 @@ class Lake:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra or {}),
         }
-        self.store.put(f"{uri}/{MANIFEST}", json.dumps(manifest, indent=2, default=str).encode())
+        self.store.put(self.manifest_uri(uri), json.dumps(manifest, indent=2, default=str).encode())
         return self.manifest(uri)
 
     def get_dir(self, uri: str, cache_root: str | Path) -> Path:
@@ -322,7 +471,7 @@ def _check_sizes(m: Manifest, folder: Path) -> None:
 def _corrupt(m: Manifest, entry: dict[str, Any], problem: str) -> str:
     return (
         f"Part {m.uri}/{entry['name']} {problem}, so the stage was changed after it was committed; re-run that "
-        f"stage (delete {m.uri}/{MANIFEST} and run again) or start a new run with another --run-name."
+        f"stage (delete {m.manifest_uri} and run again) or start a new run with another --run-name."
     )
 
 

@@ -91,7 +91,7 @@ def ray_resources(recipe: Recipe, stage: str) -> Iterator[None]:
 
 def result_uri(ref: RunRef, flow_run_id: str) -> str:
     """Where a stage's flow run leaves its return value: beside the run's data, keyed by the flow run."""
-    return f"{ref.open_lake().run_uri(ref.run)}/_stage_results/{flow_run_id}/result.json"
+    return f"{ref.open_lake().run_uri(ref.run)}/stage_results/{flow_run_id}/result.json"
 
 
 def run_on_pool(ref: RunRef, stage: str, deployment: str, fn: Callable[..., T], *args: Any, label: str = "") -> T:

@@ -247,13 +247,11 @@ def register(
         lineage = []
         with mlflow.start_run(run_id=run_id):
             for uri in datasets:
-                m = lake.manifest(uri)
-                lineage.append({"uri": uri, "sha256": m.sha256, "rows": m.rows})
-                context = "evaluation" if "/eval" in uri else "training"
-                frame = lake.read(uri)
-                stage = uri.split("/iteration=", 1)[-1]
+                m, where = lake.manifest(uri), lake.address(uri)
+                lineage.append({"uri": uri, "table": where.stage, "partition": where.partition, "sha256": m.sha256, "rows": m.rows})
+                context = "evaluation" if where.stage == "eval" else "training"
                 mlflow.log_input(
-                    mlflow.data.from_polars(frame, source=uri, name=f"{ref.run}/iteration={stage}", digest=m.sha256[:16]),
+                    mlflow.data.from_polars(lake.read(uri), source=uri, name=where.name, digest=m.sha256[:16]),
                     context=context,
                 )
             info = mlflow.pyfunc.log_model(
@@ -325,7 +323,7 @@ def gate(ref: RunRef, metrics: dict[str, float], champion_reward: float, iterati
 
     lake = ref.open_lake()
     base_uri = ref.stage(0, "eval", 0)
-    baseline = metrics if iteration == 0 or not lake.is_done(base_uri) else lake.get_json(f"{base_uri}/_manifest.json").get("metrics", metrics)
+    baseline = metrics if iteration == 0 or not lake.is_done(base_uri) else lake.manifest_doc(base_uri).get("metrics", metrics)
     return promotion_checks(ref.recipe.promotion, metrics, champion_reward, baseline, verifier_differs=verifier_differs(ref.recipe))
 
 

@@ -1,4 +1,4 @@
-"""``{lake}/{run}/summary.json``: the per-step record dashboards and scripts read, updated as the run goes.
+"""``{lake}/runs/{run}/summary.json``: the per-step record dashboards and scripts read, updated as the run goes.
 
 When the run ends (``Summary.stop``, the last line of both flows) it also ends the MLflow parent and
 iteration runs as FINISHED and publishes the run's summary as a Prefect markdown artifact on the flow
@@ -133,7 +133,7 @@ def summary_markdown(doc: dict[str, Any]) -> str:
         reward = num(r.get("eval_reward")) if r.get("eval_reward") is not None else f"skipped: {r.get('skipped', '')}"
         rows.append(f"| {r['iteration']} | {r['step']} | {num(r.get('tau'))} | {r['samples']} | {r['kept']} | "
                     f"{reward} | {num(r.get('eval_accuracy'))} | {version} |")
-    run_uri = doc.get("run_uri") or f"{doc['lake']}/{doc['run']}"
+    run_uri = doc.get("run_uri") or f"{doc['lake']}/runs/{doc['run']}"
     lines = [f"## Run `{doc['run']}` ({doc['algorithm']}, recipe `{doc['recipe']}`)", "", f"Stopped: {doc.get('stopped')}.", "", *rows, ""]
     if champ := doc.get("champion"):
         lines.append(f"- **Champion**: `models:/{champ['model_name']}@champion` = version {champ['version']} "
@@ -142,7 +142,8 @@ def summary_markdown(doc: dict[str, Any]) -> str:
     if tracking.get("run_id"):
         run = f"[{tracking['run_id']}]({tracking['url']})" if tracking.get("url") else f"`{tracking['run_id']}`"
         lines.append(f"- **MLflow run**: {run} in experiment `{tracking['experiment']}` at `{tracking['tracking_uri']}`")
-    lines.append(f"- **Lake**: `{run_uri}` (every stage as hive-partitioned Parquet; `flywheel inspect {run_uri}`)")
+    lines.append(f"- **Lake**: `{doc['lake']}` (one Parquet table per stage, partitioned by run and iteration: "
+                 f"`flywheel sql \"SELECT ... FROM scored WHERE run = '{doc['run']}'\"`, `flywheel inspect {run_uri}`)")
     lines.append(f"- **Summary**: `{run_uri}/summary.json`")
     if doc.get("report"):
         lines.append(f"- **Report**: [{doc['run']}-report.html]({doc['report']}) (MLflow artifact; `flywheel report {doc['run']}`)")

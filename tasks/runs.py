@@ -1,9 +1,10 @@
 """What keeps a run whole: its identity, recorded at creation, and a lease held by its one writer.
 
-Both live beside the run's stages, so they work on ``file://`` and ``s3://`` and across machines::
+Both live with the run's records, outside every table, so they work on ``file://`` and ``s3://`` and
+across machines::
 
-    {lake}/{run}/_run.json     <- the recipe the run was created with (minus what may change on resume)
-    {lake}/{run}/_lease.json   <- who writes the run now, until when
+    {lake}/runs/{run}/run.json     <- the recipe the run was created with (minus what may change on resume)
+    {lake}/runs/{run}/lease.json   <- who writes the run now, until when
 
 **Identity.** A run records its recipe, less the keys a resume may change (``RESUMABLE``), and the
 sha256 of the prompt, held-out and labelled files it names. Resuming with a different one is refused
@@ -36,8 +37,8 @@ from alignment.errors import UserError
 from alignment.recipe import Recipe
 from tasks.lake import MANIFEST, Lake, check_name, code_version, config_hash
 
-RUN_FILE = "_run.json"
-LEASE_FILE = "_lease.json"
+RUN_FILE = "run.json"
+LEASE_FILE = "lease.json"
 TTL_S = 60.0
 
 # Keys that may change when a run is resumed: how long it goes on, how it is scheduled and where its
@@ -156,7 +157,8 @@ def _changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
 
 
 def _has_commits(lake: Lake, run: str) -> bool:
-    return any(u.endswith("/" + MANIFEST) for u in lake.store.list(lake.run_uri(run)))
+    models = f"{lake.uri}/models/{check_name(run, 'run name')}"
+    return bool(lake.committed(run)) or any(u.endswith("/" + MANIFEST) for u in lake.store.list(models))
 
 
 # -- lease ---------------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ def release(lake_uri: str, run: str) -> None:
 
 
 class RunLease:
-    """The lease document at ``{lake}/{run}/_lease.json`` while this process writes the run."""
+    """The lease document at ``{lake}/runs/{run}/lease.json`` while this process writes the run."""
 
     def __init__(self, lake: Lake, run: str, ttl_s: float = TTL_S):
         self.lake, self.run, self.ttl_s = lake, run, ttl_s

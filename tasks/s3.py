@@ -181,6 +181,18 @@ class S3Store:
         for start in range(0, len(keys), _DELETE_BATCH):
             self._delete_batch(prefix, keys[start : start + _DELETE_BATCH])
 
+    def move(self, src: str, dst: str) -> None:
+        """Copy ``src`` to ``dst`` inside the server (the new object appears whole), then delete ``src``."""
+        bucket, key = split_uri(src)
+        dst_bucket, dst_key = split_uri(dst)
+        self._call(dst, lambda: self.client.copy_object(Bucket=dst_bucket, Key=dst_key, CopySource={"Bucket": bucket, "Key": key}))
+        self._call(src, lambda: self.client.delete_object(Bucket=bucket, Key=key))
+
+    def size(self, uri: str) -> int:
+        """The object's size in bytes; ``FileNotFoundError`` if there is none."""
+        bucket, key = split_uri(uri)
+        return int(self._call(uri, lambda: self.client.head_object(Bucket=bucket, Key=key))["ContentLength"])
+
     def put_file(self, local_path: str | Path, uri: str) -> None:
         """Upload a local file (multipart for large files)."""
         bucket, key = split_uri(uri)

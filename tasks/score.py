@@ -60,7 +60,7 @@ def score(ref: RunRef, samples_uri: str, iteration: int) -> str:
     lake, uri = ref.open_lake(), ref.stage(iteration, "scored")
     if lake.is_done(uri):
         return uri
-    lake.store.delete_prefix(uri)  # whatever an interrupted attempt left behind
+    lake.clear(uri)  # whatever an interrupted attempt left behind
     names = [f["name"] for f in lake.manifest(samples_uri).files]
     with ray_resources(ref.recipe, "score"):  # a GPU stage only with score_on_gpu
         futures = score_shard.map(unmapped(ref), unmapped(samples_uri), unmapped(iteration), names, range(len(names)))
@@ -68,6 +68,6 @@ def score(ref: RunRef, samples_uri: str, iteration: int) -> str:
     try:
         parts = [f.result() for f in futures]
     except Exception:
-        lake.store.delete_prefix(uri)  # a failed shard (a broken reward) leaves no half-scored stage behind
+        lake.clear(uri)  # a failed shard (a broken reward) leaves no half-scored stage behind
         raise
     return commit_scored(ref, samples_uri, iteration, parts)

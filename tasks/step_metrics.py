@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import polars as pl
+
 from alignment import metrics as m
 from tasks.context import RunRef, flywheel_task, log
 
@@ -66,8 +68,6 @@ def held_out_extras(ref: RunRef, sampler, frame, iteration: int) -> dict[str, fl
 
 
 def _kl(ref: RunRef, sampler, frame) -> float:
-    import polars as pl
-
     from alignment.logprobs import sequence_logps
     from alignment.models import load_policy
     from alignment.prompting import PromptFormat
@@ -103,14 +103,21 @@ def step_metrics(
     seconds: dict[str, float],
 ) -> dict[str, float]:
     """The step's figures (alignment.metrics.step_metrics), duplicates dropped, Grow throughput and stage
-    seconds; figures that do not exist (no kept rows, no champion) are left out."""
+    seconds; figures that do not exist (no kept rows, no champion) are left out.
+
+    ``kept_uri`` is a ``filtered`` stage (ReST) or a ``pairs`` stage, whose kept samples are the scored
+    rows its step's ``decisions`` mark kept (those a pair uses)."""
     start, lake = time.perf_counter(), ref.open_lake()
     scored = lake.read(scored_uri)
-    kept = lake.read(kept_uri) if kept_uri else None
+    where = lake.address(kept_uri) if kept_uri else None
+    kept = lake.read(kept_uri) if where is not None and where.stage != "pairs" else None
+    if where is not None and where.stage == "pairs":
+        fates = lake.read(lake.stage_uri(where.run, where.iteration, "decisions", 1)).filter(pl.col("decision") == "kept")
+        kept = scored.join(fates.select("prompt_id", "sample_idx"), on=["prompt_id", "sample_idx"], how="semi")
     champion = lake.read(champion_eval_uri) if champion_eval_uri else None
     out: dict[str, float | None] = m.step_metrics(scored, kept, lake.read(eval_uri), champion)
     if kept_uri:
-        out["duplicates_dropped"] = lake.get_json(f"{kept_uri}/_manifest.json").get("dropped", {}).get("duplicate")
+        out["duplicates_dropped"] = lake.manifest_doc(kept_uri).get("dropped", {}).get("duplicate")
     out |= m.throughput(scored, seconds.get("seconds_grow", 0.0))
     out |= {k: v for k, v in seconds.items() if k != "seconds_register"}  # register's are logged once it has run
     out["seconds_metrics"] = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """Fine-tuning tasks: the behaviour-cloning warm start and ReST's Improve step (SFT).
 
-Each writes its checkpoint to ``{run}/iteration={g}/checkpoint/step={i}`` with a manifest, so a
+Each writes its checkpoint to ``{lake}/models/{run}/iteration={g}/checkpoint/step={i}`` with a manifest, so a
 resumed run reuses a finished checkpoint instead of training it again.
 """
 
@@ -65,7 +65,7 @@ def improve(ref: RunRef, start_uri: str, filtered_uri: str, iteration: int, step
 
 def train_metrics(ref: RunRef, model_uri: str) -> dict[str, float]:
     """The training metrics recorded in a checkpoint's manifest."""
-    raw = ref.open_lake().get_json(f"{model_uri}/_manifest.json")
+    raw = ref.open_lake().manifest_doc(model_uri)
     return raw.get("metrics", {})
 
 

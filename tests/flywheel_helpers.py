@@ -8,12 +8,14 @@ Used by ``test_rest_flow.py``, ``test_bad_input.py`` and ``test_user_task.py``. 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import polars as pl
 import pytest
 
 from flows.cli import main
+from tasks.lake import TABLES, Lake
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "arithmetic-rest.yaml"
@@ -64,24 +66,57 @@ def versions_of(workdir: Path, name: str = MODEL) -> list:
     return sorted(client_for(workdir).search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
 
 
+def run_dir(lake_dir: Path, run: str) -> Path:
+    """``{lake}/runs/{run}``: the run's summary, identity, lease and manifests."""
+    return lake_dir / "runs" / run
+
+
 def summary_of(workdir: Path, run: str) -> dict:
-    return json.loads((workdir / "lake" / run / "summary.json").read_text())
+    return json.loads((run_dir(workdir / "lake", run) / "summary.json").read_text())
 
 
-def read_stage(stage_dir: Path) -> pl.DataFrame:
+_REL = re.compile(r"iteration=(\d+)/([a-z_]+)(?:/step=(\d+))?")
+
+
+def address(lake_dir: Path, run: str, rel: str):
+    """The lake address of a stage named as tests name it, ``iteration=G/STAGE[/step=I]``."""
+    g, stage, step = _REL.fullmatch(rel).groups()
+    return Lake(f"file://{lake_dir}")._address(Lake(f"file://{lake_dir}").stage_uri(run, int(g), stage, int(step) if step else None))
+
+
+def stage_dir(lake_dir: Path, run: str, rel: str) -> Path:
+    """Where a stage's files lie: a table partition, or a model directory under ``models/``."""
+    return Path(address(lake_dir, run, rel).uri.removeprefix("file://"))
+
+
+def manifest_path(lake_dir: Path, run: str, rel: str) -> Path:
+    return Path(address(lake_dir, run, rel).manifest_uri.removeprefix("file://"))
+
+
+def read_stage(lake_dir: Path, run: str, rel: str) -> pl.DataFrame:
     """The rows of a committed stage, read from the parts its manifest lists, in order."""
-    manifest = json.loads((stage_dir / MANIFEST).read_text())
-    frames = [pl.read_parquet(stage_dir / f["name"]) for f in manifest["files"]]
+    manifest = json.loads(manifest_path(lake_dir, run, rel).read_text())
+    folder = stage_dir(lake_dir, run, rel)
+    frames = [pl.read_parquet(folder / f["name"]) for f in manifest["files"]]
     return pl.concat(frames) if frames else pl.DataFrame()
 
 
 def partial_stages(lake: Path) -> list[str]:
-    """Folders under a run that hold files but no manifest: a stage someone could half-see."""
+    """Table partitions holding parts their manifest does not list (a stage someone could half-see), files
+    other than Parquet parts under a table, and leftover temporary files anywhere in the lake."""
     bad = []
-    for run_dir in (p for p in lake.iterdir() if p.is_dir()) if lake.exists() else []:
-        for d in (p for p in run_dir.rglob("*") if p.is_dir()):
-            files = [p.name for p in d.iterdir() if p.is_file()]
-            if files and MANIFEST not in files:
-                bad.append(str(d.relative_to(lake)))
-            bad += [str(d / f) for f in files if f.startswith(".tmp-")]
+    handle = Lake(f"file://{lake}")
+    for table in TABLES:
+        for part in sorted((lake / table).rglob("*")) if (lake / table).exists() else []:
+            if part.is_dir():
+                continue
+            if not part.name.endswith(".parquet") or part.name.startswith((".", "_")):
+                bad.append(str(part.relative_to(lake)))
+                continue
+            where = handle.address(f"file://{part.parent}")
+            manifest = Path(where.manifest_uri.removeprefix("file://")) if where else None
+            listed = json.loads(manifest.read_text())["files"] if manifest and manifest.exists() else []
+            if part.name not in {f["name"] for f in listed}:
+                bad.append(str(part.relative_to(lake)))
+    bad += [str(p.relative_to(lake)) for p in lake.rglob(".tmp-*")] if lake.exists() else []
     return bad

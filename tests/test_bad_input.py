@@ -71,7 +71,7 @@ def _bad_run(workdir: Path, capsys, caplog, recipe: Path | str, *sets: str) -> s
     assert not [r.getMessage() for r in caplog.records if "will start" in r.getMessage()]
     assert partial_stages(workdir / "lake") == []
     assert versions_of(workdir) == []
-    assert not (workdir / "lake" / "bad" / "iteration=0" / "eval").exists()
+    assert not (workdir / "lake" / "eval" / "run=bad").exists()
     return message
 
 
@@ -138,7 +138,7 @@ def test_reward_failing_on_grown_samples_leaves_no_half_scored_stage(workdir, ca
     message = cli_error(err)
     assert "nan_on_grown_samples returned a non-finite value" in message and "for 240 row(s)" in message
     assert partial_stages(workdir / "lake") == []
-    assert not (workdir / "lake" / "bad" / "iteration=1" / "scored").exists()
+    assert not (workdir / "lake" / "scored" / "run=bad" / "iteration=1").exists()
     assert [str(v.version) for v in versions_of(workdir)] == ["1"]  # the baseline, nothing for iteration 1
     assert not [r.getMessage() for r in caplog.records if "will start" in r.getMessage()]  # not retried
 

@@ -58,7 +58,7 @@ def test_a_clean_run_prints_stages_table_and_where_without_noise(quiet):
     assert str(log.relative_to(work)) in where["log"]
     text = log.read_text()
     assert "Task run '" in text and "Finished in state Completed()" in text and "Stopping temporary server" in text
-    assert "lake/quiet" in where["lake"] and where["champion"].startswith("champion: models:/arithmetic-rest@champion = version")
+    assert "lake/runs/quiet" in where["lake"] and where["champion"].startswith("champion: models:/arithmetic-rest@champion = version")
 
 
 def test_the_run_ends_its_mlflow_runs_and_names_them_in_the_summary(quiet):
@@ -66,7 +66,7 @@ def test_the_run_ends_its_mlflow_runs_and_names_them_in_the_summary(quiet):
 
     work, proc = quiet
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((work / "lake" / "quiet" / "summary.json").read_text())
+    summary = json.loads((work / "lake" / "runs" / "quiet" / "summary.json").read_text())
     tracking = summary["mlflow"]
     assert tracking["tracking_uri"] == "sqlite:///mlflow/mlflow.db" and tracking["run_id"] in proc.stdout
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow' / 'mlflow.db'}")
@@ -88,7 +88,7 @@ def test_summary_markdown_has_the_table_champion_mlflow_and_lake():
     from tasks.report import summary_key, summary_markdown
 
     doc = {
-        "run": "Demo_1", "algorithm": "rest", "recipe": "arithmetic-rest", "lake": "s3://lake/x", "run_uri": "s3://lake/x/Demo_1",
+        "run": "Demo_1", "algorithm": "rest", "recipe": "arithmetic-rest", "lake": "s3://lake/x", "run_uri": "s3://lake/x/runs/Demo_1",
         "mlflow": {"tracking_uri": "http://127.0.0.1:5000", "experiment": "flywheel", "run_id": "abc",
                    "url": "http://127.0.0.1:5000/#/experiments/1/runs/abc"},
         "baseline": {"eval_reward": 0.1, "eval_accuracy": 0.1, "model_version": "1"},
@@ -105,4 +105,4 @@ def test_summary_markdown_has_the_table_champion_mlflow_and_lake():
     assert "| 1 | 1 | 0.500 | 10 | 4 | 0.200 | 0.200 | 2 (promoted) |" in md
     assert "| 2 | 1 | 0.600 | 10 | 0 | skipped: filter kept no rows | - | - |" in md
     assert "`models:/arithmetic-rest@champion` = version 2" in md
-    assert "[abc](http://127.0.0.1:5000/#/experiments/1/runs/abc)" in md and "`s3://lake/x/Demo_1`" in md
+    assert "[abc](http://127.0.0.1:5000/#/experiments/1/runs/abc)" in md and "`s3://lake/x/runs/Demo_1/summary.json`" in md

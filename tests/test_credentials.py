@@ -135,7 +135,7 @@ def test_server_stopped_mid_run_then_failures_then_resume(s3_server: SeaweedServ
         with pytest.MonkeyPatch.context() as mp:
             for name, value in server.aws_env().items():
                 mp.setenv(name, value)
-            while not store.exists(f"{lake_uri}/{RUN}/summary.json"):  # the warm start is done and registered
+            while not store.exists(f"{lake_uri}/runs/{RUN}/summary.json"):  # the warm start is done and registered
                 assert proc.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
                 time.sleep(0.2)
         server.stop(timeout=5)

@@ -67,8 +67,8 @@ def test_held_out_reward_rises_over_the_baseline(fast_run):
 def test_pairs_put_a_better_answer_first_with_its_reference_log_probs(fast_run):
     s = summary_of(fast_run, "dpo-fast")
     for row in s["iterations"]:
-        it = fast_run / "lake" / "dpo-fast" / f"iteration={row['iteration']}"
-        pairs, scored = read_stage(it / "pairs"), read_stage(it / "scored")
+        it, lake = f"iteration={row['iteration']}", fast_run / "lake"
+        pairs, scored = read_stage(lake, "dpo-fast", f"{it}/pairs"), read_stage(lake, "dpo-fast", f"{it}/scored")
         assert row["kept"] == pairs.height > 0 and row["samples"] == scored.height
         assert row["tau"] is None and row["loss"] == "dpo"
         assert (pairs["chosen_reward"] > pairs["rejected_reward"]).all()

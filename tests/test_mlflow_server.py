@@ -77,7 +77,7 @@ def server_run(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> 
         argv += ["--set", s]
     proc = subprocess.run(argv, cwd=work, env=cli_env(work), capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads((work / "lake" / "on-server" / "summary.json").read_text()) | {"workdir": str(work)}
+    return json.loads((work / "lake" / "runs" / "on-server" / "summary.json").read_text()) | {"workdir": str(work)}
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def test_a_rest_iteration_grows_through_the_openai_sampler(model_dir, tmp_path):
         served = server.state.requests_seen
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert served == 24  # one chat request per training prompt, each asking for n=2 samples
-    samples = pl.read_parquet(list((tmp_path / "lake" / "remote" / "iteration=1" / "samples").glob("*.parquet")))
+    samples = pl.read_parquet(list((tmp_path / "lake" / "samples" / "run=remote" / "iteration=1").glob("*.parquet")))
     grown = samples.filter(pl.col("sample_idx") >= 0)
     assert grown.height == 48 and set(grown["finish_reason"]) <= {"stop", "length"}
     # The key went only into the Authorization header: not in output, lake or MLflow.

@@ -61,7 +61,7 @@ def test_stages_on_pools_need_a_server(workdir):
     with temporary_settings({PREFECT_API_URL: None}):
         with pytest.raises(RecipeError, match="export PREFECT_API_URL"):
             run_recipe(recipe, "no-server")
-    assert not (workdir / "lake" / "no-server").exists()
+    assert not (workdir / "lake" / "runs" / "no-server").exists()
 
 
 def test_a_missing_stage_deployment_is_named(api):
@@ -98,7 +98,8 @@ def test_stage_flow_runs_a_registered_body_and_leaves_its_result(workdir):
     returned = state.result()
     left = ref.open_lake().get_json(result_uri(ref, str(state.state_details.flow_run_id)))
     assert left == {"result": returned}
-    scored = ref.open_lake().store.get(f"{ref.stage(1, 'scored')}/{returned['name']}")
+    staged = ref.open_lake().address(ref.stage(1, "scored")).staging_uri  # a part waits there for the stage's commit
+    scored = ref.open_lake().store.get(f"{staged}/{returned['name']}")
     assert pl.read_parquet(scored)["reward"].to_list() == [1.0, 0.0, 1.0]
     assert returned == score_part(ref, samples, 1, part, 0)  # the same part as the body called here
 

@@ -220,9 +220,9 @@ def test_a_user_instruct_model_runs_a_rest_iteration_from_the_cli(models, tmp_pa
         run="qwen",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "lake" / "qwen"
-    evals = pl.read_parquet(next((run / "iteration=0" / "eval" / "step=0").glob("*.parquet")))
+    lake = tmp_path / "lake"
+    evals = pl.read_parquet(next((lake / "eval" / "run=qwen" / "iteration=0" / "step=0").glob("*.parquet")))
     assert evals.sort("prompt_id")["completion"].to_list() == transformers_alone(models["qwen2"], PROMPTS, 6)
-    samples = pl.read_parquet(list((run / "iteration=1" / "samples").glob("*.parquet")))
+    samples = pl.read_parquet(list((lake / "samples" / "run=qwen" / "iteration=1").glob("*.parquet")))
     assert set(samples["finish_reason"]) <= {"stop", "length"} and not samples["completion"].str.contains("<\\|").any()
     assert "accuracy" in proc.stdout

@@ -34,14 +34,16 @@ from prefect import flow as _prefect_flow  # noqa: F401
 from alignment import filters
 from tests.flywheel_helpers import (
     FAST,
-    MANIFEST,
     MODEL,
     RECIPE,
     client_for,
     flywheel,
     one_torch_thread,  # noqa: F401  (autouse: one intra-op thread for this module)
+    manifest_path,
     partial_stages,
     read_stage,
+    run_dir,
+    stage_dir,
     summary_of,
     tracking_uri,
     versions_of,
@@ -76,8 +78,18 @@ class Run:
     def __init__(self, workdir: Path, name: str, rc: int, out: str):
         self.workdir, self.name, self.rc, self.out = workdir, name, rc, out
         self.lake = workdir / "lake"
-        self.dir = self.lake / name
+        self.dir = run_dir(self.lake, name)
         self.summary = summary_of(workdir, name) if rc == 0 else None
+
+    def stage(self, rel: str) -> pl.DataFrame:
+        """The rows of the stage ``iteration=G/STAGE[/step=I]`` of this run."""
+        return read_stage(self.lake, self.name, rel)
+
+    def path(self, rel: str) -> Path:
+        return stage_dir(self.lake, self.name, rel)
+
+    def manifest(self, rel: str) -> dict:
+        return json.loads(manifest_path(self.lake, self.name, rel).read_text())
 
 
 def _run_in(tmp_path_factory, name: str, *sets: str) -> Run:
@@ -130,14 +142,14 @@ def test_summary_follows_the_design_schema(fast_run):
     assert s["stopped"] == "completed all Grow steps"
     # The CLI prints the same numbers as a table.
     assert f"{s['baseline']['eval_reward']:.3f}" in fast_run.out
-    assert re.search(rf"^summary:\s+{re.escape(s['lake'])}/fast-a/summary.json$", fast_run.out, re.M)
+    assert re.search(rf"^summary:\s+{re.escape(s['lake'])}/runs/fast-a/summary.json$", fast_run.out, re.M)
 
 
 def test_summary_counts_and_thresholds_match_the_lake(fast_run):
     for row in fast_run.summary["iterations"]:
-        it = fast_run.dir / f"iteration={row['iteration']}"
-        scored = read_stage(it / "scored")
-        kept = read_stage(it / "filtered" / "step=1")
+        it = f"iteration={row['iteration']}"
+        scored = fast_run.stage(f"{it}/scored")
+        kept = fast_run.stage(f"{it}/filtered/step=1")
         assert row["samples"] == scored.height == 60 * 4 + 100  # samples plus the labelled data D
         assert row["kept"] == kept.height
         # tau_1 > V_pi: the mean reward of the policy's own samples (labelled rows excluded).
@@ -148,14 +160,14 @@ def test_summary_counts_and_thresholds_match_the_lake(fast_run):
         # Dropped rows stay in `scored`: "why was this dropped" is a query.
         assert scored.filter(pl.col("reward") < row["tau"]).height > 0
         assert kept.join(scored, on=["prompt_id", "sample_idx"], how="anti").height == 0
-        evals = read_stage(it / "eval" / "step=1")
+        evals = fast_run.stage(f"{it}/eval/step=1")
         assert evals.height == 40
         assert row["eval_reward"] == pytest.approx(evals["reward"].mean())
         assert row["eval_accuracy"] == pytest.approx(evals["correct"].mean())
         # Every sample says how it ended; cut-off samples are never trained on, and the filter counts each drop.
         assert set(scored["finish_reason"]) <= {"stop", "length"}
         assert (kept["finish_reason"] == "stop").all()
-        dropped = json.loads((it / "filtered" / "step=1" / MANIFEST).read_text())["dropped"]
+        dropped = fast_run.manifest(f"{it}/filtered/step=1")["dropped"]
         finished = scored.filter(pl.col("finish_reason") == "stop")
         assert dropped["truncated"] == scored.height - finished.height
         assert sum(dropped.values()) == scored.height - kept.height
@@ -167,26 +179,29 @@ def test_every_stage_is_committed_with_a_manifest(fast_run):
         f"iteration={g}/{s}" for g in (1, 2) for s in ("samples", "scored", "filtered/step=1", "checkpoint/step=1", "eval/step=1")
     ]
     for stage in expected:
-        manifest = json.loads((fast_run.dir / stage / MANIFEST).read_text())
+        manifest = fast_run.manifest(stage)
         assert {"rows", "files", "schema", "config_hash", "parents", "code_version"} <= set(manifest), stage
         for f in manifest["files"]:
-            data = (fast_run.dir / stage / f["name"]).read_bytes()
+            data = (fast_run.path(stage) / f["name"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == f["sha256"], f"{stage}/{f['name']}"
         if stage.split("/")[1] not in ("base", "checkpoint"):
-            assert manifest["rows"] == read_stage(fast_run.dir / stage).height, stage
+            assert manifest["rows"] == fast_run.stage(stage).height, stage
+            assert fast_run.path(stage).relative_to(fast_run.lake).parts[:3] == (
+                stage.split("/")[1], "run=fast-a", stage.split("/")[0]), stage  # {lake}/{table}/run=R/iteration=G
+        else:
+            assert fast_run.path(stage).relative_to(fast_run.lake).parts[:2] == ("models", "fast-a"), stage
     assert partial_stages(fast_run.lake) == []
     # Lineage: scored comes from samples, which comes from the policy of the previous iteration.
-    scored = json.loads((fast_run.dir / "iteration=2" / "scored" / MANIFEST).read_text())
-    assert scored["parents"] == ["file://" + str(fast_run.dir / "iteration=2" / "samples")]
-    samples = json.loads((fast_run.dir / "iteration=2" / "samples" / MANIFEST).read_text())
+    scored = fast_run.manifest("iteration=2/scored")
+    assert scored["parents"] == ["file://" + str(fast_run.path("iteration=2/samples"))]
+    samples = fast_run.manifest("iteration=2/samples")
     assert any(p.endswith("/iteration=1/checkpoint/step=1") or p.endswith("/iteration=0/checkpoint/step=0") for p in samples["parents"])
 
 
 def test_rows_carry_the_design_columns(fast_run):
-    it = fast_run.dir / "iteration=1"
-    scored = read_stage(it / "scored")
+    scored = fast_run.stage("iteration=1/scored")
     assert {"prompt_id", "prompt", "completion", "sample_idx", "policy_version", "reward"} <= set(scored.columns)
-    assert "threshold" in read_stage(it / "filtered" / "step=1").columns
+    assert "threshold" in fast_run.stage("iteration=1/filtered/step=1").columns
     own = scored.filter(pl.col("sample_idx") >= 0)
     assert own["policy_version"].unique().to_list() == ["iteration=0/checkpoint/step=0"]
     assert sorted(own["sample_idx"].unique().to_list()) == [0, 1, 2, 3]
@@ -196,28 +211,25 @@ def test_rows_carry_the_design_columns(fast_run):
 def test_the_lake_reads_with_polars_hive_partitioning(fast_run):
     for p in fast_run.lake.rglob("*.parquet"):
         names = pq.read_schema(p).names
-        assert "iteration" not in names and "step" not in names, f"{p}: a partition key written as a column"
-    samples = pl.scan_parquet(str(fast_run.dir / "iteration=*" / "samples" / "*.parquet"), hive_partitioning=True).collect()
-    assert samples.group_by("iteration").len().sort("iteration").rows() == [(1, 340), (2, 340)]
-    filtered = pl.scan_parquet(
-        str(fast_run.dir / "iteration=*" / "filtered" / "step=*" / "*.parquet"), hive_partitioning=True
-    ).collect()
+        assert not {"run", "iteration", "step"} & set(names), f"{p}: a partition key written as a column"
+    # A table is one prefix: a glob over it, with hive partitioning, is every iteration of every run.
+    samples = pl.scan_parquet(str(fast_run.lake / "samples" / "**" / "*.parquet"), hive_partitioning=True).collect()
+    assert samples.group_by("run", "iteration").len().sort("iteration").rows() == [("fast-a", 1, 340), ("fast-a", 2, 340)]
+    filtered = pl.scan_parquet(str(fast_run.lake / "filtered" / "**" / "*.parquet"), hive_partitioning=True).collect()
     kept = {r["iteration"]: r["kept"] for r in fast_run.summary["iterations"]}
     assert filtered.group_by("iteration", "step").len().sort("iteration").rows() == [(g, 1, kept[g]) for g in (1, 2)]
-    # One stage folder: the manifest beside the parts does not get in a reader's way.
-    one = pl.scan_parquet(str(fast_run.dir / "iteration=1" / "scored" / "*.parquet")).collect()
-    assert one.equals(read_stage(fast_run.dir / "iteration=1" / "scored"))
+    # One partition folder holds only its parts.
+    one = pl.scan_parquet(str(fast_run.path("iteration=1/scored") / "*.parquet")).collect()
+    assert one.equals(fast_run.stage("iteration=1/scored"))
 
 
 def test_the_lake_reads_with_pyarrow_dataset(fast_run):
-    files = sorted(str(p) for p in fast_run.dir.glob("iteration=*/filtered/step=*/*.parquet"))
-    table = ds.dataset(files, format="parquet", partitioning="hive", partition_base_dir=str(fast_run.dir)).to_table()
-    frame = pl.from_arrow(table)
+    # pyarrow's dataset reader pointed at a table prefix: no glob, no non-Parquet file in the way.
+    frame = pl.from_arrow(ds.dataset(str(fast_run.lake / "filtered"), format="parquet", partitioning="hive").to_table())
     kept = {r["iteration"]: r["kept"] for r in fast_run.summary["iterations"]}
     assert frame.group_by("iteration", "step").len().sort("iteration").rows() == [(g, 1, kept[g]) for g in (1, 2)]
-    # A whole stage folder as a dataset: pyarrow skips the "_manifest.json" beside the parts.
-    scored = ds.dataset(str(fast_run.dir / "iteration=2" / "scored"), format="parquet").to_table()
-    assert pl.from_arrow(scored).equals(read_stage(fast_run.dir / "iteration=2" / "scored"))
+    scored = ds.dataset(str(fast_run.path("iteration=2/scored")), format="parquet").to_table()
+    assert pl.from_arrow(scored).equals(fast_run.stage("iteration=2/scored"))
 
 
 def test_champion_moves_only_on_improvement(fast_run):
@@ -241,7 +253,7 @@ def test_champion_loads_with_mlflow_pyfunc_and_generates_what_was_evaluated(fast
     mlflow.set_registry_uri(tracking_uri(fast_run.workdir))
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     version = client_for(fast_run.workdir).get_model_version_by_alias(MODEL, "champion")
-    evaluated = read_stage(fast_run.dir / f"iteration={version.tags['flywheel.iteration']}" / "eval" / f"step={version.tags['flywheel.step']}")
+    evaluated = fast_run.stage(f"iteration={version.tags['flywheel.iteration']}/eval/step={version.tags['flywheel.step']}")
     prompts = evaluated["prompt"].to_list()[:12]
     out = model.predict(prompts, params={"max_new_tokens": 5})
     assert list(out) == evaluated["completion"].to_list()[:12]
@@ -267,7 +279,8 @@ def test_mlflow_has_a_parent_run_with_nested_runs_and_dataset_inputs(fast_run):
         inputs = run.inputs.dataset_inputs
         contexts = {t.value for i in inputs for t in i.tags if t.key == "mlflow.data.context"}
         assert contexts == {"training", "evaluation"}, run.info.run_name
-        assert all("file://" + str(fast_run.dir) in i.dataset.source for i in inputs)
+        assert all("file://" + str(fast_run.lake) in i.dataset.source and "run=fast-a/" in i.dataset.source for i in inputs)
+        assert {i.dataset.name.split("/", 1)[0] for i in inputs} >= {"eval"}  # named table/partition
         assert "eval_reward" in run.data.metrics
     # One model version per step, each logged from its iteration's nested run, tagged with its lineage.
     versions = versions_of(fast_run.workdir)
@@ -277,7 +290,9 @@ def test_mlflow_has_a_parent_run_with_nested_runs_and_dataset_inputs(fast_run):
         assert v.tags["flywheel.run"] == "fast-a" and v.tags["flywheel.iteration"] == run.data.tags["flywheel.iteration"]
         lineage = json.loads(v.tags["flywheel.datasets"])
         assert all(Path(d["uri"].removeprefix("file://")).exists() for d in lineage)
-    assert json.loads(versions[1].tags["flywheel.datasets"])[0]["uri"].endswith("iteration=1/filtered/step=1")
+    first = json.loads(versions[1].tags["flywheel.datasets"])[0]
+    assert first["uri"].endswith("/filtered/run=fast-a/iteration=1/step=1")
+    assert (first["table"], first["partition"]) == ("filtered", "run=fast-a/iteration=1/step=1")
 
 
 # -- (b) determinism -----------------------------------------------------------------------------
@@ -286,11 +301,11 @@ def test_same_recipe_and_seed_give_identical_datasets_and_metrics(fast_run, fast
     stages = ["iteration=0/prompts", "iteration=0/eval_prompts", "iteration=0/labelled", "iteration=0/eval/step=0"]
     stages += [f"iteration={g}/{s}" for g in (1, 2) for s in ("samples", "scored", "filtered/step=1", "eval/step=1")]
     for stage in stages:
-        fa, fb = read_stage(a.dir / stage), read_stage(b.dir / stage)
+        fa, fb = a.stage(stage), b.stage(stage)
         assert fa.height > 0, stage
         assert fa.equals(fb), stage
     for stage in ("iteration=0/checkpoint/step=0", "iteration=1/checkpoint/step=1", "iteration=2/checkpoint/step=1"):
-        weights = [(r.dir / stage / "model.safetensors").read_bytes() for r in (a, b)]
+        weights = [(r.path(stage) / "model.safetensors").read_bytes() for r in (a, b)]
         assert weights[0] == weights[1], stage
     assert measured(a.summary) == measured(b.summary)
     metrics = [client_for(r.workdir).search_runs(
@@ -331,9 +346,10 @@ def test_a_filter_that_keeps_nothing_skips_improve_and_the_run_completes(workdir
     assert all(r["tau"] == 2.0 and r["samples"] == 340 and r["skipped"] for r in s["iterations"])
     assert s["stopped"] == "completed all Grow steps" and s["champion"]["version"] == "1"
     assert [str(v.version) for v in versions_of(workdir)] == ["1"]  # the baseline only
-    run_dir = workdir / "lake" / "none-kept"
-    assert not (run_dir / "iteration=1" / "checkpoint").exists() and not (run_dir / "iteration=1" / "eval").exists()
-    assert read_stage(run_dir / "iteration=1" / "filtered" / "step=1").height == 0
+    lake = workdir / "lake"
+    assert not stage_dir(lake, "none-kept", "iteration=1/checkpoint/step=1").exists()
+    assert not stage_dir(lake, "none-kept", "iteration=1/eval/step=1").exists()
+    assert read_stage(lake, "none-kept", "iteration=1/filtered/step=1").height == 0
     assert partial_stages(workdir / "lake") == []
     messages = [r.getMessage() for r in caplog.records]
     assert any("kept no rows" in m and "skipping this Improve step" in m for m in messages), messages
@@ -351,9 +367,10 @@ def test_resume_redoes_only_the_unfinished_stage(workdir, capsys):
     runs = sorted(r.info.run_id for r in client.search_runs([experiment]))
 
     last = summary["iterations"][-1]
-    stage = workdir / "lake" / "resume" / f"iteration={last['iteration']}" / "eval" / f"step={last['step']}"
-    old_manifest = json.loads((stage / MANIFEST).read_text())
-    (stage / MANIFEST).unlink()
+    rel = f"iteration={last['iteration']}/eval/step={last['step']}"
+    stage, manifest = stage_dir(workdir / "lake", "resume", rel), manifest_path(workdir / "lake", "resume", rel)
+    old_manifest = json.loads(manifest.read_text())
+    manifest.unlink()
     before = file_digests(workdir / "lake")
 
     assert flywheel(RECIPE, *FAST, run="resume") == 0
@@ -361,10 +378,12 @@ def test_resume_redoes_only_the_unfinished_stage(workdir, capsys):
     after = file_digests(workdir / "lake")
 
     # The run's lease (who writes it, until when) is rewritten by every attempt; it is not data.
-    redone = {k for k in set(before) | set(after) if before.get(k) != after.get(k) and not k.endswith("/_lease.json")}
-    stage_key = str(stage.relative_to(workdir / "lake"))
-    assert redone == {f"{stage_key}/{MANIFEST}", f"{stage_key}/part-00000.parquet", "resume/summary.json"}, sorted(redone)
-    new_manifest = json.loads((stage / MANIFEST).read_text())
+    redone = {k for k in set(before) | set(after) if before.get(k) != after.get(k) and not k.endswith("/lease.json")}
+    lake = workdir / "lake"
+    assert redone == {
+        str(manifest.relative_to(lake)), str((stage / "part-00000.parquet").relative_to(lake)), "runs/resume/summary.json"
+    }, sorted(redone)
+    new_manifest = json.loads(manifest.read_text())
     assert [f["sha256"] for f in new_manifest["files"]] == [f["sha256"] for f in old_manifest["files"]]
     assert new_manifest["metrics"] == old_manifest["metrics"]
     assert measured(summary_of(workdir, "resume")) == measured(summary)

@@ -23,12 +23,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pytest
 
 from alignment.recipe import load_recipe
 from flows.inspect import inspect_uri
 from tasks.context import RunRef
 from tasks.lake import MANIFEST, Lake
+from tests.flywheel_helpers import manifest_path, partial_stages, run_dir, stage_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "arithmetic-rest.yaml"
@@ -50,18 +53,21 @@ _WRITER = r"""
 import sys, time
 import polars as pl
 from tasks.lake import Lake
-lake, stage = Lake(sys.argv[1]), sys.argv[2]
-lake.store.delete_prefix(stage)
-for shard in range(3):
-    lake.write_part(stage, shard, pl.DataFrame({"prompt_id": [shard], "completion": ["killed"], "reward": [0.0]}))
+lake, stage, moved = Lake(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+lake.clear(stage)
+parts = [lake.write_part(stage, shard, pl.DataFrame({"prompt_id": [shard], "completion": ["killed"], "reward": [0.0]}))
+         for shard in range(3)]
+staging = lake.address(stage).staging_uri
+for f in parts[:moved]:  # Lake.commit's first step, part by part: the window DESIGN notes name
+    lake.store.move(f"{staging}/{f['name']}", f"{stage}/{f['name']}")
 print("parts written", flush=True)
-time.sleep(600)  # killed here: between the parts and the manifest
+time.sleep(600)  # killed here: before the manifest
 """
 
 
-def _kill_writer_mid_stage(lake_uri: str, stage: str) -> None:
-    """Run a real writer process and SIGKILL it after its parts, before its manifest."""
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, lake_uri, stage], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+def _kill_writer_mid_stage(lake_uri: str, stage: str, moved: int = 0) -> None:
+    """Run a real writer process and SIGKILL it after its parts (and ``moved`` of their moves), before its manifest."""
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, lake_uri, stage, str(moved)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "parts written"  # bounded: the child exits on error
     finally:
@@ -69,22 +75,53 @@ def _kill_writer_mid_stage(lake_uri: str, stage: str) -> None:
         proc.wait(timeout=30)
 
 
+def _plain_scan(lake: Lake, table: str) -> pl.DataFrame:
+    """What any engine sees pointed at a table's prefix: pyarrow's dataset reader, hive partitioning, no manifests."""
+    options = lake.store.storage_options()
+    if options is None:
+        path, filesystem = lake.uri.removeprefix("file://") + f"/{table}", None
+    else:
+        path = f"{lake.uri}/{table}".removeprefix("s3://")
+        filesystem = pafs.S3FileSystem(
+            access_key=options["aws_access_key_id"], secret_key=options["aws_secret_access_key"],
+            endpoint_override=options["aws_endpoint_url"], region=options["aws_region"],
+        )
+    try:
+        return pl.from_arrow(ds.dataset(path, filesystem=filesystem, format="parquet", partitioning="hive").to_table())
+    except FileNotFoundError:
+        return pl.DataFrame()
+
+
 def _check_killed_stage_invisible_then_replaced(lake: Lake, run: str) -> None:
     committed = lake.stage_uri(run, 1, "scored")
     lake.write_stage(committed, [_frame(4, "ok")])
     stage = lake.stage_uri(run, 1, "filtered", 1)
-    _kill_writer_mid_stage(lake.uri, stage)
+    staging = lake.address(stage).staging_uri
 
-    assert len(lake.store.list(stage)) == 3  # the parts are there...
-    assert not lake.is_done(stage)  # ...but the stage is not
+    # Killed while its parts were staged (the whole time a stage computes): the table shows nothing of it.
+    _kill_writer_mid_stage(lake.uri, stage)
+    assert len(lake.store.list(staging)) == 3 and lake.store.list(stage) == []  # the parts are staged...
+    assert not lake.is_done(stage)  # ...but the stage is not committed
+    assert _plain_scan(lake, "filtered").height == 0
+    assert _plain_scan(lake, "scored").height == 4  # the committed stage beside it reads as ever
     report = inspect_uri(lake.run_uri(run))
     assert [s["stage"] for s in report["stages"]] == ["scored"]
     with pytest.raises(FileNotFoundError):
         lake.read(stage)
 
-    lake.write_stage(stage, [_frame(2, "new")])  # the re-run
-    assert lake.store.list(stage) == [f"{stage}/{MANIFEST}", f"{stage}/part-00000.parquet"]
+    # Killed inside the commit, after the first of three moves: a plain scan sees exactly that part
+    # (flywheel's readers, which go by manifests, see nothing), as docs/lake.md says.
+    _kill_writer_mid_stage(lake.uri, stage, moved=1)
+    assert lake.store.list(stage) == [f"{stage}/part-00000.parquet"] and not lake.is_done(stage)
+    assert _plain_scan(lake, "filtered")["completion"].to_list() == ["killed"]
+    assert [s["stage"] for s in inspect_uri(lake.run_uri(run))["stages"]] == ["scored"]
+
+    lake.write_stage(stage, [_frame(2, "new")])  # the re-run makes it whole
+    assert lake.store.list(stage) == [f"{stage}/part-00000.parquet"] and lake.store.list(staging) == []
     assert lake.read(stage).equals(_frame(2, "new"))
+    scan = _plain_scan(lake, "filtered")
+    assert scan.drop("run", "iteration", "step").equals(_frame(2, "new"))
+    assert scan.select("run", "iteration", "step").unique().rows() == [(run, 1, 1)]
     assert lake.read(committed).equals(_frame(4, "ok"))
 
 
@@ -147,7 +184,8 @@ def test_replayed_registration_reuses_the_version_and_its_decision(workdir: Path
     assert tags["flywheel.checkpoint"] == ckpt[1]
     assert tags["flywheel.checkpoint_sha256"] == lake.manifest(ckpt[1]).sha256
     assert json.loads(tags["flywheel.datasets"]) == [
-        {"uri": u, "sha256": lake.manifest(u).sha256, "rows": 3} for u in (data, evals)
+        {"uri": u, "table": table, "partition": partition, "sha256": lake.manifest(u).sha256, "rows": 3}
+        for u, table, partition in ((data, "labelled", "run=replay/iteration=0"), (evals, "eval", "run=replay/iteration=0/step=0"))
     ]
 
 
@@ -198,17 +236,13 @@ class Launch:
         assert self.proc.returncode == 0, self.stderr()[-4000:]
 
 
-def _lake_dir(cwd: Path, run: str) -> Path:
-    return cwd / "lake" / run
-
-
 def _manifest_exists(cwd: Path, run: str, rel: str) -> bool:
-    return (_lake_dir(cwd, run) / rel / MANIFEST).exists()
+    return manifest_path(cwd / "lake", run, rel).exists()
 
 
-def _uncommitted(cwd: Path, run: str) -> list[str]:
-    """Stage folders with files but no manifest (anywhere in the run)."""
-    root = _lake_dir(cwd, run)
+def _uncommitted_models(cwd: Path, run: str) -> list[str]:
+    """Model folders with files but no manifest."""
+    root = cwd / "lake" / "models" / run
     found = []
     for folder in sorted({p.parent for p in root.rglob("*") if p.is_file()}):
         covered = [d for d in (folder, *folder.parents) if d != root and root in d.parents and (d / MANIFEST).exists()]
@@ -218,13 +252,18 @@ def _uncommitted(cwd: Path, run: str) -> list[str]:
 
 
 def _check_commits(cwd: Path, run: str) -> None:
-    """Every manifest lists files that exist with their size; no stage folder without a manifest."""
-    root = _lake_dir(cwd, run)
-    for manifest in root.rglob(MANIFEST):
+    """Every manifest lists files that exist with their size; no table part and no model folder outside a commit;
+    nothing left staged."""
+    lake = Lake(str(cwd / "lake"))
+    for a in lake.committed(run):
+        for f in lake.manifest(a.uri).files:
+            assert lake.store.size(f"{a.uri}/{f['name']}") == f["bytes"], f"{a.uri}/{f['name']}"
+    for manifest in (cwd / "lake" / "models" / run).rglob(MANIFEST):
         for f in json.loads(manifest.read_text())["files"]:
             assert (manifest.parent / f["name"]).stat().st_size == f["bytes"], f"{manifest.parent}/{f['name']}"
-    assert _uncommitted(cwd, run) == []
-    assert [p for p in root.rglob(".tmp-*")] == []
+    assert _uncommitted_models(cwd, run) == []
+    assert partial_stages(cwd / "lake") == []
+    assert [p for p in (run_dir(cwd / "lake", run) / "staging").rglob("*") if p.is_file()] == []
 
 
 def _datasets(cwd: Path, run: str) -> dict[str, pl.DataFrame]:
@@ -261,15 +300,16 @@ def test_run_killed_during_grow_and_training_resumes_to_the_same_data(tmp_path: 
 
     # 1. Killed during Grow: after the warm start's summary, once sampling has begun (or a part is written).
     first = Launch(resumed_dir, "resumed", "grow")
-    summary = _lake_dir(resumed_dir, "resumed") / "summary.json"
+    summary = run_dir(resumed_dir / "lake", "resumed") / "summary.json"
     first.wait_for("the warm start", summary.exists)
     seen = first.stderr_size()
-    samples = _lake_dir(resumed_dir, "resumed") / "iteration=1" / "samples"
-    first.wait_for("Grow", lambda: "sampling" in first.stderr(seen) or any(samples.glob("part-*")))
+    staged = run_dir(resumed_dir / "lake", "resumed") / "staging" / "samples" / "iteration=1"
+    first.wait_for("Grow", lambda: "sampling" in first.stderr(seen) or any(staged.glob("part-*")))
     first.kill()
     assert not _manifest_exists(resumed_dir, "resumed", "iteration=1/samples")
-    assert not (_lake_dir(resumed_dir, "resumed") / "iteration=1" / "scored").exists()
-    assert "samples" not in {s["stage"] for s in inspect_uri(str(_lake_dir(resumed_dir, "resumed")))["stages"]}
+    assert not stage_dir(resumed_dir / "lake", "resumed", "iteration=1/samples").exists()  # nothing in the table
+    assert not stage_dir(resumed_dir / "lake", "resumed", "iteration=1/scored").exists()
+    assert "samples" not in {s["stage"] for s in inspect_uri(str(run_dir(resumed_dir / "lake", "resumed")))["stages"]}
 
     # 2. Killed during the first Improve step's training (its scratch checkpoint folder exists).
     second = Launch(resumed_dir, "resumed", "train")
@@ -301,9 +341,9 @@ def test_run_killed_during_grow_and_training_resumes_to_the_same_data(tmp_path: 
     assert _versions_per_step(resumed_dir, "resumed") == steps
     assert _versions_per_step(reference_dir, "uninterrupted") == steps
 
-    def comparable(run_dir: Path, run: str) -> list[dict]:
+    def comparable(workdir: Path, run: str) -> list[dict]:
         """What the run measured and decided; how many seconds each stage took differs by nature."""
-        doc = json.loads((_lake_dir(run_dir, run) / "summary.json").read_text())
+        doc = json.loads((run_dir(workdir / "lake", run) / "summary.json").read_text())
         fast = ("seconds_", "grow_samples_per_s", "grow_tokens_per_s")
         rows = [doc["baseline"], *doc["iterations"], doc["champion"]]
         return [{k: v for k, v in row.items() if not k.startswith(fast)} for row in rows] + [doc["stopped"]]

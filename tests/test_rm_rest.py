@@ -146,7 +146,7 @@ def flywheel(*sets: str, run: str) -> int:
 
 
 def summary_of(workdir: Path, run: str) -> dict:
-    return json.loads((workdir / "lake" / run / "summary.json").read_text())
+    return json.loads((workdir / "lake" / "runs" / run / "summary.json").read_text())
 
 
 def best_exact_match(summary: dict) -> float:
@@ -219,7 +219,7 @@ def test_rest_scored_by_the_reward_model_raises_held_out_exact_match(learned_rm,
     )
     # Held-out reward is the verifier's exact match; Grow data was scored by the reward model.
     assert s["baseline"]["eval_reward"] == pytest.approx(baseline)
-    manifest = json.loads((workdir / "lake" / "rm-rest" / "iteration=1" / "scored" / "_manifest.json").read_text())
+    manifest = json.loads((workdir / "lake" / "runs" / "rm-rest" / "stages" / "scored" / "iteration=1" / "_manifest.json").read_text())
     assert manifest["config"]["reward"] == spec
     assert best > baseline
 
@@ -250,8 +250,8 @@ def test_rest_scores_grow_data_with_the_reward_model_and_eval_with_the_verifier(
     s = summary_of(workdir, "rm-fast")
     rows = [s["baseline"], *[r for r in s["iterations"] if r.get("eval_reward") is not None]]
     assert len(rows) >= 1 and all(r["eval_reward"] == pytest.approx(r["eval_accuracy"]) for r in rows)
-    stage = workdir / "lake" / "rm-fast" / "iteration=1" / "scored"
-    manifest = json.loads((stage / "_manifest.json").read_text())
+    stage = workdir / "lake" / "scored" / "run=rm-fast" / "iteration=1"
+    manifest = json.loads((workdir / "lake" / "runs" / "rm-fast" / "stages" / "scored" / "iteration=1" / "_manifest.json").read_text())
     assert manifest["config"]["reward"] == spec
     scored = pl.concat([pl.read_parquet(io.BytesIO((stage / f["name"]).read_bytes())) for f in manifest["files"]])
     expected = RewardModel(root / "rm")(scored["prompt"].to_list(), scored["completion"].to_list(), scored["reference"].to_list())

@@ -64,7 +64,7 @@ def _copy(guarded: tuple[Path, list[int]], dest: Path) -> Path:
     assert sorted(codes) == [0, 2], codes
     for name in ("lake", "mlflow"):
         shutil.copytree(src / name, dest / name)
-    return dest / "lake" / RUN
+    return dest / "lake"
 
 
 def test_two_writers_with_one_name_exactly_one_runs(guarded):
@@ -76,7 +76,7 @@ def test_two_writers_with_one_name_exactly_one_runs(guarded):
     assert (cwd / f"{loser}.stdout").read_text() == ""
     # The winner ran alone: one model version (the baseline) and a released lease.
     assert [(v.tags["flywheel.iteration"], v.tags["flywheel.step"]) for v in versions_of(cwd)] == [("0", "0")]
-    assert '"released": true' in (cwd / "lake" / RUN / "_lease.json").read_text()
+    assert '"released": true' in (cwd / "lake" / "runs" / RUN / "lease.json").read_text()
 
 
 @pytest.mark.parametrize(
@@ -90,14 +90,14 @@ def test_two_writers_with_one_name_exactly_one_runs(guarded):
 )
 def test_resume_with_a_changed_recipe_is_refused(guarded, workdir, capsys, change, named):
     lake = _copy(guarded, workdir)
-    before = sorted(p.relative_to(lake).as_posix() for p in lake.rglob("*") if p.name != "_lease.json")
+    before = sorted(p.relative_to(lake).as_posix() for p in lake.rglob("*") if p.name != "lease.json")
     rc = flywheel(RECIPE, *TINY, *change, run=RUN)
     err = capsys.readouterr().err
     assert rc == 2, err[-3000:]
     message = cli_error(err)
     assert f"Run '{RUN}' was created with a different recipe (changed: {', '.join(named)})" in message
     assert "another --run-name" in message
-    assert sorted(p.relative_to(lake).as_posix() for p in lake.rglob("*") if p.name != "_lease.json") == before
+    assert sorted(p.relative_to(lake).as_posix() for p in lake.rglob("*") if p.name != "lease.json") == before
     assert [str(v.version) for v in versions_of(workdir)] == ["1"]
 
 
@@ -109,9 +109,9 @@ def test_resume_changing_only_resumable_keys_is_accepted(guarded, workdir):
 
 
 def _damage(lake: Path, how: str) -> Path:
-    part = lake / "iteration=0" / "prompts" / "part-00000.parquet"
+    part = lake / "prompts" / f"run={RUN}" / "iteration=0" / "part-00000.parquet"
     if how == "swapped":  # another valid part of the same run: same schema, other rows
-        shutil.copyfile(lake / "iteration=0" / "eval_prompts" / "part-00000.parquet", part)
+        shutil.copyfile(lake / "eval_prompts" / f"run={RUN}" / "iteration=0" / "part-00000.parquet", part)
     else:
         data = part.read_bytes()
         part.write_bytes(data[: len(data) // 2])
@@ -122,7 +122,7 @@ def _damage(lake: Path, how: str) -> Path:
 def test_a_damaged_part_is_one_sentence_naming_it(guarded, workdir, capsys, how):
     lake = _copy(guarded, workdir)
     part = _damage(lake, how)
-    rc = _cli(["inspect", f"file://{lake}/iteration=0/prompts"])
+    rc = _cli(["inspect", f"file://{lake}/prompts/run={RUN}/iteration=0"])
     message = cli_error(capsys.readouterr().err)
     assert rc == 2
     assert f"Part file://{part}" in message and "delete" in message and "_manifest.json" in message, message
@@ -138,7 +138,8 @@ def test_a_resumed_run_refuses_a_damaged_part(guarded, workdir, how):
     # Inside a flow Prefect logs the failed task on its own; the CLI's verdict is the one flywheel line.
     lines = [line for line in err.splitlines() if line.startswith("flywheel:")]
     assert len(lines) == 1 and f"Part file://{part}" in lines[0], err[-3000:]
-    assert not (lake / "iteration=1" / "samples" / "_manifest.json").exists()
+    assert not (lake / "runs" / RUN / "stages" / "samples" / "iteration=1" / "_manifest.json").exists()
+    assert not (lake / "samples" / f"run={RUN}").exists()
 
 
 def _cli(argv: list[str]) -> int:
@@ -219,7 +220,7 @@ def test_ctrl_c_stops_within_seconds_and_the_run_resumes(tmp_path):
     import signal
 
     first = _launch(tmp_path, "interrupted", *TINY, "grow_steps=1", run="stopped")
-    summary = tmp_path / "lake" / "stopped" / "summary.json"
+    summary = tmp_path / "lake" / "runs" / "stopped" / "summary.json"
     deadline = time.monotonic() + 300
     while not summary.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)  # the baseline is registered: the run is inside its flow
@@ -233,6 +234,6 @@ def test_ctrl_c_stops_within_seconds_and_the_run_resumes(tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("flywheel:")]
     assert lines == ["flywheel: stopped by SIGINT; run 'stopped' keeps every stage it committed: "
                      "resume it with the same recipe and --run-name stopped."]
-    assert '"released": true' in (tmp_path / "lake" / "stopped" / "_lease.json").read_text()
+    assert '"released": true' in (tmp_path / "lake" / "runs" / "stopped" / "lease.json").read_text()
     rc = _finish(_launch(tmp_path, "resumed", *TINY, "grow_steps=1", run="stopped"))
     assert rc == 0, (tmp_path / "resumed.stderr").read_text()[-3000:]

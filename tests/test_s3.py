@@ -33,9 +33,10 @@ def _scored(iteration: int, rows: int = 3) -> pl.DataFrame:
     )
 
 
-def _write_scored(lake: Lake, iterations: tuple[int, ...] = (1, 2)) -> None:
-    for g in iterations:
-        lake.write_stage(lake.stage_uri(RUN, g, "scored"), [_scored(g), _scored(g, rows=2)], config={"g": g})
+def _write_scored(lake: Lake, iterations: tuple[int, ...] = (1, 2), runs: tuple[str, ...] = (RUN,)) -> None:
+    for run in runs:
+        for g in iterations:
+            lake.write_stage(lake.stage_uri(run, g, "scored"), [_scored(g), _scored(g, rows=2)], config={"g": g})
 
 
 def _full_error(exc: BaseException) -> str:
@@ -160,29 +161,27 @@ def test_unfinished_stage_is_replaced(s3_lake: str) -> None:
     stage = lake.stage_uri(RUN, 1, "samples")
     lake.store.put(f"{stage}/part-00007.parquet", b"left by a killed attempt")
     lake.write_stage(stage, [_scored(1)])
-    assert lake.store.list(stage) == [f"{stage}/_manifest.json", f"{stage}/part-00000.parquet"]
+    assert lake.store.list(stage) == [f"{stage}/part-00000.parquet"]  # the table partition holds parts only
+    assert lake.store.exists(lake.manifest_uri(stage)) and lake.read(stage).equals(_scored(1))
 
 
 def test_stage_scans_with_polars_hive_glob(s3_lake: str) -> None:
     lake = Lake(s3_lake)
-    _write_scored(lake)
+    _write_scored(lake, runs=(RUN, "run-2"))
     frame = (
-        pl.scan_parquet(
-            f"{s3_lake}/{RUN}/iteration=*/scored/*.parquet",
-            storage_options=lake.store.storage_options(),
-            hive_partitioning=True,
-        )
+        pl.scan_parquet(f"{s3_lake}/scored/**/*.parquet", storage_options=lake.store.storage_options(), hive_partitioning=True)
         .collect()
-        .sort("iteration", "completion")
+        .sort("run", "iteration", "completion")
     )
-    assert frame.height == 10
-    assert frame["iteration"].to_list() == [1] * 5 + [2] * 5
-    assert set(frame.columns) == {"prompt_id", "completion", "reward", "iteration"}
+    assert frame.height == 20
+    assert frame["run"].to_list() == [RUN] * 10 + ["run-2"] * 10
+    assert frame["iteration"].to_list() == ([1] * 5 + [2] * 5) * 2
+    assert set(frame.columns) == {"prompt_id", "completion", "reward", "run", "iteration"}
 
 
 def test_stage_reads_with_pyarrow_dataset(s3_lake: str) -> None:
     lake = Lake(s3_lake)
-    _write_scored(lake)
+    _write_scored(lake, runs=(RUN, "run-2"))
     options = lake.store.storage_options()
     filesystem = pafs.S3FileSystem(
         access_key=options["aws_access_key_id"],
@@ -190,17 +189,15 @@ def test_stage_reads_with_pyarrow_dataset(s3_lake: str) -> None:
         endpoint_override=options["aws_endpoint_url"],
         region=options["aws_region"],
     )
-    parts = [u[len("s3://") :] for u in lake.store.list(lake.run_uri(RUN)) if u.endswith(".parquet") and "/scored/" in u]
-    dataset = ds.dataset(
-        parts,
-        filesystem=filesystem,
-        format="parquet",
-        partitioning="hive",
-        partition_base_dir=lake.run_uri(RUN)[len("s3://") :],
-    )
+    # The table's prefix, as Athena, Spark or Trino would declare it: every run and iteration, nothing else.
+    assert all(u.endswith(".parquet") for u in lake.store.list(f"{s3_lake}/scored"))
+    dataset = ds.dataset(f"{s3_lake}/scored"[len("s3://") :], filesystem=filesystem, format="parquet", partitioning="hive")
     table = dataset.to_table()
-    assert table.num_rows == 10
-    assert sorted(table.column("iteration").to_pylist()) == [1] * 5 + [2] * 5
+    assert table.num_rows == 20
+    frame = pl.from_arrow(table).group_by("run", "iteration").len().sort("run", "iteration")
+    assert frame.rows() == [(RUN, 1, 5), (RUN, 2, 5), ("run-2", 1, 5), ("run-2", 2, 5)]
+    pruned = dataset.to_table(filter=(ds.field("run") == "run-2") & (ds.field("iteration") == 2))
+    assert pruned.num_rows == 5
 
 
 def test_put_dir_get_dir_round_trip(s3_lake: str, tmp_path: Path) -> None:
@@ -210,7 +207,7 @@ def test_put_dir_get_dir_round_trip(s3_lake: str, tmp_path: Path) -> None:
     (local / "model.safetensors").write_bytes(secrets.token_bytes(10_000))
     (local / "tokenizer" / "vocab.json").write_text('{"a": 0}')
     lake = Lake(s3_lake)
-    uri = f"{lake.run_uri(RUN)}/iteration=1/checkpoint"
+    uri = lake.stage_uri(RUN, 1, "checkpoint", 1)
     manifest = lake.put_dir(local, uri)
     assert sorted(f["name"] for f in manifest.files) == ["config.json", "model.safetensors", "tokenizer/vocab.json"]
     fetched = lake.get_dir(uri, tmp_path / "cache")
@@ -231,7 +228,7 @@ def test_wrong_credentials_are_one_sentence_without_secrets(
     for attempt in (lambda: lake.is_done(stage), lambda: lake.write_stage(stage, [_scored(1)])):
         with pytest.raises(LakeAccessError) as info:
             attempt()
-        assert str(info.value).startswith(f"S3 refused the credentials for {stage}/")
+        assert str(info.value).startswith(f"S3 refused the credentials for {s3_lake}/")
         assert "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in str(info.value)
         shown = _full_error(info.value)
         assert wrong not in shown and s3_server.secret_key not in shown

@@ -148,7 +148,7 @@ def test_iteration_artifacts_plots_and_models_on_s3(
     assert by_stage["scored"]["rows"] == 5 and by_stage["scored"]["mean"] == pytest.approx(0.6)
     assert by_stage["scored (policy samples)"]["rows"] == 4 and by_stage["filtered/step=1"]["rows"] == 3
     assert by_stage["eval/step=1"]["mean"] == pytest.approx(0.5)
-    assert f"{s3_lake}/{run}/iteration=1" in found[keys["lake"]].data
+    assert scored in found[keys["lake"]].data and "filtered/run=" in found[keys["lake"]].description
     markdown = found[keys["samples"]].data
     assert "Kept: 3 rows of `filtered/step=1` (of 5 scored)" in markdown and "Dropped: 2 scored rows" in markdown
     assert "5\\|x" in markdown  # a pipe inside a cell does not break the table
@@ -161,7 +161,8 @@ def test_iteration_artifacts_plots_and_models_on_s3(
 
     version = client.get_model_version(recipe.model_name, reg["model_version"])
     assert json.loads(version.tags["flywheel.datasets"]) == [
-        {"uri": u, "sha256": lake.manifest(u).sha256, "rows": lake.manifest(u).rows} for u in (kept, evals)
+        {"uri": u, "table": lake.address(u).stage, "partition": lake.address(u).partition,
+         "sha256": lake.manifest(u).sha256, "rows": lake.manifest(u).rows} for u in (kept, evals)
     ]
     assert version.tags["flywheel.parent_version"] == "7"
     assert version.tags["flywheel.checkpoint_sha256"] == lake.manifest(ckpt).sha256
@@ -218,14 +219,12 @@ def test_s3_run_reads_back_with_pyarrow_and_polars(s3_run, s3_server: SeaweedSer
     assert re.search(r"^summary:\s+s3://", s3_run.proc.stdout, re.M)
     filesystem = pafs.S3FileSystem(access_key=s3_server.access_key, secret_key=s3_server.secret_key,
                                    endpoint_override=s3_server.endpoint_url, region="us-east-1")
-    base = lake.run_uri(run)[len("s3://"):]
     for stage in STAGES:
         name, _, step = stage.partition("/step=")
         uris = [lake.stage_uri(run, g, name, int(step) if step else None) for g in (1, 2)]
-        parts = [f"{u[len('s3://'):]}/{f['name']}" for u in uris for f in lake.manifest(u).files]
-        table = ds.dataset(parts, filesystem=filesystem, format="parquet", partitioning="hive",
-                           partition_base_dir=base).to_table()
-        got = pl.from_arrow(table)
+        # The table's prefix, as an engine declares it; the run is a partition to filter on.
+        table = ds.dataset(f"{lake.uri}/{name}"[len("s3://"):], filesystem=filesystem, format="parquet", partitioning="hive")
+        got = pl.from_arrow(table.to_table(filter=ds.field("run") == run)).drop("run")
         keys_in_path = {"iteration": None, **({"step": int(step)} if step else {})}  # hive partitions: path only
         expected = pl.concat([
             lake.read(u).with_columns(**{k: pl.lit(v if k == "step" else g, pl.Int32) for k, v in keys_in_path.items()})
@@ -234,16 +233,17 @@ def test_s3_run_reads_back_with_pyarrow_and_polars(s3_run, s3_server: SeaweedSer
         keys = [c for c in ("iteration", "prompt_id", "sample_idx") if c in got.columns]
         assert got.height == sum(lake.manifest(u).rows for u in uris) > 0
         assert got.sort(keys).equals(expected.select(got.columns).sort(keys))
-        # A whole stage folder reads as it is: the manifest is skipped (leading underscore), no other files.
-        folder = ds.dataset(uris[0][len("s3://"):], filesystem=filesystem, format="parquet", exclude_invalid_files=True)
+        # A partition folder holds its parts and nothing else.
+        assert all(u.endswith(".parquet") for u in lake.store.list(f"{lake.uri}/{name}"))
+        folder = ds.dataset(uris[0][len("s3://"):], filesystem=filesystem, format="parquet")
         assert folder.count_rows() == lake.manifest(uris[0]).rows
     scored = (
-        pl.scan_parquet(f"{lake.run_uri(run)}/iteration=*/scored/*.parquet",
-                        storage_options=lake.store.storage_options(), hive_partitioning=True)
+        pl.scan_parquet(f"{lake.uri}/scored/**/*.parquet", storage_options=lake.store.storage_options(), hive_partitioning=True)
+        .filter(pl.col("run") == run)
         .collect()
     )
     assert scored.height == sum(lake.manifest(lake.stage_uri(run, g, "scored")).rows for g in (1, 2))
-    assert scored.filter(pl.col("iteration") == 1).drop("iteration").sort("prompt_id", "sample_idx").equals(
+    assert scored.filter(pl.col("iteration") == 1).drop("run", "iteration").sort("prompt_id", "sample_idx").equals(
         lake.read(lake.stage_uri(run, 1, "scored")).sort("prompt_id", "sample_idx"))
 
 
@@ -269,7 +269,7 @@ def test_s3_run_artifacts_lineage_and_plots(s3_run) -> None:
     found = _artifacts(run)  # the run name is already lowercase-dash
     # One summary of the run, and rewards, lake and samples of each iteration.
     assert set(found) == {artifact_key(run, g, w) for g in (1, 2) for w in ("rewards", "lake", "samples")} | {summary_key(run)}
-    assert found[artifact_key(run, 2, "lake")].data.count(f"{lake.run_uri(run)}/iteration=2") == 2  # text and target
+    assert found[artifact_key(run, 2, "lake")].data.count(lake.stage_uri(run, 2, "scored")) == 2  # text and target
 
     client = MlflowClient(tracking_uri=s3_run.tracking, registry_uri=s3_run.tracking)
     versions = {(v.tags["flywheel.iteration"], v.tags["flywheel.step"]): v

@@ -149,7 +149,7 @@ def test_served_deployment_runs_from_the_api(api, s3_lake, workdir):
     assert own.height == 60 * 2 and own["sample_idx"].max() == 1  # the edited N, not the recipe file's 4
     assert len(lake.manifest(lake.stage_uri("from-api", 1, "samples")).files) == 3  # 2 Grow shards + labelled
     assert lake.is_done(lake.stage_uri("from-api", 1, "scored"))
-    summary = lake.get_json(f"{s3_lake}/from-api/summary.json")
+    summary = lake.get_json(f"{s3_lake}/runs/from-api/summary.json")
     assert [r["iteration"] for r in summary["iterations"]] == [1]  # grow_steps edited from 2 to 1
     tracking = f"sqlite:///{workdir / 'tracking' / 'mlflow.db'}"
     versions = MlflowClient(tracking, registry_uri=tracking).search_model_versions("name='served-rest'")

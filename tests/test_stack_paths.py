@@ -116,7 +116,7 @@ def test_rest_on_stack_s3_and_mlflow_server_then_serve_the_champion(stack, tmp_p
         lineage = json.loads(v.tags["flywheel.datasets"])
         assert lineage and all(d["uri"].startswith("s3://lake/flywheel/") and len(d["sha256"]) == 64 for d in lineage)
     champion = client.get_model_version_by_alias(MODEL, "champion")
-    summary = json.loads(_read_s3_json(stack, f"flywheel/{run}/summary.json"))
+    summary = json.loads(_read_s3_json(stack, f"flywheel/runs/{run}/summary.json"))
     assert champion.version == summary["champion"]["version"]
     parent = client.get_run(summary["mlflow"]["run_id"])
     assert parent.info.status == "FINISHED", parent.info.status
@@ -217,7 +217,7 @@ def test_custom_run_from_the_prefect_ui_completes(stack, tmp_path):
     with temporary_settings({PREFECT_API_URL: stack["env"]["PREFECT_API_URL"]}), get_client(sync_client=True) as prefect:
         flow_run = prefect.read_flow_run(flow_run_id)
     assert flow_run.state.is_completed() and flow_run.parameters["recipe"]["seed"] == 7, flow_run.state
-    summaries = [json.loads(p.read_text()) for p in (tmp_path / "lake").glob("*/summary.json")]
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "lake" / "runs").glob("*/summary.json")]
     assert len(summaries) == 1 and summaries[0]["champion"] is not None
     # The edited field reached the flow: the run's MLflow params carry seed 7, the recipe file says 0.
     from mlflow import MlflowClient

@@ -92,12 +92,12 @@ def _user_task_rises(workdir: Path, monkeypatch, sizes: tuple[int, int, int], *s
     rc = flywheel(workdir / "reverse.yaml", *sets, run="reverse")
     assert rc == 0
     s = summary_of(workdir, "reverse")
-    evals = read_stage(workdir / "lake" / "reverse" / "iteration=0" / "eval" / "step=0")
+    evals = read_stage(workdir / "lake", "reverse", "iteration=0/eval/step=0")
     assert evals.height == sizes[2]
     # Partial credit: the baseline gets some letters right but not all.
     assert 0.0 < s["baseline"]["eval_reward"] < 1.0
     assert evals["reward"].n_unique() > 2
-    scored = read_stage(workdir / "lake" / "reverse" / "iteration=1" / "scored")
+    scored = read_stage(workdir / "lake", "reverse", "iteration=1/scored")
     assert (scored["sample_idx"] >= 0).all(), "grow.include_labelled=false: only the policy's own samples"
     assert s["champion"]["model_name"] == "reverse-letters" and s["champion"]["version"] != "1"
     return s
