@@ -76,12 +76,30 @@ def decisions(scored: pl.DataFrame, finished: pl.DataFrame, pool: pl.DataFrame, 
 
     ``finished``, ``pool`` and ``kept`` are the rows left after each filter stage, in that order.
     """
+    steps = [("truncated", finished), ("duplicate", pool), ("not_top_k" if top_k else "below_threshold", kept)]
+    return fates(scored, steps, threshold=threshold)
+
+
+def pair_decisions(scored: pl.DataFrame, rewarded: pl.DataFrame, finished: pl.DataFrame, pairs: pl.DataFrame) -> pl.DataFrame:
+    """Every scored row's fate in one preference step: ``kept`` when a pair uses it (as chosen or rejected),
+    else dropped as ``no_reward`` (a demonstration), ``truncated`` or ``no_pair``."""
+    used = pl.concat([
+        pairs.select("prompt_id", pl.col("chosen_idx").alias("sample_idx")),
+        pairs.select("prompt_id", pl.col("rejected_idx").alias("sample_idx")),
+    ]).unique().cast({"sample_idx": scored.schema["sample_idx"]})  # fmt: skip
+    used = finished.join(used, on=["prompt_id", "sample_idx"], how="semi")
+    return fates(scored, [("no_reward", rewarded), ("truncated", finished), ("no_pair", used)], threshold=None)
+
+
+def fates(scored: pl.DataFrame, steps: list[tuple[str, pl.DataFrame]], *, threshold: float | None) -> pl.DataFrame:
+    """``decision``, ``reason`` and ``threshold`` per scored row: ``steps`` are (reason, rows left after
+    that step) in order; a row first missing after a step was dropped for its reason, the last rows are kept."""
     key = ["prompt_id", "sample_idx"]
-    steps = [("truncated", scored, finished), ("duplicate", finished, pool),
-             ("not_top_k" if top_k else "below_threshold", pool, kept)]
-    frames = [before.select(key).join(after.select(key), on=key, how="anti").with_columns(pl.lit(reason).alias("reason"))
-              for reason, before, after in steps]
-    frames.append(kept.select(key).with_columns(pl.lit("kept").alias("reason")))
+    frames, before = [], scored
+    for reason, after in steps:
+        frames.append(before.select(key).join(after.select(key), on=key, how="anti").with_columns(pl.lit(reason).alias("reason")))
+        before = after
+    frames.append(before.select(key).with_columns(pl.lit("kept").alias("reason")))
     out = pl.concat(frames).with_columns(
         pl.when(pl.col("reason") == "kept").then(pl.lit("kept")).otherwise(pl.lit("dropped")).alias("decision"),
         pl.lit(threshold, pl.Float64).alias("threshold"),

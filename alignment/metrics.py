@@ -117,7 +117,8 @@ def step_metrics(grown: pl.DataFrame, kept: pl.DataFrame | None, held_out: pl.Da
                  champion: pl.DataFrame | None) -> dict[str, float | None]:
     """Every frame-based figure of one Improve step: grown (and kept, for a filter's output) rewards and
     lengths, kept fraction, prompt coverage, pass@k, held-out lengths, and the win rate against the
-    champion's held-out answers. ``kept`` is None for a step that trains on pairs."""
+    champion's held-out answers. ``kept`` is what the step trains on: a filter's rows, or the samples its
+    pairs use."""
     out = reward_stats(grown, "grown") | pass_at(grown) | length_stats(grown, "grown")
     if kept is not None:
         out |= reward_stats(kept, "kept") | length_stats(kept, "kept")

@@ -67,7 +67,7 @@ def iterative_dpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]
             start = policy if cfg.start_from == "previous" else initial
             candidate = clock("train", train_preference, ref, start, pairs["uri"], scored, t)
             metrics = clock("evaluate", evaluate, ref, candidate, t, 1)
-            extra = step_metrics(ref, scored, None, ref.stage(t, "eval", 1), champion_eval, clock.seconds)
+            extra = step_metrics(ref, scored, pairs["uri"], ref.stage(t, "eval", 1), champion_eval, clock.seconds)
             reg = clock("register", register, ref, candidate, metrics, t, 1, [pairs["uri"], ref.stage(t, "eval", 1)],
                         parent_version=versions[start],
                         step_metrics={"pairs": pairs["kept"], **train_metrics(ref, candidate), **extra})

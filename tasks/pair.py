@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from alignment.filters import pair_decisions
 from alignment.loss_table import LOSSES
 from alignment.models import load_policy
 from alignment.pairs import make_pairs
@@ -30,7 +31,9 @@ def write_pairs(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str
     """The body of ``pair`` (a GPU stage: the reference policy scores every pair)."""
     cfg = ref.recipe.preference
     lake, uri = ref.open_lake(), ref.stage(iteration, "pairs")
-    scored = lake.read(scored_uri).filter(pl.col("reward").is_not_null())  # demonstrations carry no reward
+    everything = lake.read(scored_uri)
+    rewarded = everything.filter(pl.col("reward").is_not_null())  # demonstrations carry no reward
+    scored = rewarded
     if not ref.recipe.filter.keep_truncated and "finish_reason" in scored.columns:
         scored = scored.filter(pl.col("finish_reason") != "length")  # a cut-off answer is never a chosen one
     pairs = make_pairs(scored, cfg.pairing, cfg.min_margin, seed=ref.recipe.seed + iteration)
@@ -38,5 +41,10 @@ def write_pairs(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str
         model, tokenizer = load_policy(ref.local_model(reference_uri), trust_remote_code=ref.recipe.model.trust_remote_code)
         pairs = add_reference_logps(model, tokenizer, pairs, dtype=ref.recipe.model.dtype, prompt=ref.recipe.prompt_format())
     config = {"pairing": cfg.pairing, "min_margin": cfg.min_margin, "loss": cfg.loss, "reference": reference_uri}
-    lake.write_stage(uri, [pairs], config=config, parents=[scored_uri, reference_uri])
+    # Why each scored row was or was not used, committed before the pairs that mark the step done.
+    fates = pair_decisions(everything, rewarded, scored, pairs)
+    dropped = {reason: int(n) for reason, n in fates.filter(pl.col("decision") == "dropped")["reason"].value_counts().iter_rows()}
+    lake.write_stage(ref.stage(iteration, "decisions", 1), [fates], config=config, parents=[scored_uri])
+    lake.write_stage(uri, [pairs], config=config, parents=[scored_uri, reference_uri],
+                     extra={"scored_rows": everything.height, "dropped": dropped})
     return uri

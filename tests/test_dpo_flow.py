@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 # Bind Prefect's console handler to pytest's session-long capture (see test_rest_flow.py).
@@ -25,6 +27,7 @@ from tests.flywheel_helpers import (
     ROOT,
     client_for,
     flywheel,
+    manifest_path,
     one_torch_thread,  # noqa: F401  (autouse: one intra-op thread for this module)
     partial_stages,
     read_stage,
@@ -77,6 +80,16 @@ def test_pairs_put_a_better_answer_first_with_its_reference_log_probs(fast_run):
         assert LOSSES["dpo"].needs_reference
         for column in ("ref_chosen_logp", "ref_rejected_logp"):
             assert pairs[column].null_count() == 0 and (pairs[column] < 0).all()
+        # Every scored row has a fate: kept when a pair uses it, else dropped with its reason.
+        fates = read_stage(lake, "dpo-fast", f"{it}/decisions/step=1")
+        assert fates.height == scored.height
+        used = pl.concat([pairs.select("prompt_id", pl.col(c).alias("sample_idx")) for c in ("chosen_idx", "rejected_idx")]).unique()
+        assert fates.filter(pl.col("decision") == "kept").height == used.height
+        assert set(fates.filter(pl.col("decision") == "dropped")["reason"]) <= {"no_reward", "truncated", "no_pair"}
+        dropped = json.loads(manifest_path(lake, "dpo-fast", f"{it}/pairs").read_text())["dropped"]
+        assert sum(dropped.values()) == scored.height - used.height
+        # The kept samples' figures are logged for a preference step too.
+        assert 0 < row["kept_fraction"] <= 1 and row["kept_reward_mean"] is not None
     assert partial_stages(fast_run / "lake") == []
 
 
