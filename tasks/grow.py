@@ -16,7 +16,7 @@ from prefect import unmapped
 from alignment.samplers import SamplingParams, make_sampler
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK
-from tasks.placement import ray_resources, run_stage
+from tasks.placement import run_sharded, run_stage
 
 SAMPLE_SCHEMA = {
     "prompt_id": pl.Int64,
@@ -106,11 +106,9 @@ def commit_samples(ref: RunRef, model_uri: str, iteration: int, parts: list[dict
 
 def grow(ref: RunRef, model_uri: str, iteration: int) -> str:
     """Run the Grow step (sharded) and return the ``samples`` stage URI; a committed stage is reused."""
-    lake, uri = ref.open_lake(), ref.stage(iteration, "samples")
-    if lake.is_done(uri):
-        return uri
-    lake.clear(uri)  # whatever an interrupted attempt left behind
     shards = ref.recipe.grow.shards
-    with ray_resources(ref.recipe, "grow"):
-        futures = grow_shard.map(unmapped(ref), unmapped(model_uri), unmapped(iteration), range(shards), unmapped(shards))
-    return commit_samples(ref, model_uri, iteration, [f.result() for f in futures])
+    return run_sharded(
+        ref, ref.stage(iteration, "samples"), "grow",
+        lambda: grow_shard.map(unmapped(ref), unmapped(model_uri), unmapped(iteration), range(shards), unmapped(shards)),
+        lambda parts: commit_samples(ref, model_uri, iteration, parts),
+    )

@@ -65,6 +65,28 @@ def run_once(ref: RunRef, uri: str, stage: str, fn: Callable[..., Any], *args: A
     return uri
 
 
+def run_sharded(ref: RunRef, uri: str, stage: str, submit: Callable[[], list[Any]], commit: Callable[[list[dict]], str]) -> str:
+    """Run a sharded stage that commits ``uri`` at most once: skip it when ``uri`` is committed; else clear what an
+    interrupted attempt left, ``submit()`` the shard tasks (each stages one part, ``Lake.write_part``; on Ray a GPU
+    stage's shards ask for their GPUs), wait for every one, and ``commit(parts)``. A failed shard clears the stage's
+    parts before its error propagates, so nothing half-made is left behind. Returns what ``commit`` returns."""
+    from prefect.futures import wait
+
+    lake = ref.open_lake()
+    if lake.is_done(uri):
+        return uri
+    lake.clear(uri)
+    with ray_resources(ref.recipe, stage):
+        futures = submit()
+    wait(futures)  # every shard has finished or failed before anything is cleaned up
+    try:
+        parts = [f.result() for f in futures]
+    except Exception:
+        lake.clear(uri)
+        raise
+    return commit(parts)
+
+
 def run_here(ref: RunRef, stage: str, fn: Callable[..., T], *args: Any) -> T:
     """``fn(ref, *args)`` in this process (or a fresh one), holding a GPU slot for a GPU stage."""
     if is_gpu_stage(ref.recipe, stage):

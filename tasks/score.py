@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import polars as pl
 from prefect import unmapped
-from prefect.futures import wait
 
 from alignment.reward_model import resolve_reward_spec
 from alignment.rewards import score as call_reward
 from alignment.rewards import with_timeout
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK
-from tasks.placement import ray_resources, run_stage
+from tasks.placement import run_sharded, run_stage
 
 
 @flywheel_task(name="score-shard", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
@@ -56,18 +55,12 @@ def commit_scored(ref: RunRef, samples_uri: str, iteration: int, parts: list[dic
 
 
 def score(ref: RunRef, samples_uri: str, iteration: int) -> str:
-    """Score every part of ``samples`` (sharded) and return the ``scored`` stage URI; a committed stage is reused."""
-    lake, uri = ref.open_lake(), ref.stage(iteration, "scored")
-    if lake.is_done(uri):
-        return uri
-    lake.clear(uri)  # whatever an interrupted attempt left behind
-    names = [f["name"] for f in lake.manifest(samples_uri).files]
-    with ray_resources(ref.recipe, "score"):  # a GPU stage only with score_on_gpu
-        futures = score_shard.map(unmapped(ref), unmapped(samples_uri), unmapped(iteration), names, range(len(names)))
-    wait(futures)  # every shard has finished or failed before anything is cleaned up
-    try:
-        parts = [f.result() for f in futures]
-    except Exception:
-        lake.clear(uri)  # a failed shard (a broken reward) leaves no half-scored stage behind
-        raise
-    return commit_scored(ref, samples_uri, iteration, parts)
+    """Score every part of ``samples`` (sharded) and return the ``scored`` stage URI; a committed stage is reused.
+    A failed shard (a broken reward) leaves no half-scored stage behind."""
+
+    def submit():
+        names = [f["name"] for f in ref.open_lake().manifest(samples_uri).files]
+        return score_shard.map(unmapped(ref), unmapped(samples_uri), unmapped(iteration), names, range(len(names)))
+
+    return run_sharded(ref, ref.stage(iteration, "scored"), "score", submit,
+                       lambda parts: commit_scored(ref, samples_uri, iteration, parts))
