@@ -71,4 +71,4 @@ def warm_start_and_baseline(ref: RunRef, inputs: dict[str, str], summary: Summar
     metrics = evaluate(ref, policy, 0, 0)
     reg = register(ref, policy, metrics, 0, 0, [inputs["labelled"], ref.stage(0, "eval", 0)])
     summary.baseline(metrics, reg)
-    return policy, metrics["eval_reward"], {policy: reg["model_version"]}
+    return policy, metrics["eval_reward"], {policy: reg.model_version}

@@ -60,21 +60,21 @@ def iterative_dpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]
             scored = clock("score", score, ref, samples, t)
             reference = initial if cfg.reference == "initial" else policy
             pairs = clock("pair", pair, ref, scored, t, reference)
-            if pairs["kept"] == 0 and trains_on_pairs:
+            if pairs.kept == 0 and trains_on_pairs:
                 summary.step(t, 1, pairs, None, None, skipped="no pairs above the margin")
                 print(f"iteration {t}: every prompt's samples tied (no pairs); skipping training")
                 continue
             start = policy if cfg.start_from == "previous" else initial
-            candidate = clock("train", train_preference, ref, start, pairs["uri"], scored, t)
+            candidate = clock("train", train_preference, ref, start, pairs.uri, scored, t)
             metrics = clock("evaluate", evaluate, ref, candidate, t, 1)
-            extra = step_metrics(ref, scored, pairs["uri"], ref.stage(t, "eval", 1), champion_eval, clock.seconds)
-            reg = clock("register", register, ref, candidate, metrics, t, 1, [pairs["uri"], ref.stage(t, "eval", 1)],
+            extra = step_metrics(ref, scored, pairs.uri, ref.stage(t, "eval", 1), champion_eval, clock.seconds)
+            reg = clock("register", register, ref, candidate, metrics, t, 1, [pairs.uri, ref.stage(t, "eval", 1)],
                         parent_version=versions[start],
-                        step_metrics={"pairs": pairs["kept"], **train_metrics(ref, candidate), **extra})
+                        step_metrics={"pairs": pairs.kept, **train_metrics(ref, candidate), **extra})
             log_step_metrics(ref, t, 1, {"seconds_register": clock.seconds["seconds_register"]})
-            versions[candidate] = reg["model_version"]
+            versions[candidate] = reg.model_version
             summary.step(t, 1, pairs, metrics, reg, loss=cfg.loss, **extra, seconds_register=clock.seconds["seconds_register"])
-            publish_iteration(ref, t, scored, pairs["uri"])
-            champion_eval = ref.stage(t, "eval", 1) if reg["promoted"] else champion_eval
+            publish_iteration(ref, t, scored, pairs.uri)
+            champion_eval = ref.stage(t, "eval", 1) if reg.promoted else champion_eval
             policy = candidate
         return summary.stop("completed all iterations")

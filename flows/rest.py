@@ -59,24 +59,24 @@ def rest(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
             for i, tau in enumerate(thresholds(ref, scored), start=1):
                 # Improve: keep F(x, y; tau_i) and fine-tune on it.
                 kept = clock("filter", filter_stage, ref, scored, g, i, tau)
-                if kept["kept"] == 0:
+                if kept.kept == 0:
                     summary.step(g, i, kept, None, None, skipped="filter kept no rows")
                     print(f"iteration {g} step {i}: the filter (tau={tau}) kept no rows; skipping this Improve step")
                     continue
                 start = base if recipe.improve.restart_from_base else policy
-                candidate = clock("train", improve, ref, start, kept["uri"], g, i)
+                candidate = clock("train", improve, ref, start, kept.uri, g, i)
                 metrics = clock("evaluate", evaluate, ref, candidate, g, i)
-                datasets = [kept["uri"], ref.stage(g, "eval", i)]
-                extra = step_metrics(ref, scored, kept["uri"], datasets[1], champion_eval, clock.seconds)
+                datasets = [kept.uri, ref.stage(g, "eval", i)]
+                extra = step_metrics(ref, scored, kept.uri, datasets[1], champion_eval, clock.seconds)
                 reg = clock("register", register, ref, candidate, metrics, g, i, datasets, parent_version=versions[start],
-                            step_metrics={"tau": tau or 0.0, "kept": kept["kept"], **train_metrics(ref, candidate), **extra})
+                            step_metrics={"tau": tau or 0.0, "kept": kept.kept, **train_metrics(ref, candidate), **extra})
                 log_step_metrics(ref, g, i, {"seconds_register": clock.seconds["seconds_register"]})
-                versions[candidate] = reg["model_version"]
+                versions[candidate] = reg.model_version
                 summary.step(g, i, kept, metrics, reg, **extra, seconds_register=clock.seconds["seconds_register"])
-                publish_iteration(ref, g, scored, kept["uri"])
-                champion_eval = datasets[1] if reg["promoted"] else champion_eval
+                publish_iteration(ref, g, scored, kept.uri)
+                champion_eval = datasets[1] if reg.promoted else champion_eval
                 # while reward improves on D_eval (and the promotion guards hold: a hacked step is not built on)
-                if metrics["eval_reward"] > best and not set(reg.get("blocked_by", [])) - {"improvement"}:
+                if metrics["eval_reward"] > best and not set(reg.blocked_by) - {"improvement"}:
                     policy, best, stale = candidate, metrics["eval_reward"], 0
                 else:
                     stale += 1

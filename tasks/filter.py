@@ -8,6 +8,7 @@ from alignment import filters
 from alignment.recipe import FilterConfig
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.placement import run_once, run_stage
+from tasks.results import Kept
 
 
 @flywheel_task(name="thresholds")
@@ -36,7 +37,7 @@ def compute_thresholds(ref: RunRef, scored_uri: str) -> list[float | None]:
 
 
 @flywheel_task(name="filter", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
-def filter_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: float | None) -> dict:
+def filter_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: float | None) -> Kept:
     """Commit ``filtered/step={i}``: the rows of ``scored`` that F(x, y; tau) keeps. Returns uri and counts."""
     lake, label = ref.open_lake(), f"g={iteration} step {step}"
     uri = run_once(ref, ref.stage(iteration, "filtered", step), "filter", write_filtered, scored_uri, iteration, step, tau, label=label)
@@ -45,7 +46,7 @@ def filter_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: f
     dropped = lake.manifest_doc(uri).get("dropped", {})
     why = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
     log().info("filter g=%d step %d: tau=%s kept %d of %d%s", iteration, step, tau, m.rows, scored_rows, f" (dropped: {why})" if why else "")
-    return {"uri": uri, "kept": m.rows, "samples": scored_rows, "tau": tau}
+    return Kept(uri=uri, kept=m.rows, samples=scored_rows, tau=tau)
 
 
 def write_filtered(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: float | None) -> str:

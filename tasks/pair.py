@@ -15,16 +15,17 @@ from alignment.pairs import make_pairs
 from alignment.preference import add_reference_logps
 from tasks.context import RunRef, flywheel_task, log
 from tasks.placement import run_once
+from tasks.results import Kept
 
 
 @flywheel_task(name="pair", retries=1, retry_delay_seconds=[5])
-def pair(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str) -> dict:
+def pair(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str) -> Kept:
     """Commit the ``pairs`` stage (best vs worst by default) and return its uri and counts."""
     lake = ref.open_lake()
     uri = run_once(ref, ref.stage(iteration, "pairs"), "pair", write_pairs, scored_uri, iteration, reference_uri, label=f"t={iteration}")
     m, scored_rows = lake.manifest(uri), lake.manifest(scored_uri).rows
     log().info("pair t=%d: %d pairs from %d scored samples", iteration, m.rows, scored_rows)
-    return {"uri": uri, "kept": m.rows, "samples": scored_rows, "tau": None}
+    return Kept(uri=uri, kept=m.rows, samples=scored_rows)
 
 
 def write_pairs(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str) -> str:

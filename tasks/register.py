@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from alignment.errors import UserError
 from alignment.metrics import blocked_by, promotion_checks
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
+from tasks.results import Registration
 
 CHAMPION = "champion"
 PROMOTED_TAG = "flywheel.promoted"  # set once the champion decision for a version is made
@@ -234,84 +235,103 @@ def register(
     datasets: list[str],
     parent_version: str | None = None,
     step_metrics: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """Log metrics and lineage, register the checkpoint as a new version, and move ``champion`` if it wins."""
+) -> Registration:
+    """Register the checkpoint of Improve step (``iteration``, ``step``) and decide whether ``champion`` moves to it.
+
+    A replayed step (a resumed run) finds its version by tags and reports the decision made then."""
     configure(ref)
-    client = MlflowClient()
-    name = ref.recipe.model_name
-    run_id = iteration_run(ref, iteration)
-    lake = ref.open_lake()
-    existing = _existing_version(client, name, ref, iteration, step)
-    if existing is None:
-        log_step_metrics(ref, iteration, step, {**metrics, **(step_metrics or {})}, run_id=run_id)
-        lineage = []
-        with mlflow.start_run(run_id=run_id):
-            for uri in datasets:
-                m, where = lake.manifest(uri), lake.address(uri)
-                lineage.append({"uri": uri, "table": where.stage, "partition": where.partition, "sha256": m.sha256, "rows": m.rows})
-                context = "evaluation" if where.stage == "eval" else "training"
-                mlflow.log_input(
-                    mlflow.data.from_polars(lake.read(uri), source=uri, name=where.name, digest=m.sha256[:16]),
-                    context=context,
-                )
-            info = mlflow.pyfunc.log_model(
-                name=f"policy-step-{step}",
-                python_model=_policy_code(),
-                model_config={"prompt": ref.recipe.prompt_format(), "dtype": ref.recipe.model.dtype},
-                artifacts={"checkpoint": ref.local_model(model_uri)},
-                pip_requirements=_requirements(),
+    client, name = MlflowClient(), ref.recipe.model_name
+    version = _existing_version(client, name, ref, iteration, step)
+    if version is None:
+        log_step_metrics(ref, iteration, step, {**metrics, **(step_metrics or {})}, run_id=iteration_run(ref, iteration))
+        version = create_version(ref, client, model_uri, metrics, iteration, step, datasets, parent_version)
+    if (version.tags or {}).get(PROMOTED_TAG) is not None:
+        return replayed_decision(client, name, version, metrics)
+    return decide_champion(ref, client, name, version, metrics, iteration)
+
+
+def create_version(ref: RunRef, client: MlflowClient, model_uri: str, metrics: dict[str, float], iteration: int, step: int,
+                   datasets: list[str], parent_version: str | None):
+    """Log the datasets' lineage and the pyfunc on the iteration's run, and create the model version tagged with both."""
+    name, lake, run_id = ref.recipe.model_name, ref.open_lake(), iteration_run(ref, iteration)
+    lineage = []
+    with mlflow.start_run(run_id=run_id):
+        for uri in datasets:
+            m, where = lake.manifest(uri), lake.address(uri)
+            lineage.append({"uri": uri, "table": where.stage, "partition": where.partition, "sha256": m.sha256, "rows": m.rows})
+            context = "evaluation" if where.stage == "eval" else "training"
+            mlflow.log_input(
+                mlflow.data.from_polars(lake.read(uri), source=uri, name=where.name, digest=m.sha256[:16]),
+                context=context,
             )
-            # Set after logging: MLflow takes the signature from predict's type hints, which carry
-            # no inference params, so params={"max_new_tokens": ...} would be dropped when served.
-            mlflow.models.set_signature(info.model_uri, mlflow.models.infer_signature(
-                SIGNATURE_EXAMPLE[0], SIGNATURE_EXAMPLE[1], params=SIGNATURE_EXAMPLE[2]))
-        tags = {
-            "flywheel.run": ref.run,
-            "flywheel.iteration": str(iteration),
-            "flywheel.step": str(step),
-            "flywheel.checkpoint": model_uri,
-            "flywheel.checkpoint_sha256": _checkpoint_sha256(lake, model_uri),
-            "flywheel.eval_reward": repr(metrics["eval_reward"]),
-            "flywheel.eval_accuracy": repr(metrics["eval_accuracy"]),
-            "flywheel.datasets": json.dumps(lineage),
-            "flywheel.parent_version": parent_version or "",
-        }
-        try:
-            client.create_registered_model(name)
-        except MlflowException:
-            pass  # already exists
-        # A tracking server refuses a models:/ source unless model_id names it (SQLite does not care).
-        existing = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
-    version = existing.version
-    decided = (existing.tags or {}).get(PROMOTED_TAG)
-    if decided is not None:  # a resumed run replaying this step: report the decision made then
-        promoted = decided == "true"
-        champion = _champion(client, name)
-        best = metrics["eval_reward"] if promoted else _reward(champion)
-        holder = str(version) if promoted or champion is None else str(champion.version)
-        checks = {k[len(PROMOTION_TAG):]: json.loads(v) for k, v in (existing.tags or {}).items() if k.startswith(PROMOTION_TAG)}
-        return {"model_version": str(version), "promoted": promoted, "champion_reward": best, "model_name": name,
-                "champion_version": holder, "promotion": checks, "blocked_by": blocked_by(checks)}
+        info = mlflow.pyfunc.log_model(
+            name=f"policy-step-{step}",
+            python_model=_policy_code(),
+            model_config={"prompt": ref.recipe.prompt_format(), "dtype": ref.recipe.model.dtype},
+            artifacts={"checkpoint": ref.local_model(model_uri)},
+            pip_requirements=_requirements(),
+        )
+        # Set after logging: MLflow takes the signature from predict's type hints, which carry
+        # no inference params, so params={"max_new_tokens": ...} would be dropped when served.
+        mlflow.models.set_signature(info.model_uri, mlflow.models.infer_signature(
+            SIGNATURE_EXAMPLE[0], SIGNATURE_EXAMPLE[1], params=SIGNATURE_EXAMPLE[2]))
+    tags = {
+        "flywheel.run": ref.run,
+        "flywheel.iteration": str(iteration),
+        "flywheel.step": str(step),
+        "flywheel.checkpoint": model_uri,
+        "flywheel.checkpoint_sha256": _checkpoint_sha256(lake, model_uri),
+        "flywheel.eval_reward": repr(metrics["eval_reward"]),
+        "flywheel.eval_accuracy": repr(metrics["eval_accuracy"]),
+        "flywheel.datasets": json.dumps(lineage),
+        "flywheel.parent_version": parent_version or "",
+    }
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # already exists
+    # A tracking server refuses a models:/ source unless model_id names it (SQLite does not care).
+    return client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
+
+
+def replayed_decision(client: MlflowClient, name: str, version, metrics: dict[str, float]) -> Registration:
+    """The champion decision recorded on ``version`` when its step first ran."""
+    promoted = version.tags[PROMOTED_TAG] == "true"
+    champion = _champion(client, name)
+    return Registration(
+        model_name=name, model_version=str(version.version), promoted=promoted,
+        champion_version=str(version.version) if promoted or champion is None else str(champion.version),
+        champion_reward=metrics["eval_reward"] if promoted else _reward(champion), promotion=_saved_checks(version),
+    )  # fmt: skip
+
+
+def decide_champion(ref: RunRef, client: MlflowClient, name: str, version, metrics: dict[str, float], iteration: int) -> Registration:
+    """Run the promotion gate against the champion; move the alias if every check passes; record the verdicts."""
     champion = _champion(client, name)
     best = _reward(champion)
-    promoted = champion is not None and str(champion.version) == str(version)  # MLflow mixes int and str versions
-    saved = {k[len(PROMOTION_TAG):]: json.loads(v) for k, v in (existing.tags or {}).items() if k.startswith(PROMOTION_TAG)}
+    promoted = champion is not None and str(champion.version) == str(version.version)  # MLflow mixes int and str versions
+    saved = _saved_checks(version)
     # The alias already moved here (a run killed before recording its decision): the gate was passed then.
     checks = saved if promoted and saved else gate(ref, metrics, float("-inf") if promoted else best, iteration)
     blocked = blocked_by(checks)
     if not blocked:
-        client.set_registered_model_alias(name, CHAMPION, version)
+        client.set_registered_model_alias(name, CHAMPION, version.version)
         promoted, best = True, metrics["eval_reward"]
-        log().info("model %s version %s is the new champion (held-out reward %.3f)", name, version, best)
+        log().info("model %s version %s is the new champion (held-out reward %.3f)", name, version.version, best)
     elif blocked != ["improvement"]:
-        log().warning("model %s version %s is not promoted: blocked by %s", name, version,
+        log().warning("model %s version %s is not promoted: blocked by %s", name, version.version,
                       ", ".join(f"{c} (value {_show(checks[c]['value'])}, limit {checks[c]['limit']})" for c in blocked))
     for check, verdict in checks.items():
-        client.set_model_version_tag(name, version, PROMOTION_TAG + check, json.dumps(verdict))
-    client.set_model_version_tag(name, version, PROMOTED_TAG, "true" if promoted else "false")
-    holder = str(version) if promoted else str(champion.version)
-    return {"model_version": str(version), "promoted": promoted, "champion_reward": best, "model_name": name,
-            "champion_version": holder, "promotion": checks, "blocked_by": blocked}
+        client.set_model_version_tag(name, version.version, PROMOTION_TAG + check, json.dumps(verdict))
+    client.set_model_version_tag(name, version.version, PROMOTED_TAG, "true" if promoted else "false")
+    return Registration(
+        model_name=name, model_version=str(version.version), promoted=promoted,
+        champion_version=str(version.version) if promoted else str(champion.version), champion_reward=best, promotion=checks,
+    )  # fmt: skip
+
+
+def _saved_checks(version) -> dict[str, dict[str, Any]]:
+    return {k[len(PROMOTION_TAG):]: json.loads(v) for k, v in (version.tags or {}).items() if k.startswith(PROMOTION_TAG)}
 
 
 def gate(ref: RunRef, metrics: dict[str, float], champion_reward: float, iteration: int) -> dict[str, dict[str, Any]]:

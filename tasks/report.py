@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from tasks.context import RunRef, flywheel_task, log
+from tasks.results import Kept, Registration
 
 
 class Summary:
@@ -24,22 +25,22 @@ class Summary:
             "baseline": None, "iterations": [], "champion": None, "stopped": None,
         }
 
-    def baseline(self, metrics: dict[str, float], reg: dict[str, Any]) -> None:
-        self.doc["baseline"] = {**metrics, "model_version": reg["model_version"]}
+    def baseline(self, metrics: dict[str, float], reg: Registration) -> None:
+        self.doc["baseline"] = {**metrics, "model_version": reg.model_version}
         self._champion(reg)
         save_summary(self.ref, self.doc)
 
-    def step(self, iteration: int, step: int, kept: dict, metrics: dict | None, reg: dict | None, **extra: Any) -> None:
+    def step(self, iteration: int, step: int, kept: Kept, metrics: dict | None, reg: Registration | None, **extra: Any) -> None:
         row = {
-            "iteration": iteration, "step": step, "tau": kept.get("tau"), "samples": kept["samples"],
-            "kept": kept["kept"], "eval_reward": None, "eval_accuracy": None, "model_version": None,
+            "iteration": iteration, "step": step, "tau": kept.tau, "samples": kept.samples,
+            "kept": kept.kept, "eval_reward": None, "eval_accuracy": None, "model_version": None,
             "promoted": False, **extra,
         }
         if metrics is not None and reg is not None:
             row.update(metrics)
-            row.update(model_version=reg["model_version"], promoted=reg["promoted"])
-            if "promotion" in reg:  # each check of the champion gate: {value, limit, passed}; which ones blocked
-                row.update(promotion=reg["promotion"], blocked_by=reg["blocked_by"])
+            row.update(model_version=reg.model_version, promoted=reg.promoted)
+            # each check of the champion gate: {value, limit, passed}; which ones blocked
+            row.update(promotion=reg.promotion, blocked_by=reg.blocked_by)
             self._champion(reg)
         self.doc["iterations"].append(row)
         save_summary(self.ref, self.doc)
@@ -55,13 +56,11 @@ class Summary:
         publish_summary(self.doc)
         return self.doc
 
-    def _champion(self, reg: dict[str, Any]) -> None:
+    def _champion(self, reg: Registration) -> None:
         # The first registration records whoever holds the alias (possibly another run's model that
         # this run never beats); after that, only a promotion changes it.
-        if reg["promoted"] or self.doc["champion"] is None:
-            self.doc["champion"] = {
-                "model_name": reg["model_name"], "version": reg["champion_version"], "eval_reward": reg["champion_reward"],
-            }
+        if reg.promoted or self.doc["champion"] is None:
+            self.doc["champion"] = {"model_name": reg.model_name, "version": reg.champion_version, "eval_reward": reg.champion_reward}
 
 
 @flywheel_task(name="save-summary", retries=3, retry_delay_seconds=[2, 5, 15])

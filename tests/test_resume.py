@@ -155,31 +155,31 @@ def test_replayed_registration_reuses_the_version_and_its_decision(workdir: Path
 
     first = register.fn(ref, ckpt[0], {"eval_reward": 0.2, "eval_accuracy": 0.2}, 0, 1, [data, evals])
     second = register.fn(ref, ckpt[1], {"eval_reward": 0.5, "eval_accuracy": 0.5}, 1, 1, [data, evals],
-                         parent_version=first["model_version"])
-    assert (first["promoted"], second["promoted"]) == (True, True)
+                         parent_version=first.model_version)
+    assert (first.promoted, second.promoted) == (True, True)
 
     # A resumed run replays both steps: same versions, same decisions, the champion stays put.
     assert register.fn(ref, ckpt[0], {"eval_reward": 0.2, "eval_accuracy": 0.2}, 0, 1, [data, evals]) == first
     client = MlflowClient()
     name = ref.recipe.model_name
     # Killed after the version was created but before the champion decision: the replay decides.
-    client.delete_model_version_tag(name, second["model_version"], PROMOTED_TAG)
+    client.delete_model_version_tag(name, second.model_version, PROMOTED_TAG)
     client.delete_registered_model_alias(name, CHAMPION)
-    client.set_registered_model_alias(name, CHAMPION, first["model_version"])
+    client.set_registered_model_alias(name, CHAMPION, first.model_version)
     replay = register.fn(ref, ckpt[1], {"eval_reward": 0.5, "eval_accuracy": 0.5}, 1, 1, [data, evals],
-                         parent_version=first["model_version"])
+                         parent_version=first.model_version)
     assert replay == second
-    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == second["model_version"]
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == second.model_version
 
     # Killed after the alias moved but before the decision was recorded: still promoted, nothing moves.
-    client.delete_model_version_tag(name, second["model_version"], PROMOTED_TAG)
+    client.delete_model_version_tag(name, second.model_version, PROMOTED_TAG)
     assert register.fn(ref, ckpt[1], {"eval_reward": 0.5, "eval_accuracy": 0.5}, 1, 1, [data, evals],
-                       parent_version=first["model_version"]) == second
+                       parent_version=first.model_version) == second
 
     versions = client.search_model_versions(f"name = '{name}'")
-    assert sorted(str(v.version) for v in versions) == sorted([first["model_version"], second["model_version"]])
-    tags = client.get_model_version(name, second["model_version"]).tags
-    assert tags["flywheel.parent_version"] == first["model_version"]
+    assert sorted(str(v.version) for v in versions) == sorted([first.model_version, second.model_version])
+    tags = client.get_model_version(name, second.model_version).tags
+    assert tags["flywheel.parent_version"] == first.model_version
     assert tags[PROMOTED_TAG] == "true"
     assert tags["flywheel.checkpoint"] == ckpt[1]
     assert tags["flywheel.checkpoint_sha256"] == lake.manifest(ckpt[1]).sha256

@@ -159,7 +159,7 @@ def test_iteration_artifacts_plots_and_models_on_s3(
     assert any(o.endswith(REWARD_PLOT) for o in objects) and any(o.endswith(HELDOUT_PLOT) for o in objects)
     assert any(o.endswith("model.safetensors") for o in objects) and any(o.endswith("MLmodel") for o in objects)
 
-    version = client.get_model_version(recipe.model_name, reg["model_version"])
+    version = client.get_model_version(recipe.model_name, reg.model_version)
     assert json.loads(version.tags["flywheel.datasets"]) == [
         {"uri": u, "table": lake.address(u).stage, "partition": lake.address(u).partition,
          "sha256": lake.manifest(u).sha256, "rows": lake.manifest(u).rows} for u in (kept, evals)

@@ -1,0 +1,37 @@
+"""What stage tasks hand back to the flows: small frozen values, never frames or models (STYLE #6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from alignment.metrics import blocked_by
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A filter or pair step's committed stage, and how many rows it kept of how many were scored.
+
+    ``tau`` is the threshold a ReST filter used (None for top-k filters and for pairs)."""
+
+    uri: str
+    kept: int
+    samples: int
+    tau: float | None = None
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered model version and the champion decision made for it."""
+
+    model_name: str
+    model_version: str
+    promoted: bool
+    champion_version: str
+    champion_reward: float | None
+    promotion: dict[str, dict[str, Any]] = field(default_factory=dict)  # check -> {value, limit, passed}
+
+    @property
+    def blocked_by(self) -> list[str]:
+        """The promotion checks that failed, in the gate's order (empty: nothing blocked it)."""
+        return blocked_by(self.promotion)
