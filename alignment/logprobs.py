@@ -25,13 +25,69 @@ def batch_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 
     ``batch`` is the output of ``alignment.training.collate``: right-padded ``input_ids``,
     ``attention_mask``, and ``labels`` equal to ``IGNORE`` on prompt and padding positions.
+
+    Padding is not computed: rows run in groups of similar length (``_length_groups``), each cut to
+    its longest row, and the logits come only from the first position that predicts a label onwards
+    (``logits_to_keep``, where the model takes it). Right padding never reaches a real token through
+    causal attention, so each row's log-prob is the one a single padded pass gives.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask, labels = batch["attention_mask"], batch["labels"]
+    width = mask.shape[1]
+    lengths = mask.sum(dim=1)
+    right_padded = bool((mask == (torch.arange(width, device=mask.device) < lengths.unsqueeze(1))).all())
+    groups = _length_groups(lengths.tolist()) if right_padded else [list(range(mask.shape[0]))]
+    if len(groups) == 1:
+        cut = max(1, *lengths.tolist()) if right_padded else width
+        return _logps(model, batch["input_ids"][:, :cut], mask[:, :cut], labels[:, :cut])
+    parts = []
+    for rows in groups:
+        index = torch.tensor(rows, device=mask.device)
+        cut = int(lengths[index].max())
+        parts.append(_logps(model, batch["input_ids"][index, :cut], mask[index, :cut], labels[index, :cut]))
+    order = torch.tensor([r for rows in groups for r in rows], device=mask.device)
+    logps = torch.cat([p for p, _ in parts]).index_select(0, torch.argsort(order))
+    return logps, (labels[:, 1:] != IGNORE).sum(dim=1)
+
+
+def _logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     # Position t predicts token t+1: shift the labels, not the logits, so the logits are never copied.
-    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    if _takes_logits_to_keep(model):
+        predicting = (shifted != IGNORE).any(dim=0).nonzero()
+        keep = shifted.shape[1] - int(predicting[0]) if len(predicting) else 1
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    shifted = shifted[:, shifted.shape[1] - logits.shape[1] :]  # the positions whose logits were kept
     # cross_entropy is a fused log-softmax + gather; it is 0 at ignored positions.
-    token_nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
-    return -token_nll.view_as(labels).sum(dim=1), (labels != IGNORE).sum(dim=1)
+    token_nll = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="none")
+    return -token_nll.view_as(shifted).sum(dim=1), (shifted != IGNORE).sum(dim=1)
+
+
+def _length_groups(lengths: list[int], waste: float = 0.1) -> list[list[int]]:
+    """Row indices in groups of similar length: each group, padded to its longest row, adds at most
+    ``waste`` of its real tokens as padding. One group when that costs no more than ``waste`` overall."""
+    order = sorted(range(len(lengths)), key=lambda r: lengths[r])
+    if len(lengths) * max(lengths, default=0) <= (1 + waste) * sum(lengths):
+        return [list(range(len(lengths)))]
+    groups: list[list[int]] = []
+    total = 0
+    for r in order:
+        if groups and (len(groups[-1]) + 1) * lengths[r] <= (1 + waste) * (total + lengths[r]):
+            groups[-1].append(r)
+            total += lengths[r]
+        else:
+            groups.append([r])
+            total = lengths[r]
+    return groups
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (a PEFT wrapper passes it through to its base model)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 @torch.no_grad()

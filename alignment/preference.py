@@ -141,7 +141,7 @@ def train_preference(
         stored |= dict(zip(("chosen_rewards", "rejected_rewards"), (_column(pairs, c) for c in REWARD_COLUMNS)))
 
     def step_loss(idx: list[int]) -> torch.Tensor:
-        # One forward pass over the chosen rows followed by the rejected rows.
+        # One batch: the chosen rows followed by the rejected rows (batch_logps skips their padding).
         batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], fmt.pad_id)
         logps, lengths = batch_logps(model, {k: v.to(model.device) for k, v in batch.items()})
         (chosen_logps, rejected_logps), (chosen_len, rejected_len) = logps.chunk(2), lengths.chunk(2)

@@ -4,12 +4,13 @@ Both sides start from the same policy — the bench Llama (``bench/realistic.py`
 BPE + ChatML, about 38M parameters) — with the same frozen reference model (a second one, differently
 seeded, so that the loss is not trivially log 2), the same batch of (prompt, chosen, rejected) pairs
 (prompts of 50-200 tokens templated, answers of 64-128 tokens), the same beta, precomputed reference
-log-probs, dropout off, float32 and the same torch AdamW. Our step is ``train_preference``'s: one
-forward pass over the chosen rows followed by the rejected rows (collated together), summed
-completion log-probs, ``compute_loss("dpo")``. The script first checks that the loss and every
-gradient of step 1 agree to 1e-5, then times steps (forward + DPO loss + backward + AdamW update),
-alternating between the two sides so that machine noise hits both alike, and prints the median step
-times, their ratio and the loss after the updates.
+log-probs, dropout off, float32 and the same torch AdamW. Our step is ``train_preference``'s: the
+chosen rows followed by the rejected rows, collated together, through ``batch_logps`` (which runs
+them in groups of similar length, without their padding, and keeps only the logits that predict a
+completion token), summed completion log-probs, ``compute_loss("dpo")``. The script first checks
+that the loss and every gradient of step 1 agree to 1e-5, then times steps (forward + DPO loss +
+backward + AdamW update), alternating between the two sides so that machine noise hits both alike,
+and prints the median step times, their ratio and the loss after the updates.
 
 Run on a laptop:   .venv/bin/python bench/bench_dpo_step.py
 Run on a GPU node: .venv/bin/python bench/bench_dpo_step.py --pairs 64 --steps 12
@@ -106,7 +107,7 @@ def ours_side(policy_path: Path, ref_model, pairs, beta: float, lr: float, workd
     prompts, chosen, rejected = pairs
     ref_c, _ = sequence_logps(ref_model, tok, prompts, chosen, batch_size=len(prompts), prompt=RAW)
     ref_r, _ = sequence_logps(ref_model, tok, prompts, rejected, batch_size=len(prompts), prompt=RAW)
-    # As train_preference's step: chosen rows then rejected rows, collated into one forward pass.
+    # As train_preference's step: chosen rows then rejected rows, collated into one batch.
     examples = encode_pairs(tok, prompts, chosen, RAW) + encode_pairs(tok, prompts, rejected, RAW)
     batch = {k: v.to(model.device) for k, v in collate(examples, tok.pad_token_id).items()}
     ref_c, ref_r = ref_c.to(model.device), ref_r.to(model.device)

@@ -6,8 +6,9 @@ Model: the bench Llama (``bench/realistic.py``: 8 layers, 512 wide, BPE vocabula
 sides (no top-k).
 
 - ours: ``TransformersSampler`` with ``batch_size`` rows per ``generate`` call (rows sorted by prompt
-  length; Gumbel-max with counter-based noise, so each sample depends only on (seed, prompt id,
-  sample index)).
+  length; each distinct prompt's prefix run once, not once per sample, into a cache allocated for
+  the whole generation; Gumbel-max with counter-based noise, so each sample depends only on (seed,
+  prompt id, sample index)).
 - peer: what a user writes for throughput with plain transformers — prompts sorted by length, left-padded,
   ``model.generate(do_sample=True, num_return_sequences=N)`` over ``batch_size // N`` prompts per call
   (the default puts every row in one call: the largest batch there is; on a CPU memory is not the limit).

@@ -7,6 +7,10 @@ comes from ``(seed, prompt_id, sample_idx)``, computed for the whole batch with 
 ops (no per-row random generators, so one step's noise costs the same on CPU and GPU whatever the
 batch). A sample is therefore the same whatever the batch size, prompt order or shard it lands in —
 the property that lets a resumed or sharded Grow reproduce an uninterrupted one row for row.
+
+A batch's n samples of one prompt share its key/value cache: each distinct prompt's prefix runs once
+(not once per sample) into a cache allocated for the whole generation, which ``generate`` then
+continues; the prefix pass is deterministic, so this changes no sample.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from alignment.models import load_policy
@@ -116,14 +121,17 @@ class TransformersSampler:
             input_ids, mask = _left_pad([encoded[i] for i, _ in batch], fmt.pad_id, self.model.device)
             processors = LogitsProcessorList()
             if params.temperature > 0:
-                processors.append(TemperatureLogitsWarper(params.temperature))
+                if params.temperature != 1.0:  # dividing by 1 changes nothing
+                    processors.append(TemperatureLogitsWarper(params.temperature))
                 if params.top_p < 1.0:
                     processors.append(TopPLogitsWarper(params.top_p))
                 seeds = [row_seed(params.seed, ids[i], j) for i, j in batch]
                 processors.append(_GumbelNoise(seeds, input_ids.shape[1], self.model.device))
+            cache = self._shared_prefix_cache([encoded[i] for i, _ in batch], input_ids.shape[1], params.max_new_tokens)
             generated = self.model.generate(
-                input_ids=input_ids, attention_mask=mask, generation_config=config, logits_processor=processors
-            )
+                input_ids=input_ids, attention_mask=mask, generation_config=config, logits_processor=processors,
+                **({"past_key_values": cache} if cache is not None else {}),
+            )  # fmt: skip
             new = generated[:, input_ids.shape[1] :]
             for row, seq in zip(batch, new.tolist(), strict=True):
                 out[row] = fmt.finish(seq)
@@ -132,6 +140,125 @@ class TransformersSampler:
             finish_reasons=[[out[(i, j)][1] for j in range(n)] for i in range(len(prompts))],
             num_tokens=[[out[(i, j)][2] for j in range(n)] for i in range(len(prompts))],
         )
+
+    def _shared_prefix_cache(self, seqs: list[list[int]], width: int, max_new_tokens: int) -> DynamicCache | None:
+        """The batch's key/value cache over every prompt but its last token, each distinct prompt run once.
+
+        The batch is left-padded to ``width``; ``generate`` then runs the last prompt column and decodes.
+        Two savings over handing ``generate`` the padded batch as it is: the prompt pass runs once per
+        distinct prompt, not once per sample (a prompt's n samples share their prefix), over groups of
+        prompts of similar length (little padding); and the cache is allocated for the whole generation,
+        so a decoding step writes one column where the default cache re-copies all of it. ``None``
+        (plain ``generate``) for a model whose cache is not plain full attention (sliding windows,
+        linear attention, encoder-decoder), or when no prompt has more than one token.
+        """
+        model = self.model
+        if width < 2 or model.config.is_encoder_decoder or not _plain_cache(model.config):
+            return None
+        distinct: dict[tuple[int, ...], int] = {}
+        where = [distinct.setdefault(tuple(s), len(distinct)) for s in seqs]  # row -> distinct prompt
+        prefixes = [list(p[:-1]) for p in distinct]
+        order = sorted(range(len(prefixes)), key=lambda u: len(prefixes[u]))
+        past = width - 1  # the prefix columns: every row's prompt but its last token, left-padded
+        capacity = width + max_new_tokens
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        rows_of: list[list[int]] = [[] for _ in prefixes]
+        for r, u in enumerate(where):
+            rows_of[u].append(r)
+        device = model.device
+        unfilled: list[tuple[torch.Tensor, int]] = []  # (rows, columns before their group's first column)
+        for group in _length_groups(order, [len(p) for p in prefixes]):
+            group_width = max(len(prefixes[u]) for u in group)
+            dest = torch.tensor([r for u in group for r in rows_of[u]], device=device)
+            unfilled.append((dest, past - group_width))
+            if group_width == 0:
+                continue  # one-token prompts: the whole prefix is padding
+            ids, mask = _left_pad([prefixes[u] for u in group], self.formatter.pad_id, device)
+            positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 0)  # as generate() derives them
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                  **self._logits_to_keep)  # fmt: skip
+            src = torch.tensor([k for k, u in enumerate(group) for _ in rows_of[u]], device=device)
+            for layer_idx, layer in enumerate(cache.layers):
+                if len(keys) <= layer_idx:  # columns past the prompt are written before attention reads them
+                    shape = (len(seqs), layer.keys.shape[1], capacity, layer.keys.shape[3])
+                    keys.append(layer.keys.new_empty(shape))
+                    values.append(layer.values.new_empty((*shape[:3], layer.values.shape[3])))
+                keys[layer_idx][dest, :, past - group_width : past] = layer.keys[src]
+                values[layer_idx][dest, :, past - group_width : past] = layer.values[src]
+        if not keys:
+            return None
+        for buffer in (*keys, *values):  # padding left of a group's columns: masked, but must not be NaN
+            for dest, start in unfilled:
+                if start:
+                    buffer[dest, :, :start] = 0
+        cache = DynamicCache(config=model.config)
+        cache.layers = [_PreallocatedLayer(k, v, past) for k, v in zip(keys, values, strict=True)]
+        return cache
+
+    @property
+    def _logits_to_keep(self) -> dict:
+        """``logits_to_keep=1`` where the model takes it: the prompt pass needs only the cache, not its logits."""
+        import inspect
+
+        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+
+
+def _plain_cache(config) -> bool:
+    """Whether the model's default cache is full attention in every layer (what ``_PreallocatedLayer`` replaces)."""
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception:  # a config the cache cannot read: leave it to generate()
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _length_groups(order: list[int], lengths: list[int], waste: float = 0.25) -> list[list[int]]:
+    """``order`` (indices by ascending length) cut into runs whose left-padding adds at most ``waste`` of their tokens."""
+    groups: list[list[int]] = []
+    for u in order:
+        group = groups[-1] if groups else None
+        if group is not None and (len(group) + 1) * lengths[u] <= (1 + waste) * (sum(lengths[v] for v in group) + lengths[u]):
+            group.append(u)
+        else:
+            groups.append([u])
+    return groups
+
+
+class _PreallocatedLayer(DynamicLayer):
+    """A full-attention cache layer in a buffer sized for the whole generation.
+
+    ``DynamicLayer`` concatenates each step's keys and values onto the cache, copying all of it per
+    token; this writes the new column in place and hands attention a view of the filled part (the same
+    values, so the same logits). It grows by doubling should generation outrun the buffer.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__()
+        self._keys, self._values, self._length = keys, values, length
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._view()
+
+    def _view(self) -> None:
+        self.keys = self._keys[:, :, : self._length]
+        self.values = self._values[:, :, : self._length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self._length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:
+            grow = max(end, 2 * self._keys.shape[-2]) - self._keys.shape[-2]
+            self._keys = torch.cat([self._keys, self._keys.new_zeros((*self._keys.shape[:2], grow, self._keys.shape[3]))], -2)
+            self._values = torch.cat([self._values, self._values.new_zeros((*self._values.shape[:2], grow, self._values.shape[3]))], -2)
+        self._keys[:, :, self._length : end] = key_states
+        self._values[:, :, self._length : end] = value_states
+        self._length = end
+        self._view()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._length
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
