@@ -19,7 +19,8 @@ its own reader), and what a *plain* engine sees — ``pyarrow.dataset(table, par
 which is how Athena/Glue, Spark and DuckDB read a Parquet prefix without a table format — after the
 retried commit: the rows it counts against the true count, and the non-Parquet files under the table.
 
-Needs ``pip install deltalake`` (not a flywheel dependency: this bench exists to decide whether it should be).
+Needs ``pip install deltalake`` for the peer (not a flywheel dependency: this bench exists to decide whether it
+should be); without it the bench says so in its result line.
 
     .venv/bin/python bench/bench_commit.py            # about a minute on 2 cores
 """
@@ -125,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         import deltalake
-    except ImportError:
-        print("bench_commit needs the deltalake package: pip install deltalake", file=sys.stderr)
-        return 2
+    except ImportError:  # the peer is optional: say so in the result line, as `make bench` expects one
+        print("bench_commit compares against Delta Lake, which is not installed: pip install deltalake")
+        print(json.dumps({"bench": "commit", "ratio": None, "ratio_means": "needs pip install deltalake", "target": "report"}))
+        return 0
 
     work = Path(tempfile.mkdtemp(prefix="bench_commit_"))
     frames = [scored(args.rows, seed) for seed in range(args.stages)]

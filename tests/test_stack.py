@@ -150,7 +150,7 @@ def test_served_schedule_creates_and_completes_a_run_by_itself(api, tmp_path):
                 time.sleep(2)
             assert run is not None, f"no scheduled run finished within 600 s:\n{log.read_text()[-4000:]}"
             assert run.state.is_completed(), f"{run.state}:\n{log.read_text()[-6000:]}"
-        summaries = list((tmp_path / "lake").glob("*/summary.json"))
+        summaries = list((tmp_path / "lake" / "runs").glob("*/summary.json"))
         assert summaries, "the scheduled run wrote no summary"
 
         serve.send_signal(signal.SIGINT)  # Ctrl-C: serve stops, without a traceback

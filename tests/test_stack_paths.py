@@ -106,7 +106,7 @@ def test_rest_on_stack_s3_and_mlflow_server_then_serve_the_champion(stack, tmp_p
         argv += ["--set", s]
     proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "s3://lake/flywheel/on-the-stack" in proc.stdout
+    assert "s3://lake/flywheel/runs/on-the-stack" in proc.stdout
 
     client = MlflowClient(tracking_uri=mlflow_url, registry_uri=mlflow_url)
     versions = sorted(client.search_model_versions(f"name = '{MODEL}'"), key=lambda v: int(v.version))
@@ -127,7 +127,7 @@ def test_rest_on_stack_s3_and_mlflow_server_then_serve_the_champion(stack, tmp_p
 
         artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{run}-summary"])))
         assert artifacts and artifacts[0].flow_run_id is not None and artifacts[0].type == "markdown"
-        assert f"models:/{MODEL}@champion" in artifacts[0].data and "s3://lake/flywheel/on-the-stack" in artifacts[0].data
+        assert f"models:/{MODEL}@champion" in artifacts[0].data and "s3://lake/flywheel/runs/on-the-stack" in artifacts[0].data
 
     port, log = free_port(), tmp_path / "models-serve.log"
     # It runs `uvicorn` from PATH: this environment's, as in an activated venv.
