@@ -28,10 +28,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -218,21 +221,31 @@ class Lake:
 
     # -- commit protocol ---------------------------------------------------------------------
     def is_done(self, stage_uri: str) -> bool:
-        return self.store.exists(self.manifest_uri(stage_uri))
+        uri = self.manifest_uri(stage_uri)
+        return _MANIFESTS.get(uri) is not None or self.store.exists(uri)
 
     def clear(self, stage_uri: str) -> None:
         """Remove whatever an unfinished attempt at an uncommitted stage left: its parts and its staged parts."""
         a = self._address(stage_uri)
+        _MANIFESTS.forget(a.manifest_uri)
         self.store.delete_prefix(a.uri)
         if a.is_table:
             self.store.delete_prefix(a.staging_uri)
 
     def manifest(self, stage_uri: str) -> Manifest:
-        try:
-            raw = self.store.get(self.manifest_uri(stage_uri))
-        except (FileNotFoundError, KeyError) as exc:
-            raise StageNotFound(f"No committed stage at {stage_uri} (it has no {MANIFEST}).") from exc
-        return self._parse_manifest(stage_uri, raw)
+        return self._parse_manifest(stage_uri, self._manifest_bytes(stage_uri))
+
+    def _manifest_bytes(self, stage_uri: str) -> bytes:
+        """A committed stage's manifest, fetched once per process while a run's lease is held (``_ManifestCache``)."""
+        uri = self.manifest_uri(stage_uri)
+        raw = _MANIFESTS.get(uri)
+        if raw is None:
+            try:
+                raw = self.store.get(uri)
+            except (FileNotFoundError, KeyError) as exc:
+                raise StageNotFound(f"No committed stage at {stage_uri} (it has no {MANIFEST}).") from exc
+            _MANIFESTS.put(uri, raw)
+        return raw
 
     def _parse_manifest(self, stage_uri: str, raw: bytes) -> Manifest:
         data = json.loads(raw)
@@ -249,10 +262,7 @@ class Lake:
 
     def manifest_doc(self, stage_uri: str) -> dict[str, Any]:
         """The committed stage's whole manifest document, with what its writer added (metrics, drop counts)."""
-        try:
-            return self.get_json(self.manifest_uri(stage_uri))
-        except (FileNotFoundError, KeyError) as exc:
-            raise StageNotFound(f"No committed stage at {stage_uri} (it has no {MANIFEST}).") from exc
+        return json.loads(self._manifest_bytes(stage_uri))
 
     def check_config(self, stage_uri: str, config: Any) -> Manifest:
         """The committed stage's manifest, if it was made with ``config``; ``StageChanged`` if not."""
@@ -353,6 +363,7 @@ class Lake:
         }
         raw = json.dumps(manifest, indent=2, default=str).encode()
         self.store.put(a.manifest_uri, raw)
+        _MANIFESTS.put(a.manifest_uri, raw)
         return self._parse_manifest(stage_uri, raw)
 
     def read(self, stage_uri: str) -> pl.DataFrame:
@@ -374,8 +385,20 @@ class Lake:
     def _read_part(self, m: Manifest, entry: dict[str, Any]) -> pl.DataFrame:
         """A part's rows, after checking its size, sha256 and row count against the manifest (``CorruptPart``).
 
-        Hashing costs about a millisecond per MB, a small fraction of decoding the Parquet.
+        Hashing costs about a millisecond per MB, a small fraction of decoding the Parquet. A committed
+        stage never changes, so the rows read and verified once are kept (``_PARTS``) for as long as its
+        manifest is the very same document: a stage read by several tasks of one process (scored is read
+        by the filter, the metrics and the artifacts) is fetched and decoded once.
         """
+        key = (m.manifest_uri, m.sha256, entry["name"])
+        cached = _PARTS.get(key)
+        if cached is not None:
+            return cached
+        frame = self._fetch_part(m, entry)
+        _PARTS.put(key, frame)
+        return frame.clone()
+
+    def _fetch_part(self, m: Manifest, entry: dict[str, Any]) -> pl.DataFrame:
         uri = f"{m.uri}/{entry['name']}"
         try:
             data = self.store.get(uri)
@@ -394,8 +417,13 @@ class Lake:
         return frame
 
     # -- directories (model checkpoints) ------------------------------------------------------
-    def put_dir(self, local_dir: str | Path, uri: str, *, extra: dict[str, Any] | None = None) -> Manifest:
-        """Upload a directory (a checkpoint) and commit it with a manifest, like a stage."""
+    def put_dir(self, local_dir: str | Path, uri: str, *, extra: dict[str, Any] | None = None,
+                cache_root: str | Path | None = None) -> Manifest:
+        """Upload a directory (a checkpoint) and commit it with a manifest, like a stage.
+
+        With ``cache_root`` (the cache ``get_dir`` uses), the uploaded files are also linked into this
+        machine's cache under the new manifest, so the next stage here loads the checkpoint it just
+        trained without downloading it back."""
         if self.is_done(uri):
             return self.manifest(uri)
         local_dir = Path(local_dir)
@@ -418,8 +446,13 @@ class Lake:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra or {}),
         }
-        self.store.put(self.manifest_uri(uri), json.dumps(manifest, indent=2, default=str).encode())
-        return self.manifest(uri)
+        raw = json.dumps(manifest, indent=2, default=str).encode()
+        self.store.put(self.manifest_uri(uri), raw)
+        _MANIFESTS.put(self.manifest_uri(uri), raw)
+        committed = self._parse_manifest(uri, raw)
+        if cache_root is not None and target is None:
+            _link_into_cache(local_dir, Path(cache_root) / committed.sha256[:16])
+        return committed
 
     def get_dir(self, uri: str, cache_root: str | Path) -> Path:
         """A local directory holding the committed directory at ``uri`` (downloaded once for S3)."""
@@ -454,6 +487,119 @@ class Lake:
 
     def get_json(self, uri: str) -> Any:
         return json.loads(self.store.get(uri))
+
+
+def _link_into_cache(local_dir: Path, dest: Path) -> None:
+    """``local_dir``'s files hard-linked (copied across filesystems) into ``dest``, renamed into place whole."""
+    if (dest / MANIFEST).exists():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-", suffix=".partial"))
+    try:
+        def link(src: str, dst: str) -> None:
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+        shutil.copytree(local_dir, tmp, dirs_exist_ok=True, copy_function=link)
+        (tmp / MANIFEST).write_text("{}")
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not (dest / MANIFEST).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _ManifestCache:
+    """Manifests of the runs whose lease this process holds (``hold``), as read or written here.
+
+    With the lease, this process is the run's one writer: a committed manifest of the run changes only
+    through its own ``clear`` (which forgets it), so each is fetched once instead of once per
+    ``is_done``/``read`` (a tenth of an S3 iteration's lake time). Of any other run nothing is kept.
+    """
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+        self._docs: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _prefixes(lake_uri: str, run: str) -> tuple[str, str]:
+        root = lake_uri.rstrip("/")
+        return f"{root}/runs/{run}/", f"{root}/models/{run}/"
+
+    def hold(self, lake_uri: str, run: str) -> None:
+        """The run's lease was just taken: start afresh (a manifest may have changed while it was not held)."""
+        self.release(lake_uri, run)
+        with self._lock:
+            self._held.update(self._prefixes(lake_uri, run))
+
+    def release(self, lake_uri: str, run: str) -> None:
+        prefixes = self._prefixes(lake_uri, run)
+        with self._lock:
+            self._held.difference_update(prefixes)
+            self._docs = {k: v for k, v in self._docs.items() if not k.startswith(prefixes)}
+
+    def get(self, uri: str) -> bytes | None:
+        with self._lock:
+            return self._docs.get(uri)
+
+    def put(self, uri: str, raw: bytes) -> None:
+        with self._lock:
+            if uri.startswith(tuple(self._held)):
+                self._docs[uri] = raw
+
+    def forget(self, uri: str) -> None:
+        with self._lock:
+            self._docs.pop(uri, None)
+
+
+_MANIFESTS = _ManifestCache()
+
+
+def hold_manifests(lake_uri: str, run: str) -> None:
+    """Keep ``run``'s manifests in this process from now on: its caller has just taken the run's lease."""
+    _MANIFESTS.hold(lake_uri, run)
+
+
+def drop_manifests(lake_uri: str, run: str) -> None:
+    """Stop keeping ``run``'s manifests: its lease is released."""
+    _MANIFESTS.release(lake_uri, run)
+
+
+class _PartCache:
+    """Verified parts of committed stages, newest last, up to ``max_bytes`` of frames (least recently used out)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self._bytes = max_bytes, 0
+        self._frames: OrderedDict[tuple[str, str, str], pl.DataFrame] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str, str]) -> pl.DataFrame | None:
+        with self._lock:
+            frame = self._frames.get(key)
+            if frame is None:
+                return None
+            self._frames.move_to_end(key)
+            return frame.clone()  # a frame of its own: nothing a caller does reaches the cache
+
+    def put(self, key: tuple[str, str, str], frame: pl.DataFrame) -> None:
+        size = frame.estimated_size()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._frames:
+                return
+            self._frames[key], self._bytes = frame, self._bytes + size
+            while self._bytes > self.max_bytes:
+                _, old = self._frames.popitem(last=False)
+                self._bytes -= old.estimated_size()
+
+
+_PARTS = _PartCache(max_bytes=256 << 20)
 
 
 def _check_sizes(m: Manifest, folder: Path) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 from alignment.errors import UserError
 from alignment.recipe import Recipe
-from tasks.lake import MANIFEST, Lake, check_name, code_version, config_hash
+from tasks.lake import MANIFEST, Lake, check_name, code_version, config_hash, drop_manifests, hold_manifests
 
 RUN_FILE = "run.json"
 LEASE_FILE = "lease.json"
@@ -179,6 +179,7 @@ def acquire(lake: Lake, run: str) -> RunLease:
     lease.acquire()
     with _HELD_LOCK:
         _HELD[(lake.uri, run)] = lease
+    hold_manifests(lake.uri, run)  # the one writer may keep the run's manifests (tasks.lake._ManifestCache)
     return lease
 
 
@@ -186,6 +187,7 @@ def release(lake_uri: str, run: str) -> None:
     """Release this process's lease on ``run`` in the lake (nothing if it holds none)."""
     with _HELD_LOCK:
         lease = _HELD.pop((lake_uri, run), None)
+    drop_manifests(lake_uri, run)
     if lease is not None:
         lease.release()
 

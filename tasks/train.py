@@ -45,7 +45,7 @@ def fit_sft(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: 
             _train_config(ref, settings, seed), finished=finished, trust_remote_code=ref.recipe.model.trust_remote_code,
         )
         extra = {"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics}
-        lake.put_dir(tmp, out_uri, extra=extra)
+        lake.put_dir(tmp, out_uri, extra=extra, cache_root=Path(ref.cache_dir) / "models")
     log().info("trained %s on %d examples: loss %.4f", ref.policy_version(out_uri), data.height, metrics["train_loss"])
     return out_uri
 
@@ -98,6 +98,7 @@ def fit_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str,
     Path(ref.cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp:
         metrics = fit(ref.local_model(start_uri), tmp, data, cfg, trust_remote_code=ref.recipe.model.trust_remote_code)
-        lake.put_dir(tmp, out_uri, extra={"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics})
+        lake.put_dir(tmp, out_uri, extra={"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics},
+                     cache_root=Path(ref.cache_dir) / "models")
     log().info("trained %s with %s on %d rows: loss %.4f", ref.policy_version(out_uri), cfg.loss, data.height, metrics["train_loss"])
     return out_uri
