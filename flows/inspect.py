@@ -75,7 +75,7 @@ def _rows(frame: pl.DataFrame, limit: int) -> list[dict[str, Any]]:
 
 
 def inspect_stage(lake: Lake, stage_uri: str, limit: int) -> dict[str, Any]:
-    m, a = lake.manifest(stage_uri), lake._address(stage_uri)
+    m, a = lake.manifest(stage_uri), lake.address_of(stage_uri)
     keys = {"run": a.run, "iteration": a.iteration} | ({"step": a.step} if a.step is not None else {})
     out: dict[str, Any] = {"uri": stage_uri, "stage": a.label, **keys, "rows": m.rows, "manifest_sha256": m.sha256}
     raw = lake.manifest_doc(stage_uri)

@@ -204,14 +204,15 @@ class Lake:
                 return Address(self.uri, m["stage"], m["run"], int(m["iteration"]), step)
         return None
 
-    def _address(self, stage_uri: str) -> Address:
+    def address_of(self, stage_uri: str) -> Address:
+        """The stage ``stage_uri`` names (``StageNotFound`` if it names none of this lake)."""
         found = self.address(stage_uri)
         if found is None:
             raise StageNotFound(f"{stage_uri} is not a stage of the lake {self.uri}.")
         return found
 
     def manifest_uri(self, stage_uri: str) -> str:
-        return self._address(stage_uri).manifest_uri
+        return self.address_of(stage_uri).manifest_uri
 
     def committed(self, run: str | None = None) -> list[Address]:
         """Every committed table partition of ``run`` (or of every run), from the manifests under ``runs/``."""
@@ -226,7 +227,7 @@ class Lake:
 
     def clear(self, stage_uri: str) -> None:
         """Remove whatever an unfinished attempt at an uncommitted stage left: its parts and its staged parts."""
-        a = self._address(stage_uri)
+        a = self.address_of(stage_uri)
         _MANIFESTS.forget(a.manifest_uri)
         self.store.delete_prefix(a.uri)
         if a.is_table:
@@ -307,7 +308,7 @@ class Lake:
         frame.write_parquet(buf, compression="zstd", statistics=True)
         data = buf.getvalue()
         name = f"part-{shard:05d}.parquet"
-        self.store.put(f"{self._address(stage_uri).staging_uri if staged else stage_uri}/{name}", data)
+        self.store.put(f"{self.address_of(stage_uri).staging_uri if staged else stage_uri}/{name}", data)
         arrow = pq.read_metadata(io.BytesIO(data)).schema.to_arrow_schema()
         return {
             "name": name, "rows": frame.height, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
@@ -329,7 +330,7 @@ class Lake:
         wrote and hashed, so it needs no read-back. Safe to repeat after a failure part-way: a part an
         earlier attempt already moved is found in place and checked by its size.
         """
-        a = self._address(stage_uri)
+        a = self.address_of(stage_uri)
         files = [dict(f) for f in files]
         schema = next((f["schema"] for f in files if f.get("schema")), {})
         for f in files:
