@@ -51,5 +51,5 @@ def test_the_wordmath_recipe_raises_held_out_reward(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
-    summary = json.loads((tmp_path / "lake" / "wm" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "lake" / "runs" / "wm" / "summary.json").read_text())
     assert summary["champion"]["eval_reward"] > summary["baseline"]["eval_reward"] + 0.03, summary
