@@ -28,13 +28,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import re
 import shutil
 import tempfile
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -44,14 +40,12 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from alignment.errors import UserError
+from tasks.lake_cache import MANIFESTS, PARTS, link_into_cache
+from tasks.lake_paths import MANIFEST, MODELS, PARTITION_KEYS, TABLES, Address, BadName, check_name, parse
 from tasks.storage import Store, normalize_uri, open_store
 
-MANIFEST = "_manifest.json"
-PARTITION_KEYS = ("run", "iteration", "step")
-# Stages kept as tables; every other stage (``base``, ``checkpoint``) is a model directory under ``models/``.
-TABLES = ("prompts", "eval_prompts", "labelled", "samples", "scored", "decisions", "filtered", "pairs", "eval")
-MODELS = ("base", "checkpoint")
-
+__all__ = ["MANIFEST", "MODELS", "TABLES", "Address", "BadName", "CorruptPart", "Lake", "Manifest", "StageChanged",
+           "StageNotFound", "check_name", "code_version", "config_hash"]
 
 def code_version() -> str:
     try:
@@ -70,39 +64,12 @@ class StageNotFound(FileNotFoundError):
     """A stage was read before it was committed."""
 
 
-class BadName(UserError):
-    """A run or model name that could escape the lake, forge a partition or overflow a path."""
-
-
 class StageChanged(UserError):
     """A committed stage was made with a config other than the one a run would use now."""
 
 
 class CorruptPart(UserError):
     """A part of a committed stage no longer matches what its manifest recorded."""
-
-
-# Run names become a folder of the lake and model names a registry key: a single path segment of a
-# few safe characters, so nothing typed escapes the lake (``..``, ``/``) or forges a hive partition (``=``).
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-NAME_RULE = "1 to 128 letters, digits, '.', '_' or '-', starting with a letter or digit and without '..'"
-
-
-def check_name(name: str, what: str) -> str:
-    """``name`` if it follows ``NAME_RULE``; else a ``BadName`` sentence saying which rule it breaks."""
-    shown = name if len(name) <= 40 else f"{name[:40]}..."
-    if not name:
-        problem = "is empty"
-    elif len(name) > 128:
-        problem = f"is {len(name)} characters long"
-    elif ".." in name:
-        problem = "contains '..'"
-    elif NAME_PATTERN.fullmatch(name):
-        return name
-    else:
-        bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "._-"))})
-        problem = f"contains {', '.join(repr(c) for c in bad)}" if bad else "does not start with a letter or digit"
-    raise BadName(f"The {what} {shown!r} {problem}: use {NAME_RULE}.")
 
 
 @dataclass(frozen=True)
@@ -115,65 +82,6 @@ class Manifest:
     parents: list[str]
     sha256: str  # of the manifest itself: the dataset's identity for lineage
     manifest_uri: str = ""
-
-
-@dataclass(frozen=True)
-class Address:
-    """Where one stage of one run lies: the one place that spells lake paths (``Lake.address`` parses them)."""
-
-    root: str
-    stage: str
-    run: str
-    iteration: int
-    step: int | None = None
-
-    @property
-    def is_table(self) -> bool:
-        return self.stage not in MODELS
-
-    @property
-    def partition(self) -> str:
-        """``run=R/iteration=G[/step=I]``: the hive partition of a table stage."""
-        return f"run={self.run}/{self._keys}"
-
-    @property
-    def label(self) -> str:
-        """``filtered/step=1``: the stage within its iteration, as tables and logs name it."""
-        return self.stage if self.step is None else f"{self.stage}/step={self.step}"
-
-    @property
-    def name(self) -> str:
-        """``scored/run=R/iteration=G``: table and partition, the name lineage records."""
-        return f"{self.stage}/{self.partition}" if self.is_table else f"models/{self.run}/{self._model_path}"
-
-    @property
-    def uri(self) -> str:
-        return f"{self.root}/{self.name}"
-
-    @property
-    def manifest_uri(self) -> str:
-        if not self.is_table:
-            return f"{self.uri}/{MANIFEST}"
-        return f"{self.root}/runs/{self.run}/stages/{self.stage}/{self._keys}/{MANIFEST}"
-
-    @property
-    def staging_uri(self) -> str:
-        return f"{self.root}/runs/{self.run}/staging/{self.stage}/{self._keys}"
-
-    @property
-    def _keys(self) -> str:
-        return f"iteration={self.iteration}" + ("" if self.step is None else f"/step={self.step}")
-
-    @property
-    def _model_path(self) -> str:
-        return f"iteration={self.iteration}/{self.label}"
-
-
-_TABLE_PATH = re.compile(r"(?P<stage>[a-z_]+)/run=(?P<run>[^/]+)/iteration=(?P<iteration>\d+)(?:/step=(?P<step>\d+))?")
-_MODEL_PATH = re.compile(r"models/(?P<run>[^/]+)/iteration=(?P<iteration>\d+)/(?P<stage>[a-z_]+)(?:/step=(?P<step>\d+))?")
-_MANIFEST_PATH = re.compile(
-    r"runs/(?P<run>[^/]+)/stages/(?P<stage>[a-z_]+)/iteration=(?P<iteration>\d+)(?:/step=(?P<step>\d+))?/" + re.escape(MANIFEST)
-)
 
 
 class Lake:
@@ -193,16 +101,7 @@ class Lake:
 
     def address(self, uri: str) -> Address | None:
         """The stage a table partition, model directory or manifest URI of this lake names; None for any other URI."""
-        root = self.uri.rstrip("/") + "/"
-        if not uri.startswith(root):
-            return None
-        rel = uri[len(root) :].rstrip("/")
-        for pattern in (_TABLE_PATH, _MODEL_PATH, _MANIFEST_PATH):
-            m = pattern.fullmatch(rel)
-            if m and (pattern is _MODEL_PATH) == (m["stage"] in MODELS):
-                step = int(m["step"]) if m["step"] is not None else None
-                return Address(self.uri, m["stage"], m["run"], int(m["iteration"]), step)
-        return None
+        return parse(self.uri, uri)
 
     def address_of(self, stage_uri: str) -> Address:
         """The stage ``stage_uri`` names (``StageNotFound`` if it names none of this lake)."""
@@ -223,12 +122,12 @@ class Lake:
     # -- commit protocol ---------------------------------------------------------------------
     def is_done(self, stage_uri: str) -> bool:
         uri = self.manifest_uri(stage_uri)
-        return _MANIFESTS.get(uri) is not None or self.store.exists(uri)
+        return MANIFESTS.get(uri) is not None or self.store.exists(uri)
 
     def clear(self, stage_uri: str) -> None:
         """Remove whatever an unfinished attempt at an uncommitted stage left: its parts and its staged parts."""
         a = self.address_of(stage_uri)
-        _MANIFESTS.forget(a.manifest_uri)
+        MANIFESTS.forget(a.manifest_uri)
         self.store.delete_prefix(a.uri)
         if a.is_table:
             self.store.delete_prefix(a.staging_uri)
@@ -237,15 +136,15 @@ class Lake:
         return self._parse_manifest(stage_uri, self._manifest_bytes(stage_uri))
 
     def _manifest_bytes(self, stage_uri: str) -> bytes:
-        """A committed stage's manifest, fetched once per process while a run's lease is held (``_ManifestCache``)."""
+        """A committed stage's manifest, fetched once per process while a run's lease is held (``tasks.lake_cache``)."""
         uri = self.manifest_uri(stage_uri)
-        raw = _MANIFESTS.get(uri)
+        raw = MANIFESTS.get(uri)
         if raw is None:
             try:
                 raw = self.store.get(uri)
             except (FileNotFoundError, KeyError) as exc:
                 raise StageNotFound(f"No committed stage at {stage_uri} (it has no {MANIFEST}).") from exc
-            _MANIFESTS.put(uri, raw)
+            MANIFESTS.put(uri, raw)
         return raw
 
     def _parse_manifest(self, stage_uri: str, raw: bytes) -> Manifest:
@@ -364,7 +263,7 @@ class Lake:
         }
         raw = json.dumps(manifest, indent=2, default=str).encode()
         self.store.put(a.manifest_uri, raw)
-        _MANIFESTS.put(a.manifest_uri, raw)
+        MANIFESTS.put(a.manifest_uri, raw)
         return self._parse_manifest(stage_uri, raw)
 
     def read(self, stage_uri: str) -> pl.DataFrame:
@@ -387,16 +286,16 @@ class Lake:
         """A part's rows, after checking its size, sha256 and row count against the manifest (``CorruptPart``).
 
         Hashing costs about a millisecond per MB, a small fraction of decoding the Parquet. A committed
-        stage never changes, so the rows read and verified once are kept (``_PARTS``) for as long as its
+        stage never changes, so the rows read and verified once are kept (``tasks.lake_cache.PARTS``) for as long as its
         manifest is the very same document: a stage read by several tasks of one process (scored is read
         by the filter, the metrics and the artifacts) is fetched and decoded once.
         """
         key = (m.manifest_uri, m.sha256, entry["name"])
-        cached = _PARTS.get(key)
+        cached = PARTS.get(key)
         if cached is not None:
             return cached
         frame = self._fetch_part(m, entry)
-        _PARTS.put(key, frame)
+        PARTS.put(key, frame)
         return frame.clone()
 
     def _fetch_part(self, m: Manifest, entry: dict[str, Any]) -> pl.DataFrame:
@@ -449,10 +348,10 @@ class Lake:
         }
         raw = json.dumps(manifest, indent=2, default=str).encode()
         self.store.put(self.manifest_uri(uri), raw)
-        _MANIFESTS.put(self.manifest_uri(uri), raw)
+        MANIFESTS.put(self.manifest_uri(uri), raw)
         committed = self._parse_manifest(uri, raw)
         if cache_root is not None and target is None:
-            _link_into_cache(local_dir, Path(cache_root) / committed.sha256[:16])
+            link_into_cache(local_dir, Path(cache_root) / committed.sha256[:16])
         return committed
 
     def get_dir(self, uri: str, cache_root: str | Path) -> Path:
@@ -488,119 +387,6 @@ class Lake:
 
     def get_json(self, uri: str) -> Any:
         return json.loads(self.store.get(uri))
-
-
-def _link_into_cache(local_dir: Path, dest: Path) -> None:
-    """``local_dir``'s files hard-linked (copied across filesystems) into ``dest``, renamed into place whole."""
-    if (dest / MANIFEST).exists():
-        return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-", suffix=".partial"))
-    try:
-        def link(src: str, dst: str) -> None:
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-
-        shutil.copytree(local_dir, tmp, dirs_exist_ok=True, copy_function=link)
-        (tmp / MANIFEST).write_text("{}")
-        try:
-            tmp.rename(dest)
-        except OSError:
-            if not (dest / MANIFEST).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-class _ManifestCache:
-    """Manifests of the runs whose lease this process holds (``hold``), as read or written here.
-
-    With the lease, this process is the run's one writer: a committed manifest of the run changes only
-    through its own ``clear`` (which forgets it), so each is fetched once instead of once per
-    ``is_done``/``read`` (a tenth of an S3 iteration's lake time). Of any other run nothing is kept.
-    """
-
-    def __init__(self) -> None:
-        self._held: set[str] = set()
-        self._docs: dict[str, bytes] = {}
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _prefixes(lake_uri: str, run: str) -> tuple[str, str]:
-        root = lake_uri.rstrip("/")
-        return f"{root}/runs/{run}/", f"{root}/models/{run}/"
-
-    def hold(self, lake_uri: str, run: str) -> None:
-        """The run's lease was just taken: start afresh (a manifest may have changed while it was not held)."""
-        self.release(lake_uri, run)
-        with self._lock:
-            self._held.update(self._prefixes(lake_uri, run))
-
-    def release(self, lake_uri: str, run: str) -> None:
-        prefixes = self._prefixes(lake_uri, run)
-        with self._lock:
-            self._held.difference_update(prefixes)
-            self._docs = {k: v for k, v in self._docs.items() if not k.startswith(prefixes)}
-
-    def get(self, uri: str) -> bytes | None:
-        with self._lock:
-            return self._docs.get(uri)
-
-    def put(self, uri: str, raw: bytes) -> None:
-        with self._lock:
-            if uri.startswith(tuple(self._held)):
-                self._docs[uri] = raw
-
-    def forget(self, uri: str) -> None:
-        with self._lock:
-            self._docs.pop(uri, None)
-
-
-_MANIFESTS = _ManifestCache()
-
-
-def hold_manifests(lake_uri: str, run: str) -> None:
-    """Keep ``run``'s manifests in this process from now on: its caller has just taken the run's lease."""
-    _MANIFESTS.hold(lake_uri, run)
-
-
-def drop_manifests(lake_uri: str, run: str) -> None:
-    """Stop keeping ``run``'s manifests: its lease is released."""
-    _MANIFESTS.release(lake_uri, run)
-
-
-class _PartCache:
-    """Verified parts of committed stages, newest last, up to ``max_bytes`` of frames (least recently used out)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self._bytes = max_bytes, 0
-        self._frames: OrderedDict[tuple[str, str, str], pl.DataFrame] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str, str]) -> pl.DataFrame | None:
-        with self._lock:
-            frame = self._frames.get(key)
-            if frame is None:
-                return None
-            self._frames.move_to_end(key)
-            return frame.clone()  # a frame of its own: nothing a caller does reaches the cache
-
-    def put(self, key: tuple[str, str, str], frame: pl.DataFrame) -> None:
-        size = frame.estimated_size()
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            if key in self._frames:
-                return
-            self._frames[key], self._bytes = frame, self._bytes + size
-            while self._bytes > self.max_bytes:
-                _, old = self._frames.popitem(last=False)
-                self._bytes -= old.estimated_size()
-
-
-_PARTS = _PartCache(max_bytes=256 << 20)
 
 
 def _check_sizes(m: Manifest, folder: Path) -> None:

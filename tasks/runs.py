@@ -35,7 +35,8 @@ from typing import Any
 
 from alignment.errors import UserError
 from alignment.recipe import Recipe
-from tasks.lake import MANIFEST, Lake, check_name, code_version, config_hash, drop_manifests, hold_manifests
+from tasks.lake import MANIFEST, Lake, check_name, code_version, config_hash
+from tasks.lake_cache import drop_manifests, hold_manifests
 
 RUN_FILE = "run.json"
 LEASE_FILE = "lease.json"
@@ -179,7 +180,7 @@ def acquire(lake: Lake, run: str) -> RunLease:
     lease.acquire()
     with _HELD_LOCK:
         _HELD[(lake.uri, run)] = lease
-    hold_manifests(lake.uri, run)  # the one writer may keep the run's manifests (tasks.lake._ManifestCache)
+    hold_manifests(lake.uri, run)  # the one writer may keep the run's manifests (tasks.lake_cache)
     return lease
 
 

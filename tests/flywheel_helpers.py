@@ -81,7 +81,8 @@ _REL = re.compile(r"iteration=(\d+)/([a-z_]+)(?:/step=(\d+))?")
 def address(lake_dir: Path, run: str, rel: str):
     """The lake address of a stage named as tests name it, ``iteration=G/STAGE[/step=I]``."""
     g, stage, step = _REL.fullmatch(rel).groups()
-    return Lake(f"file://{lake_dir}").address_of(Lake(f"file://{lake_dir}").stage_uri(run, int(g), stage, int(step) if step else None))
+    lake = Lake(f"file://{lake_dir}")
+    return lake.address_of(lake.stage_uri(run, int(g), stage, int(step) if step else None))
 
 
 def stage_dir(lake_dir: Path, run: str, rel: str) -> Path:
