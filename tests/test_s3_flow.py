@@ -191,6 +191,27 @@ def test_inspect_an_s3_run_as_json(s3_lake: str, s3_server: SeaweedServer) -> No
     _assert_no_credentials(s3_server, proc.stdout, proc.stderr)
 
 
+def test_sql_and_runs_over_an_s3_lake_from_the_cli(s3_lake: str, s3_server: SeaweedServer) -> None:
+    """`flywheel sql` and `flywheel runs` on an S3 lake, as a user runs them: committed partitions only."""
+    lake = Lake(s3_lake)
+    for run in ("a", "b"):
+        lake.write_stage(lake.stage_uri(run, 1, "scored"), [_scored()])
+    lake.store.put(f"{lake.stage_uri('a', 2, 'scored')}/part-00000.parquet", b"a killed attempt's part")
+    lake.put_json(f"{lake.run_uri('a')}/summary.json", {"run": "a", "iterations": [{"iteration": 1}], "stopped": "done"})
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "sql", "SELECT run, iteration, count(*) AS n, avg(reward) AS r "
+                           "FROM scored GROUP BY ALL ORDER BY ALL", "--lake", s3_lake, "--format", "json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    expected = _scored()["reward"].mean()
+    assert [(r["run"], r["iteration"], r["n"]) for r in json.loads(proc.stdout)] == [("a", 1, 5), ("b", 1, 5)]
+    assert all(r["r"] == pytest.approx(expected) for r in json.loads(proc.stdout))
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "runs", "--lake", s3_lake, "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert [(r["run"], r["status"]) for r in json.loads(proc.stdout)] == [("a", "finished"), ("b", "unfinished")]
+    _assert_no_credentials(s3_server, proc.stdout, proc.stderr)
+
+
 # -- slow: the real command on an S3 lake ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def s3_run(s3_server: SeaweedServer, tmp_path_factory: pytest.TempPathFactory):
