@@ -58,8 +58,11 @@ def bpe_tokenizer(corpus: list[str], *, pad: bool = True, bos: bool = False, cha
     return fast
 
 
-def build(out: Path, arch: str = "llama", *, pad: bool = True, bos: bool = False, chat: bool = True, steps: int = 150) -> Path:
-    """Build, briefly train and save a model of ``arch`` (llama or qwen2); returns its directory."""
+def build(out: Path, arch: str = "llama", *, pad: bool = True, bos: bool = False, chat: bool = True, steps: int = 300) -> Path:
+    """Build, briefly train and save a model of ``arch`` (llama or qwen2); returns its directory.
+
+    300 steps, so every fixture's greedy answers differ from prompt to prompt on each CPU seen: at 150,
+    float rounding on one machine left the qwen2 fixture answering "1" to every sum."""
     data = sums(400, seed=1)
     corpus = [f"{p} {a}" for p, a in data] + ["assistant user system"]
     tok = bpe_tokenizer(corpus, pad=pad, bos=bos, chat=chat)

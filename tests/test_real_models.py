@@ -83,15 +83,19 @@ def test_a_completion_ends_at_the_second_end_id_with_no_special_text(models):
     fmt = formatter_for(model, tok)
     assert tok.eos_token == IM_END and eot in fmt.end_ids and eot != tok.eos_token_id
     # Stopping at the tokenizer's eos_token alone runs past <|endoftext|>: the bug this guards against.
-    ids = torch.tensor([fmt.prompt_ids(orders[0])])
-    with torch.no_grad():
-        only_eos = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
-    assert eot in only_eos[:-1], "the fixture ends orders with <|endoftext|>"
-    gen = TransformersSampler(str(path), device="cpu", progress=False).generate(orders, 1, SamplingParams(0.0, 1.0, 8))
-    for text, reason, n in zip(gen.completions, gen.finish_reasons, gen.num_tokens, strict=True):
+    only_eos = []
+    for order in orders:
+        ids = torch.tensor([fmt.prompt_ids(order)])
+        with torch.no_grad():
+            only_eos.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist())
+    assert eot in only_eos[0][:-1], "the fixture ends orders with <|endoftext|>"
+    # One prompt a batch, as the references above: this is about where a completion ends, not about padding.
+    gen = TransformersSampler(str(path), batch_size=1, device="cpu", progress=False).generate(orders, 1, SamplingParams(0.0, 1.0, 8))
+    for text, reason, n, ran_on in zip(gen.completions, gen.finish_reasons, gen.num_tokens, only_eos, strict=True):
+        end = next(i for i, t in enumerate(ran_on) if t in fmt.end_ids)  # the first of either end id
         assert reason == ["stop"]
-        assert "<|" not in text[0] and text[0] == tok.decode(only_eos[: only_eos.index(eot)], skip_special_tokens=True)
+        assert "<|" not in text[0] and text[0] == tok.decode(ran_on[:end], skip_special_tokens=True)
         assert n == [len(tok(text[0], add_special_tokens=False)["input_ids"]) + 1]  # the end token counts
 
 
