@@ -57,11 +57,17 @@ class LossSpec:
     hparams: dict[str, HParam] = field(default_factory=dict)
     needs_rewards: bool = False
     has_nll: bool = False
+    compared: bool = False  # a row of the README's comparison table (``make compare``)
     cite: str = ""  # where the seed notes define it
 
     @property
     def kind(self) -> Literal["pairwise", "group"]:
         return "group" if self.reads == "group" else "pairwise"
+
+    @property
+    def trains_on(self) -> Literal["pairs", "scored"]:
+        """The lake table it trains on: the ``pairs`` stage, or a group loss's ``scored`` samples."""
+        return "scored" if self.kind == "group" else "pairs"
 
     @property
     def needs_reference(self) -> bool:
@@ -105,27 +111,30 @@ def _beta(default: float = 0.1) -> dict[str, HParam]:
 
 _DECLARED = (
     # The GPO family, f(β·h) for a convex f (seed l.1207, table l.1212-1217).
-    LossSpec("dpo", "dpo", "logratios", _beta(), cite="l.877"),
-    LossSpec("hinge", "hinge", "logratios", _beta(), cite="l.1213"),
-    LossSpec("ipo", "ipo", "logratios", _beta(), cite="l.978"),
+    LossSpec("dpo", "dpo", "logratios", _beta(), compared=True, cite="l.877"),
+    LossSpec("hinge", "hinge", "logratios", _beta(), compared=True, cite="l.1213"),
+    LossSpec("ipo", "ipo", "logratios", _beta(), compared=True, cite="l.978"),
     # TRL's "ipo": the same squared loss on per-token mean logratios.
     LossSpec("ipo_mean", "ipo", "avg_logratios", _beta()),
     LossSpec("exponential", "exponential", "logratios", _beta(), cite="l.1215"),
     LossSpec("truncated_quadratic", "truncated_quadratic", "logratios", _beta(), cite="l.1216"),
     LossSpec("savage", "savage", "logratios", _beta(), cite="l.1217"),
     # Reference-free, on length-normalised log-probs.
-    LossSpec("simpo", "simpo", "avg_logps", {**_beta(2.0), "gamma": HParam(1.0, ge=0, help="target margin")}, cite="l.1067"),
+    LossSpec("simpo", "simpo", "avg_logps", {**_beta(2.0), "gamma": HParam(1.0, ge=0, help="target margin")}, compared=True,
+             cite="l.1067"),
     LossSpec("orpo", "orpo", "avg_logps", {"lam": HParam(0.1, ge=0, help="weight of the odds-ratio term")},
-             has_nll=True, cite="l.1020"),
+             has_nll=True, compared=True, cite="l.1020"),
     # Unpaired, reward-regression and on-policy.
     LossSpec("kto", "kto", "logratios", {**_beta(), "lambda_d": HParam(1.0, ge=0, help="weight of desirable examples"),
-                                         "lambda_u": HParam(1.0, ge=0, help="weight of undesirable examples")}, cite="l.1116"),
+                                         "lambda_u": HParam(1.0, ge=0, help="weight of undesirable examples")},
+             compared=True, cite="l.1116"),
     LossSpec("rebel", "rebel", "logratios", {"eta": HParam(1.0, gt=0, help="step size")}, needs_rewards=True, cite="l.1261"),
-    LossSpec("rloo", "rloo", "group", needs_rewards=True, cite="l.708"),
+    LossSpec("rloo", "rloo", "group", needs_rewards=True, compared=True, cite="l.708"),
 )
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _DECLARED}
 LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)
+COMPARED: tuple[str, ...] = tuple(name for name, spec in LOSSES.items() if spec.compared)
 
 
 def loss_spec(name: str) -> LossSpec:

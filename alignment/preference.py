@@ -105,6 +105,36 @@ def add_reference_logps(
     )
 
 
+def reference_logps_for(
+    pairs: pl.DataFrame, cfg: PreferenceConfig, reference: Callable[[], str | Path], *, trust_remote_code: bool = False
+) -> pl.DataFrame:
+    """``pairs`` with the reference policy's log-probs when ``cfg.loss`` reads them; as given otherwise.
+
+    ``reference`` returns the reference model's directory; it is called only when the log-probs are
+    needed, so a reference-free loss never fetches or loads a second model.
+    """
+    if not pairs.height or not cfg.spec.needs_reference:
+        return pairs
+    model, tokenizer = load_policy(reference(), trust_remote_code=trust_remote_code)
+    return add_reference_logps(model, tokenizer, pairs, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
+
+
+def fit(
+    model_path: str | Path,
+    out_dir: str | Path,
+    data: pl.DataFrame,
+    cfg: PreferenceConfig,
+    *,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """Train with ``cfg.loss`` on ``data``: pairs for a pairwise loss (``train_preference``), the scored
+    samples for a group loss (``train_rloo``). ``cfg.spec.trains_on`` names which."""
+    train = train_rloo if cfg.spec.kind == "group" else train_preference
+    return train(model_path, out_dir, data, cfg, trust_remote_code=trust_remote_code, progress=progress, on_step=on_step)
+
+
 def train_preference(
     model_path: str | Path,
     out_dir: str | Path,

@@ -178,6 +178,7 @@ class ImproveConfig(TrainSettings):
 # The loss names come from the loss table, which imports no torch (a recipe loads in milliseconds).
 LOSS_NAMES = Literal[_loss_table.LOSS_NAMES]  # type: ignore[valid-type]
 RewardSpec = str | list[Any] | dict[str, Any]
+SeedStream = Literal["task", "base", "warm_start", "grow", "improve", "preference", "pair"]
 
 
 class PreferenceSettings(TrainSettings):
@@ -185,11 +186,13 @@ class PreferenceSettings(TrainSettings):
 
     loss: LOSS_NAMES = Field("dpo", description="Preference loss (alignment.loss_table.LOSSES).")
     beta: float | None = Field(
-        None, gt=0, description="The loss's beta; null keeps the loss's default; unused by losses without one (orpo, rebel, rloo)."
+        None, gt=0, description="The loss's beta; null keeps the loss's default; unused by losses without one "
+        f"({', '.join(n for n, s in _loss_table.LOSSES.items() if 'beta' not in s.hparams)})."
     )
     hparams: dict[str, float] = Field(default_factory=dict, description="Other loss hyperparameters, e.g. {gamma: 0.5}.")
     nll_alpha: float = Field(
-        0.0, ge=0, description="Weight of an NLL term on the chosen response (pairwise losses; orpo has its own)."
+        0.0, ge=0, description="Weight of an NLL term on the chosen response (pairwise losses, except those "
+        f"with their own: {', '.join(n for n, s in _loss_table.LOSSES.items() if s.has_nll)})."
     )
     pairing: Literal["best_vs_worst", "best_vs_random", "all_pairs"] = Field(
         "best_vs_worst", description="How pairs are drawn from the N scored samples of a prompt."
@@ -205,16 +208,21 @@ class PreferenceSettings(TrainSettings):
 
     @model_validator(mode="after")
     def _loss_settings(self) -> PreferenceSettings:
-        spec = _loss_table.LOSSES[self.loss]
+        spec = self.spec
         try:
             spec.check(self.loss_hparams(), self.nll_alpha if spec.takes_nll else 0.0)
         except ValueError as exc:
             raise ValueError(str(exc)) from None
         return self
 
+    @property
+    def spec(self) -> _loss_table.LossSpec:
+        """The loss's declaration: what it trains on, what it needs, its hyperparameters."""
+        return _loss_table.LOSSES[self.loss]
+
     def loss_hparams(self) -> dict[str, float]:
         """The loss's hyperparameters: ``hparams``, and ``beta`` when set and the loss takes one."""
-        takes_beta = self.beta is not None and "beta" in _loss_table.LOSSES[self.loss].hparams
+        takes_beta = self.beta is not None and "beta" in self.spec.hparams
         return {**self.hparams, **({"beta": self.beta} if takes_beta else {})}
 
 
@@ -223,7 +231,7 @@ def preference_config(p: PreferenceSettings, seed: int, *, dtype: str = "float32
     from alignment.preference import PreferenceConfig
     from alignment.prompting import PromptFormat
 
-    spec = _loss_table.LOSSES[p.loss]
+    spec = p.spec
     return PreferenceConfig(
         loss=p.loss, beta=p.beta if "beta" in spec.hparams else None, hparams=dict(p.hparams),
         nll_alpha=p.nll_alpha if spec.takes_nll else 0.0, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
@@ -328,6 +336,26 @@ class Recipe(Strict):
     def prompt_format(self) -> dict[str, Any]:
         """The prompt settings every path tokenises with (``alignment.prompting.PromptFormat``)."""
         return {**self.prompt.model_dump(), "max_length": self.model.max_length}
+
+    def seed_for(self, stream: SeedStream, iteration: int = 0, step: int = 0) -> int:
+        """The seed of one random stream of the run, derived from the recipe's ``seed``: the only place
+        a seed is made, so two stages never share a stream by accident.
+
+        ``task`` (prompt splits), ``base`` (the built-in model's init) and ``warm_start`` use ``seed``
+        itself; ``grow`` (Grow step g's samples), ``improve`` (step i of Grow step g) and
+        ``preference`` (iteration t's training shuffles) sit in ``seed * 1000 + ...``, one seed per
+        iteration (and per Improve step, up to nine a Grow step); ``pair`` (which sample a random
+        pairing draws) is ``seed + t``.
+        These are the formulas the first runs used: a seeded run keeps writing the data it always has.
+        """
+        s = self.seed
+        return {
+            "task": s, "base": s, "warm_start": s,
+            "grow": s * 1000 + iteration,
+            "improve": s * 1000 + iteration * 10 + step,
+            "preference": s * 1000 + iteration,
+            "pair": s + iteration,
+        }[stream]
 
 
 class RecipeError(UserError):

@@ -162,29 +162,6 @@ def where_lines(summary: dict, log_path: Path | None) -> list[str]:
     return lines
 
 
-def format_table(summary: dict) -> str:
-    """The per-step table: iteration, step, tau, samples, kept, held-out reward and accuracy (reward >= 1)."""
-    head = f"{'iter':>4} {'step':>4} {'tau':>7} {'samples':>8} {'kept':>7} {'eval_reward':>12} {'accuracy':>8} {'version':>8}"
-    lines = [head, "-" * len(head)]
-    b = summary.get("baseline") or {}
-    if b:
-        lines.append(f"{0:>4} {0:>4} {'-':>7} {'-':>8} {'-':>7} {b['eval_reward']:>12.3f} {b['eval_accuracy']:>8.3f} {b['model_version']:>8}")
-    for r in summary.get("iterations", []):
-        tau = "-" if r.get("tau") is None else f"{r['tau']:.3f}"
-        reward = "skipped" if r.get("eval_reward") is None else f"{r['eval_reward']:.3f}"
-        accuracy = "-" if r.get("eval_accuracy") is None else f"{r['eval_accuracy']:.3f}"
-        version = (r.get("model_version") or "-") + ("*" if r.get("promoted") else "")
-        guards = [c for c in r.get("blocked_by") or [] if c != "improvement"]  # "3 (kl)": a guard blocked the promotion
-        version += f" ({','.join(guards)})" if guards else ""
-        lines.append(f"{r['iteration']:>4} {r['step']:>4} {tau:>7} {r['samples']:>8} {r['kept']:>7} {reward:>12} {accuracy:>8} {version:>8}")
-    champ = summary.get("champion")
-    if champ:
-        lines.append(f"champion: models:/{champ['model_name']}@champion = version {champ['version']} (held-out reward {champ['eval_reward']:.3f}); * = promoted")
-    if summary.get("stopped"):
-        lines.append(f"stopped: {summary['stopped']}")
-    return "\n".join(lines)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from alignment.recipe import load_recipe
 
@@ -209,7 +186,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if not args.process_exits:
             console.close()
-    print(format_table(summary))
+    from tasks.report import console_table
+
+    print(console_table(summary))
     print("\n".join(where_lines(summary, None if args.verbose else log_path)))
     return 0
 

@@ -1,11 +1,10 @@
 """Compare the loops and losses on one task, on the same seeds: a markdown table for the README.
 
-    python -m flows.compare recipes/arithmetic-dpo.yaml --rest recipes/arithmetic-rest.yaml \
-        --losses dpo,ipo,simpo,hinge,orpo,kto,rloo
+    python -m flows.compare recipes/arithmetic-dpo.yaml --rest recipes/arithmetic-rest.yaml --losses dpo,ipo
 
 Rows: the warm start alone (``grow_steps=0``), ReST, then iterative DPO once per loss. Each row is
-a full flywheel run in its own lake folder under ``--out``; the table reports the final policy's
-held-out accuracy (the latest iterate for DPO, the best adopted step for ReST), the champion's,
+a full flywheel run in its own lake folder under ``--out`` (``--losses`` defaults to the losses the
+loss table marks ``compared``); the table reports the final policy's held-out accuracy (the latest iterate for DPO, the best adopted step for ReST), the champion's,
 and the run's wall time.
 """
 
@@ -15,6 +14,8 @@ import argparse
 import time
 from pathlib import Path
 
+from alignment.errors import UserError
+from alignment.loss_table import COMPARED, LOSSES
 from alignment.recipe import load_recipe
 
 
@@ -41,17 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dpo_recipe")
     parser.add_argument("--rest", default=str(Path(__file__).resolve().parents[1] / "recipes" / "arithmetic-rest.yaml"),
                         help="ReST recipe for the ReST row.")
-    parser.add_argument("--losses", default="dpo,ipo,simpo,hinge,orpo,kto,rloo")
+    parser.add_argument("--losses", default=",".join(COMPARED), help="Comma-separated preference losses, one DPO row each.")
     parser.add_argument("--out", default=".flywheel/compare", help="Folder for the lakes and the MLflow db.")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Override for every run.")
     args = parser.parse_args(argv)
+    losses = [name.strip() for name in args.losses.split(",") if name.strip()]
+    if unknown := [name for name in losses if name not in LOSSES]:  # before the first row's minutes, not after
+        raise UserError(f"--losses: unknown loss {', '.join(map(repr, unknown))}; choose from {', '.join(LOSSES)}.")
     _quiet_libraries()
     out = Path(args.out).resolve()
     common = [f"lake=file://{out}/lake", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", *args.overrides]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     plan = [("warm start", args.rest, ["grow_steps=0", "name=compare-warm"]), ("ReST", args.rest, ["name=compare-rest"])]
     plan += [(f"iterative DPO ({loss})", args.dpo_recipe, [f"preference.loss={loss}", f"name=compare-{loss}"])
-             for loss in args.losses.split(",")]
+             for loss in losses]
+    for _, path, extra in plan:  # every recipe and override is checked before the first run starts
+        load_recipe(path, [*common, *extra])
     rows = []
     for label, path, extra in plan:
         summary, wall = _run(path, [*common, *extra], f"{extra[-1].split('=')[1]}-{stamp}")
@@ -67,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     import sys
-
-    from alignment.errors import UserError
 
     try:
         raise SystemExit(main())

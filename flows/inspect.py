@@ -84,6 +84,11 @@ def inspect_stage(lake: Lake, stage_uri: str, limit: int) -> dict[str, Any]:
         return out
     if raw.get("metrics"):
         out["metrics"] = raw["metrics"]
+    # The stage's own settings as its manifest recorded them (a filter's threshold, a pairing rule, ...).
+    settings = {k: v for k, v in (raw.get("config") or {}).items()
+                if k not in keys and isinstance(v, bool | int | float | str) and not str(v).startswith(("file://", "s3://"))}
+    if settings:
+        out["settings"] = settings
     frame = lake.read(stage_uri)
     if "reward" in frame.columns:
         out["reward"] = reward_stats(frame["reward"])
@@ -92,8 +97,6 @@ def inspect_stage(lake: Lake, stage_uri: str, limit: int) -> dict[str, Any]:
         scored = lake.read(m.parents[0])
         out["scored_rows"] = scored.height
         out["kept_fraction"] = m.rows / scored.height if scored.height else 0.0
-        if "threshold" in frame.columns and frame.height:
-            out["threshold"] = float(frame["threshold"].min())
         dropped = scored.join(frame.select("prompt_id", "sample_idx"), on=["prompt_id", "sample_idx"], how="anti")
         out["dropped_rows"] = _rows(dropped.sort("reward", descending=True), limit)
     return out
@@ -120,7 +123,7 @@ def inspect_uri(uri: str, *, limit: int = 5) -> dict[str, Any]:
         report["summary"] = lake.get_json(f"{lake.run_uri(run)}/summary.json")
     report["kept_by_step"] = [
         {"iteration": s.get("iteration"), "step": s.get("step"), "kept": s["rows"], "scored": s.get("scored_rows"),
-         "kept_fraction": s.get("kept_fraction"), "threshold": s.get("threshold")}
+         "kept_fraction": s.get("kept_fraction"), "settings": s.get("settings", {})}
         for s in stages if s["stage"].startswith("filtered")
     ]
     return report
@@ -150,7 +153,9 @@ def render(report: dict[str, Any]) -> str:
         if s.get("kind"):
             head += f" {s['kind']} ({s['files']} files)"
         if "kept_fraction" in s:
-            head += f" kept={s['kept_fraction']:.1%} of {s['scored_rows']}" + (f" tau={s['threshold']:.3f}" if "threshold" in s else "")
+            head += f" kept={s['kept_fraction']:.1%} of {s['scored_rows']}"
+        if s["stage"].startswith(("filtered", "pairs")) and s.get("settings"):  # the rule that chose these rows
+            head += " " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in s["settings"].items())
         if "metrics" in s and s.get("kind") is None:
             head += " " + " ".join(f"{k}={v:.3f}" for k, v in s["metrics"].items())
         lines.append(head)

@@ -21,7 +21,6 @@ from typing import Any
 
 from prefect import flow
 
-from alignment.loss_table import LOSSES
 from alignment.recipe import Recipe
 from flows.common import open_run, warm_start_and_baseline
 from tasks.artifacts import publish_iteration
@@ -49,7 +48,6 @@ def iterative_dpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]
         summary = Summary(ref, "iterative_dpo")
         inputs = prepare_inputs(ref)
         cfg = recipe.preference
-        trains_on_pairs = LOSSES[cfg.loss].kind == "pairwise"  # a group loss (RLOO) trains on the scored samples
 
         policy, _, versions = warm_start_and_baseline(ref, inputs, summary)
         initial = policy
@@ -60,12 +58,12 @@ def iterative_dpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]
             scored = clock("score", score, ref, samples, t)
             reference = initial if cfg.reference == "initial" else policy
             pairs = clock("pair", pair, ref, scored, t, reference)
-            if pairs.kept == 0 and trains_on_pairs:
+            start = policy if cfg.start_from == "previous" else initial
+            candidate = clock("train", train_preference, ref, start, pairs.uri, scored, t)
+            if candidate is None:  # the loss trains on pairs and there are none
                 summary.step(t, 1, pairs, None, None, skipped="no pairs above the margin")
                 print(f"iteration {t}: every prompt's samples tied (no pairs); skipping training")
                 continue
-            start = policy if cfg.start_from == "previous" else initial
-            candidate = clock("train", train_preference, ref, start, pairs.uri, scored, t)
             metrics = clock("evaluate", evaluate, ref, candidate, t, 1)
             extra = step_metrics(ref, scored, pairs.uri, ref.stage(t, "eval", 1), champion_eval, clock.seconds)
             reg = clock("register", register, ref, candidate, metrics, t, 1, [pairs.uri, ref.stage(t, "eval", 1)],

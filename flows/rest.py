@@ -60,7 +60,7 @@ def rest(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
                 # Improve: keep F(x, y; tau_i) and fine-tune on it.
                 kept = clock("filter", filter_stage, ref, scored, g, i, tau)
                 if kept.kept == 0:
-                    summary.step(g, i, kept, None, None, skipped="filter kept no rows")
+                    summary.step(g, i, kept, None, None, tau=tau, skipped="filter kept no rows")
                     print(f"iteration {g} step {i}: the filter (tau={tau}) kept no rows; skipping this Improve step")
                     continue
                 start = base if recipe.improve.restart_from_base else policy
@@ -72,7 +72,7 @@ def rest(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
                             step_metrics={"tau": tau or 0.0, "kept": kept.kept, **train_metrics(ref, candidate), **extra})
                 log_step_metrics(ref, g, i, {"seconds_register": clock.seconds["seconds_register"]})
                 versions[candidate] = reg.model_version
-                summary.step(g, i, kept, metrics, reg, **extra, seconds_register=clock.seconds["seconds_register"])
+                summary.step(g, i, kept, metrics, reg, tau=tau, **extra, seconds_register=clock.seconds["seconds_register"])
                 publish_iteration(ref, g, scored, kept.uri)
                 champion_eval = datasets[1] if reg.promoted else champion_eval
                 # while reward improves on D_eval (and the promotion guards hold: a hacked step is not built on)

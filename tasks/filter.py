@@ -46,7 +46,7 @@ def filter_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: f
     dropped = lake.manifest_doc(uri).get("dropped", {})
     why = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
     log().info("filter g=%d step %d: tau=%s kept %d of %d%s", iteration, step, tau, m.rows, scored_rows, f" (dropped: {why})" if why else "")
-    return Kept(uri=uri, kept=m.rows, samples=scored_rows, tau=tau)
+    return Kept(uri=uri, kept=m.rows, samples=scored_rows)
 
 
 def write_filtered(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: float | None) -> str:

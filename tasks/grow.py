@@ -45,7 +45,7 @@ def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards
     g = recipe.grow
     with MODEL_LOAD_LOCK:  # shards on the thread runner load their models one at a time
         sampler = make_sampler(g.sampler, ref.local_model(model_uri), **sampler_options(recipe, g.batch_size))
-    params = SamplingParams(g.temperature, g.top_p, g.max_new_tokens, seed=_grow_seed(recipe.seed, iteration))
+    params = SamplingParams(g.temperature, g.top_p, g.max_new_tokens, seed=recipe.seed_for("grow", iteration))
     gen = sampler.generate(part["prompt"].to_list(), g.samples_per_prompt, params, part["prompt_id"].to_list())
     n = g.samples_per_prompt
     frame = pl.DataFrame(
@@ -80,10 +80,6 @@ def sampler_options(recipe, batch_size: int) -> dict:
     elif g.sampler == "vllm":
         common |= {"trust_remote_code": recipe.model.trust_remote_code, "dtype": recipe.model.dtype}
     return {**common, **g.sampler_options}
-
-
-def _grow_seed(seed: int, iteration: int) -> int:
-    return seed * 1000 + iteration
 
 
 @flywheel_task(name="commit-samples", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)

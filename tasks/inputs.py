@@ -168,7 +168,7 @@ def prepare_inputs(ref: RunRef) -> dict[str, str]:
     uris = {name: ref.stage(0, name) for name in ("prompts", "eval_prompts", "labelled")}
     base_uri = ref.stage(0, "base")
     if not all(lake.is_done(u) for u in uris.values()):
-        data = load_task(recipe.task, recipe.seed)
+        data = load_task(recipe.task, recipe.seed_for("task"))
         with tempfile.TemporaryDirectory() as tmp:
             base_dir = recipe.model.path or _build_base(recipe, _texts([data.prompts, data.eval, data.labelled], recipe), tmp)
             check_lengths(recipe, base_dir, data)
@@ -196,7 +196,7 @@ def preflight(recipe: Recipe) -> None:
     _check_sampler(recipe)
     if recipe.eval.reward is not None:
         check_reward_spec(recipe.eval.reward)
-    data = load_task(recipe.task, recipe.seed)
+    data = load_task(recipe.task, recipe.seed_for("task"))
     check_rewards(recipe, data)
     if recipe.model.path:
         check_lengths(recipe, recipe.model.path, data)
@@ -286,7 +286,7 @@ def _build_base(recipe: Recipe, texts: list[str], out: str) -> str:
     cfg = recipe.model
     build_tiny_model(
         texts, out, arch=cfg.arch, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
-        n_positions=cfg.n_positions, seed=recipe.seed,
+        n_positions=cfg.n_positions, seed=recipe.seed_for("base"),
     )
     return out
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import polars as pl
 
 from alignment.filters import pair_decisions
-from alignment.loss_table import LOSSES
-from alignment.models import load_policy
 from alignment.pairs import make_pairs
-from alignment.preference import add_reference_logps
+from alignment.preference import reference_logps_for
+from alignment.recipe import preference_config
 from tasks.context import RunRef, flywheel_task, log
 from tasks.placement import run_once
 from tasks.results import Kept
@@ -37,11 +36,12 @@ def write_pairs(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str
     scored = rewarded
     if not ref.recipe.filter.keep_truncated and "finish_reason" in scored.columns:
         scored = scored.filter(pl.col("finish_reason") != "length")  # a cut-off answer is never a chosen one
-    pairs = make_pairs(scored, cfg.pairing, cfg.min_margin, seed=ref.recipe.seed + iteration)
-    if pairs.height and LOSSES[cfg.loss].needs_reference:
-        model, tokenizer = load_policy(ref.local_model(reference_uri), trust_remote_code=ref.recipe.model.trust_remote_code)
-        pairs = add_reference_logps(model, tokenizer, pairs, dtype=ref.recipe.model.dtype, prompt=ref.recipe.prompt_format())
-    config = {"pairing": cfg.pairing, "min_margin": cfg.min_margin, "loss": cfg.loss, "reference": reference_uri}
+    pairs = make_pairs(scored, cfg.pairing, cfg.min_margin, seed=ref.recipe.seed_for("pair", iteration))
+    train_cfg = preference_config(cfg, 0, dtype=ref.recipe.model.dtype, prompt=ref.recipe.prompt_format())
+    pairs = reference_logps_for(pairs, train_cfg, lambda: ref.local_model(reference_uri),
+                                trust_remote_code=ref.recipe.model.trust_remote_code)
+    config = {"pairing": cfg.pairing, "min_margin": cfg.min_margin, "reference": reference_uri,
+              "reference_logps": "ref_chosen_logp" in pairs.columns}
     # Why each scored row was or was not used, committed before the pairs that mark the step done.
     fates = pair_decisions(everything, rewarded, scored, pairs)
     dropped = {reason: int(n) for reason, n in fates.filter(pl.col("decision") == "dropped")["reason"].value_counts().iter_rows()}

@@ -30,9 +30,11 @@ class Summary:
         self._champion(reg)
         save_summary(self.ref, self.doc)
 
-    def step(self, iteration: int, step: int, kept: Kept, metrics: dict | None, reg: Registration | None, **extra: Any) -> None:
+    def step(self, iteration: int, step: int, kept: Kept, metrics: dict | None, reg: Registration | None, *,
+             tau: float | None = None, **extra: Any) -> None:
+        """One row of the per-step table; ``tau`` is the ReST filter's threshold (None for top-k and for pairs)."""
         row = {
-            "iteration": iteration, "step": step, "tau": kept.tau, "samples": kept.samples,
+            "iteration": iteration, "step": step, "tau": tau, "samples": kept.samples,
             "kept": kept.kept, "eval_reward": None, "eval_accuracy": None, "model_version": None,
             "promoted": False, **extra,
         }
@@ -117,6 +119,29 @@ def mlflow_where(ref: RunRef) -> dict[str, Any]:
 def summary_key(run: str) -> str:
     """The summary artifact's key: Prefect allows lowercase letters, digits and dashes."""
     return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9]+", "-", f"{run}-summary".lower())).strip("-")
+
+
+def console_table(summary: dict[str, Any]) -> str:
+    """The per-step table ``flywheel run`` prints: iteration, step, tau, samples, kept, held-out reward and accuracy (reward >= 1)."""
+    head = f"{'iter':>4} {'step':>4} {'tau':>7} {'samples':>8} {'kept':>7} {'eval_reward':>12} {'accuracy':>8} {'version':>8}"
+    lines = [head, "-" * len(head)]
+    b = summary.get("baseline") or {}
+    if b:
+        lines.append(f"{0:>4} {0:>4} {'-':>7} {'-':>8} {'-':>7} {b['eval_reward']:>12.3f} {b['eval_accuracy']:>8.3f} {b['model_version']:>8}")
+    for r in summary.get("iterations", []):
+        tau = "-" if r.get("tau") is None else f"{r['tau']:.3f}"
+        reward = "skipped" if r.get("eval_reward") is None else f"{r['eval_reward']:.3f}"
+        accuracy = "-" if r.get("eval_accuracy") is None else f"{r['eval_accuracy']:.3f}"
+        version = (r.get("model_version") or "-") + ("*" if r.get("promoted") else "")
+        guards = [c for c in r.get("blocked_by") or [] if c != "improvement"]  # "3 (kl)": a guard blocked the promotion
+        version += f" ({','.join(guards)})" if guards else ""
+        lines.append(f"{r['iteration']:>4} {r['step']:>4} {tau:>7} {r['samples']:>8} {r['kept']:>7} {reward:>12} {accuracy:>8} {version:>8}")
+    champ = summary.get("champion")
+    if champ:
+        lines.append(f"champion: models:/{champ['model_name']}@champion = version {champ['version']} (held-out reward {champ['eval_reward']:.3f}); * = promoted")
+    if summary.get("stopped"):
+        lines.append(f"stopped: {summary['stopped']}")
+    return "\n".join(lines)
 
 
 def summary_markdown(doc: dict[str, Any]) -> str:

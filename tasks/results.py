@@ -10,14 +10,11 @@ from alignment.metrics import blocked_by
 
 @dataclass(frozen=True)
 class Kept:
-    """A filter or pair step's committed stage, and how many rows it kept of how many were scored.
-
-    ``tau`` is the threshold a ReST filter used (None for top-k filters and for pairs)."""
+    """A filter or pair step's committed stage, and how many rows it kept of how many were scored."""
 
     uri: str
     kept: int
     samples: int
-    tau: float | None = None
 
 
 @dataclass(frozen=True)

@@ -53,13 +53,13 @@ def fit_sft(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: 
 @flywheel_task(name="warm-start")
 def warm_start(ref: RunRef, base_uri: str) -> str:
     """Algorithm 1's "Train pi_theta on D": behaviour cloning on the labelled data."""
-    return _fit(ref, base_uri, ref.stage(0, "labelled"), ref.stage(0, "checkpoint", 0), "warm_start", ref.recipe.seed)
+    return _fit(ref, base_uri, ref.stage(0, "labelled"), ref.stage(0, "checkpoint", 0), "warm_start", ref.recipe.seed_for("warm_start"))
 
 
 @flywheel_task(name="improve")
 def improve(ref: RunRef, start_uri: str, filtered_uri: str, iteration: int, step: int) -> str:
     """One Improve step: fine-tune ``start_uri`` on the filtered data, prompt tokens masked."""
-    seed = ref.recipe.seed * 1000 + iteration * 10 + step
+    seed = ref.recipe.seed_for("improve", iteration, step)
     return _fit(ref, start_uri, filtered_uri, ref.stage(iteration, "checkpoint", step), "improve", seed)
 
 
@@ -76,8 +76,12 @@ def _preference_config(ref: RunRef, seed: int):
 
 
 @flywheel_task(name="train-preference")
-def train_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str, iteration: int) -> str:
-    """One iterative-DPO training step with the recipe's preference loss; a group loss (RLOO) trains on the scored samples."""
+def train_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str, iteration: int) -> str | None:
+    """One iterative-DPO training step with the recipe's preference loss, on the table the loss trains on
+    (the pairs, or a group loss's scored samples); None when that table is empty and nothing is trained."""
+    data_uri = pairs_uri if ref.recipe.preference.spec.trains_on == "pairs" else scored_uri
+    if ref.open_lake().manifest(data_uri).rows == 0:
+        return None
     out_uri = ref.stage(iteration, "checkpoint", 1)
     return run_once(ref, out_uri, "train", fit_preference, start_uri, pairs_uri, scored_uri, iteration, out_uri,
                     label=ref.policy_version(out_uri))
@@ -85,16 +89,14 @@ def train_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: st
 
 def fit_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str, iteration: int, out_uri: str) -> str:
     """The body of ``train_preference`` (a GPU stage; may run in its own process or on a GPU worker)."""
-    from alignment.preference import train_preference as fit_pairs, train_rloo
+    from alignment.preference import fit
 
     lake = ref.open_lake()
-    cfg = _preference_config(ref, ref.recipe.seed * 1000 + iteration)
-    if cfg.spec.kind == "group":  # trains on the policy's scored samples, grouped by prompt
-        data_uri, data = scored_uri, lake.read(scored_uri).filter(pl.col("sample_idx") >= 0)
-        fit = train_rloo
-    else:
+    cfg = _preference_config(ref, ref.recipe.seed_for("preference", iteration))
+    if cfg.spec.trains_on == "pairs":
         data_uri, data = pairs_uri, lake.read(pairs_uri)
-        fit = fit_pairs
+    else:  # the policy's own scored samples, grouped by prompt (demonstrations carry no reward)
+        data_uri, data = scored_uri, lake.read(scored_uri).filter(pl.col("sample_idx") >= 0)
     Path(ref.cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp:
         metrics = fit(ref.local_model(start_uri), tmp, data, cfg, trust_remote_code=ref.recipe.model.trust_remote_code)

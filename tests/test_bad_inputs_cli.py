@@ -284,3 +284,19 @@ def test_bad_input_is_one_sentence_and_writes_nothing(results, case):
         assert text in lines[0], lines[0]
     assert r.manifests == [], r.manifests
     assert r.versions == 0
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [(["--losses", "dpo,nope"], ["--losses", "'nope'"]), (["--set", "grow_steps=-1"], ["grow_steps"])],
+    ids=["unknown-loss", "bad-override"],
+)
+def test_make_compare_refuses_bad_input_before_its_first_run(tmp_path, args, names):
+    """``make compare`` runs nine flywheel runs: a mistake in its arguments is one sentence before the first."""
+    out = tmp_path / "compare"
+    proc = subprocess.run([sys.executable, "-m", "flows.compare", str(ROOT / "recipes" / "arithmetic-dpo.yaml"),
+                           "--out", str(out), *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flywheel:") and all(n in lines[0] for n in names), proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()

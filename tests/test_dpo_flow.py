@@ -113,3 +113,26 @@ def test_the_demo_recipe_reproduces_the_readme_row(workdir):
     assert len(s["iterations"]) == 3
     assert s["champion"]["eval_reward"] >= s["baseline"]["eval_reward"] + 0.30, s
     assert partial_stages(workdir / "lake") == []
+
+
+@pytest.mark.parametrize("loss", ["simpo", "rloo"])
+def test_an_iteration_without_pairs_trains_only_a_loss_that_needs_none(tmp_path, loss):
+    """Exact-match rewards are 0 or 1, so a margin of 2 leaves no pairs: a pairwise loss skips the
+    iteration (nothing trained, nothing registered); RLOO trains on the scored samples all the same.
+    Neither loss reads a reference, so the pairs carry no reference log-probs and none was computed."""
+    name = f"nopairs-{loss}"
+    rc, out = _run(tmp_path, name, "task.n_prompts=40", "task.n_eval=40", "warm_start.epochs=5", "grow_steps=1",
+                   "grow.samples_per_prompt=4", f"preference.loss={loss}", "preference.min_margin=2.0")
+    assert rc == 0, out
+    (row,) = summary_of(tmp_path, name)["iterations"]
+    assert row["kept"] == 0 and row["samples"] > 0
+    pairs = json.loads(manifest_path(tmp_path / "lake", name, "iteration=1/pairs").read_text())
+    assert pairs["rows"] == 0 and pairs["config"]["reference_logps"] is False
+    checkpoint = tmp_path / "lake" / "models" / name / "iteration=1" / "checkpoint"
+    if LOSSES[loss].trains_on == "pairs":
+        assert row["skipped"] == "no pairs above the margin" and row["model_version"] is None
+        assert "no pairs" in out and not checkpoint.exists()
+    else:
+        assert "skipped" not in row and row["model_version"] == "2" and row["loss"] == "rloo"
+        assert (checkpoint / "step=1" / "_manifest.json").is_file()
+    assert partial_stages(tmp_path / "lake") == []

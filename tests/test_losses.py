@@ -355,3 +355,24 @@ def test_train_rloo_raises_samples_above_their_baseline(tiny, tmp_path):
     cfg = PreferenceConfig(loss="rloo", lr=1e-2, epochs=3, batch_size=2)
     metrics = train_rloo(tiny, tmp_path, samples, cfg, progress=False)
     assert metrics["logp_change_above_baseline"] > 0 > metrics["logp_change_below_baseline"]
+
+
+def test_no_code_outside_the_loss_table_branches_on_a_loss_name():
+    """A loss's facts live in its declaration: ``loss == "rloo"`` (or ``in ("kto", ...)``) anywhere else is a
+    second table that the next loss would silently miss."""
+    import ast
+    from pathlib import Path
+
+    root = Path(inspect.getfile(L)).resolve().parents[1]
+    found = []
+    for path in sorted(p for d in ("alignment", "tasks", "flows") for p in (root / d).rglob("*.py")):
+        if path.name in ("loss_table.py", "losses.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Compare):
+                continue
+            for side in (node.left, *node.comparators):
+                names = [side] if isinstance(side, ast.Constant) else getattr(side, "elts", [])
+                found += [f"{path.relative_to(root)}:{node.lineno} {c.value!r}" for c in names
+                          if isinstance(c, ast.Constant) and c.value in LOSSES]
+    assert found == []

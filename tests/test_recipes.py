@@ -12,7 +12,8 @@ from pydantic import BaseModel
 from alignment.recipe import Recipe, RecipeError, apply_overrides, load_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.y*ml"))
-DEMO = Path(__file__).resolve().parents[1] / "recipes" / "arithmetic-rest.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "recipes" / "arithmetic-rest.yaml"
 
 
 def one_sentence(message: str) -> bool:
@@ -245,3 +246,17 @@ def test_missing_unreadable_or_non_mapping_recipe_files(tmp_path):
     empty.write_text("")
     with pytest.raises(RecipeError, match=re.escape("name: Field required")):
         load_recipe(empty)
+
+
+def test_every_seed_comes_from_the_recipe_s_one_derivation():
+    """``Recipe.seed_for`` makes every stage's seed; the formulas are the first runs' (same data for the same seed)."""
+    r = load_recipe(DEMO, ["seed=7"])
+    assert [r.seed_for(s) for s in ("task", "base", "warm_start")] == [7, 7, 7]
+    assert r.seed_for("grow", 2) == 7002 and r.seed_for("preference", 2) == 7002
+    assert r.seed_for("improve", 2, 3) == 7023 and r.seed_for("pair", 2) == 9
+    # Within a stream, iterations (and Improve steps, up to nine) never share a seed.
+    assert len({r.seed_for("improve", g, i) for g in range(1, 20) for i in range(1, 10)}) == 19 * 9
+    # Nothing else derives a seed from the recipe's.
+    lines = [line for d in ("alignment", "tasks", "flows") for p in sorted((ROOT / d).rglob("*.py")) if p.name != "recipe.py"
+             for line in p.read_text().splitlines() if re.search(r"recipe\.seed\b(?!_for)", line)]
+    assert all('"seed": ref.recipe.seed,' in line for line in lines), lines  # the samples' manifest records it

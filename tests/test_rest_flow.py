@@ -36,6 +36,7 @@ from tests.flywheel_helpers import (
     FAST,
     MODEL,
     RECIPE,
+    ROOT,
     client_for,
     flywheel,
     one_torch_thread,  # noqa: F401  (autouse: one intra-op thread for this module)
@@ -196,6 +197,19 @@ def test_every_stage_is_committed_with_a_manifest(fast_run):
     assert scored["parents"] == ["file://" + str(fast_run.path("iteration=2/samples"))]
     samples = fast_run.manifest("iteration=2/samples")
     assert any(p.endswith("/iteration=1/checkpoint/step=1") or p.endswith("/iteration=0/checkpoint/step=0") for p in samples["parents"])
+
+
+def test_inspect_shows_each_filter_step_with_the_threshold_it_used(fast_run):
+    """``flywheel inspect`` as a user runs it: each filtered stage's line names the tau its manifest recorded."""
+    import subprocess
+    import sys
+
+    uri = f"file://{fast_run.lake}/runs/{fast_run.name}"
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", uri], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if "filtered/step=1" in line and "kept=" in line]
+    assert [f"tau={row['tau']:.3f}" in line for row, line in zip(fast_run.summary["iterations"], lines, strict=True)] == [True] * len(lines)
+    assert len(lines) == len(fast_run.summary["iterations"]) > 0
 
 
 def test_rows_carry_the_design_columns(fast_run):
