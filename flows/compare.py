@@ -11,6 +11,7 @@ and the run's wall time.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -36,7 +37,10 @@ def _final(summary: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.cli import _quiet_libraries
+    from flows.cli import QUIET_ENV, _quiet_libraries
+
+    for key, value in QUIET_ENV.items():  # as `flywheel run`: no telemetry writes racing the embedded server's database
+        os.environ.setdefault(key, value)
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dpo_recipe")
