@@ -29,6 +29,9 @@ QUIET_ENV = {
     "DO_NOT_TRACK": "1",  # Prefect's client; MLflow reads only "true" here, hence the next line
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the embedded Prefect server
+    # The embedded Prefect server migrates a new database on its first start: 20-25 s on 2 idle cores,
+    # more on busy ones, where Prefect's own default gives up after 20 s.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     # Spinning OpenMP threads slow torch down many times over on small, shared CPUs.
     "OMP_WAIT_POLICY": "PASSIVE",
     "TOKENIZERS_PARALLELISM": "false",
@@ -178,9 +181,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         summary = run_recipe(recipe, name)
     except Exception as exc:
-        from flows.errors import user_errors
+        from flows.errors import service_failure, user_errors
 
-        if not args.verbose and not isinstance(exc, user_errors()):
+        if not args.verbose and not isinstance(exc, user_errors()) and not service_failure(exc):
             print(f"flywheel: run {name} failed; Prefect's log of it: {log_path}", file=sys.stderr)
         raise
     finally:
@@ -327,8 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:
-        from flows.errors import user_errors  # only what the command has loaded: no torch to report
+        from flows.errors import service_failure, user_errors  # only what the command has loaded: no torch to report
 
+        if why := service_failure(exc):
+            print(f"flywheel: {why}", file=sys.stderr)
+            return 1
         if not isinstance(exc, user_errors()):
             raise
         print(f"flywheel: {exc}", file=sys.stderr)

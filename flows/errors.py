@@ -27,6 +27,19 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, *(c for c in loaded if isinstance(c, type)))
 
 
+def service_failure(exc: BaseException) -> str | None:
+    """One sentence for a service flywheel starts itself that did not come up (not the user's input:
+    the CLI exits 1 with it, without a traceback); None for anything else."""
+    if isinstance(exc, RuntimeError) and "attempting to connect to ephemeral Prefect API server" in str(exc):
+        import os
+
+        waited = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
+        return (f"the embedded Prefect server did not answer within {waited} s; on a busy machine raise "
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a running "
+                "server (flywheel stack up).")
+    return None
+
+
 def __getattr__(name: str):
     if name == "USER_ERRORS":  # the former constant, for callers that import it: computed now
         return user_errors()

@@ -106,3 +106,19 @@ def test_summary_markdown_has_the_table_champion_mlflow_and_lake():
     assert "| 2 | 1 | 0.600 | 10 | 0 | skipped: filter kept no rows | - | - |" in md
     assert "`models:/arithmetic-rest@champion` = version 2" in md
     assert "[abc](http://127.0.0.1:5000/#/experiments/1/runs/abc)" in md and "`s3://lake/x/runs/Demo_1/summary.json`" in md
+
+
+def test_an_embedded_server_that_does_not_start_is_one_sentence_and_the_run_resumes(tmp_path):
+    """A new Prefect home migrates its database on the first start (20-25 s on 2 idle cores): flywheel
+    waits 180 s by default; when the server still does not answer, one sentence says what to change,
+    and the run's name is free for the retry (that a released lease resumes is test_run_guard's)."""
+    env = {**cli_env(tmp_path), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    argv = [FLYWHEEL, "run", str(RECIPE), "--run-name", "slow-start", "--set", "grow_steps=0", *sum((["--set", s] for s in FAST), [])]
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "flywheel: the embedded Prefect server did not answer within 1 s; on a busy machine raise "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a running server (flywheel stack up)."
+    ]
+    lease = json.loads((tmp_path / "lake" / "runs" / "slow-start" / "lease.json").read_text())
+    assert lease["released"] is True  # a retry under the same name is not refused as a second writer
