@@ -4,8 +4,8 @@
 
 Rows: the warm start alone (``grow_steps=0``), ReST, then iterative DPO once per loss. Each row is
 a full flywheel run in its own lake folder under ``--out`` (``--losses`` defaults to the losses the
-loss table marks ``compared``); the table reports the final policy's held-out accuracy (the latest iterate for DPO, the best adopted step for ReST), the champion's,
-and the run's wall time.
+loss table marks ``compared``); the table reports the final policy's held-out accuracy (the latest
+iterate for DPO, the best adopted step for ReST), the champion's, and the run's wall time.
 """
 
 from __future__ import annotations

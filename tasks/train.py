@@ -69,7 +69,8 @@ def train_metrics(ref: RunRef, model_uri: str) -> dict[str, float]:
     return raw.get("metrics", {})
 
 
-def _preference_config(ref: RunRef, seed: int):
+def preference_settings(ref: RunRef, seed: int = 0):
+    """The run's preference trainer config (loss, its hyperparameters, dtype, prompt format)."""
     from alignment.recipe import preference_config
 
     return preference_config(ref.recipe.preference, seed, dtype=ref.recipe.model.dtype, prompt=ref.recipe.prompt_format())
@@ -92,7 +93,7 @@ def fit_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str,
     from alignment.preference import fit
 
     lake = ref.open_lake()
-    cfg = _preference_config(ref, ref.recipe.seed_for("preference", iteration))
+    cfg = preference_settings(ref, ref.recipe.seed_for("preference", iteration))
     if cfg.spec.trains_on == "pairs":
         data_uri, data = pairs_uri, lake.read(pairs_uri)
     else:  # the policy's own scored samples, grouped by prompt (demonstrations carry no reward)
