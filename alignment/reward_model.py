@@ -1,4 +1,4 @@
-"""Learned rewards: a Bradley–Terry reward model, its pairwise accuracy, and ensembles of rewards.
+"""Learned rewards: a Bradley–Terry reward model and its pairwise accuracy.
 
 The reward model ``r_phi(x, y)`` is a causal LM with a scalar head read at the last token (Hugging
 Face ``AutoModelForSequenceClassification`` with ``num_labels=1``), initialised from a policy
@@ -13,18 +13,17 @@ Bradley–Terry model (seed notes 004, "Reward Model (RM) training objective fun
 (BT is invariant to adding a constant), so filter its scores with scale-free rules such as
 ``filters.quantile`` rather than fixed thresholds.
 
-``Ensemble(members, reduce="min")`` is pessimism by ensemble (seed notes 003, "RLHF with
-Pessimism"): ``r_hat(x, a) = min_k r_k(x, a)`` over independently trained reward models; ``"mean"``
-averages instead. Members are combined as they are, with no rescaling: give it rewards on one scale.
+Ensembles of rewards (pessimism by ensemble, seed notes 003) and reward specs (``rm:PATH``) live in
+``alignment.rewards``, which imports no model library; a spec loads this module only for ``rm:``.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import polars as pl
 import torch
@@ -33,14 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForSequenceClassification
 
 from alignment.models import default_device, load_tokenizer
-from alignment.rewards import RewardError, RewardFn, resolve_reward, score
+from alignment.rewards import RewardError, RewardFn, score
 from alignment.prompting import Formatter
 from alignment.training import autocast, encode_pairs, train_loop
-
-RewardSpec = Union[str, Sequence["RewardSpec"], Mapping[str, object]]
-
-REDUCTIONS: dict[str, Callable[[Sequence[float]], float]] = {"min": min, "mean": statistics.fmean}
-
 
 class RewardModelConfig(BaseModel):
     """How to fit a Bradley–Terry reward model to preference pairs."""
@@ -161,27 +155,6 @@ class RewardModel:
         return scores
 
 
-class Ensemble:
-    """Several rewards combined per row: ``min`` is pessimism, ``r_hat = min_k r_k`` (seed 003); or ``mean``."""
-
-    def __init__(self, members: Sequence[RewardFn], reduce: str = "min"):
-        if not members:
-            raise RewardError("An ensemble needs at least one member reward.")
-        if reduce not in REDUCTIONS:
-            raise RewardError(f"Unknown ensemble reduce {reduce!r}: use one of {sorted(REDUCTIONS)}.")
-        self.members = list(members)
-        self.reduce = reduce
-
-    def __repr__(self) -> str:
-        return f"Ensemble({self.members!r}, reduce={self.reduce!r})"
-
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str]) -> list[float]:
-        # ``score`` checks each member, so a bad value names the member that produced it.
-        columns = [score(member, prompts, completions, references) for member in self.members]
-        combine = REDUCTIONS[self.reduce]
-        return [combine(row) for row in zip(*columns, strict=True)]
-
-
 def pairwise_accuracy(reward_fn: RewardFn, pairs: pl.DataFrame) -> float:
     """Fraction of pairs with ``r(x, chosen) > r(x, rejected)``: a tie counts as a miss."""
     _check_pairs(pairs, ("prompt", "reference", "chosen", "rejected"))
@@ -190,69 +163,6 @@ def pairwise_accuracy(reward_fn: RewardFn, pairs: pl.DataFrame) -> float:
     completions = pairs["chosen"].to_list() + pairs["rejected"].to_list()
     rewards = score(reward_fn, prompts * 2, completions, references * 2)
     return sum(w > l for w, l in zip(rewards[:n], rewards[n:], strict=True)) / n
-
-
-def resolve_reward_spec(spec: RewardSpec) -> RewardFn:
-    """A reward from a spec, extending ``rewards.resolve_reward``.
-
-    - ``"exact_match"`` or ``"package.module:function"``: as ``resolve_reward``;
-    - ``"rm:/path/to/model"``: ``RewardModel`` over a saved reward-model directory;
-    - ``[spec, ...]``: ``Ensemble`` with ``reduce="min"`` (pessimism);
-    - ``{"ensemble": [spec, ...], "reduce": "min" | "mean"}``: ``Ensemble`` with that reduce.
-    """
-    if isinstance(spec, str):
-        return _reward_model(spec.removeprefix("rm:")) if spec.startswith("rm:") else resolve_reward(spec)
-    if isinstance(spec, Mapping):
-        unknown = sorted(set(spec) - {"ensemble", "reduce"})
-        if unknown or "ensemble" not in spec:
-            raise RewardError(
-                f"A reward ensemble is {{'ensemble': [spec, ...], 'reduce': 'min' | 'mean'}}; got keys {sorted(spec)}."
-            )
-        return _ensemble(spec["ensemble"], str(spec.get("reduce", "min")))
-    if isinstance(spec, Sequence):
-        return _ensemble(spec, "min")
-    raise RewardError(
-        f"A reward spec is a name, 'module:function', 'rm:PATH', a list or an ensemble dict; got {type(spec).__name__}."
-    )
-
-
-def check_reward_spec(spec: RewardSpec) -> None:
-    """Resolve a spec the cheap way, before anything runs: names and import paths are imported, a
-    reward model's directory is checked but not loaded; a mistake is one ``RewardError`` sentence."""
-    if isinstance(spec, str) and spec.startswith("rm:"):
-        if not (Path(spec[3:]) / "config.json").is_file():
-            _reward_model(spec[3:])  # raises the sentence naming the path
-        return
-    if isinstance(spec, str) or not isinstance(spec, Sequence | Mapping):
-        resolve_reward_spec(spec)  # a name or an import path; anything else raises the sentence naming its type
-        return
-    if isinstance(spec, Mapping):
-        if sorted(spec) not in (["ensemble"], ["ensemble", "reduce"]):
-            raise RewardError(
-                f"A reward ensemble is {{'ensemble': [spec, ...], 'reduce': 'min' | 'mean'}}; got keys {sorted(spec)}."
-            )
-        if str(spec.get("reduce", "min")) not in REDUCTIONS:
-            raise RewardError(f"Unknown ensemble reduce {spec.get('reduce')!r}: use one of {sorted(REDUCTIONS)}.")
-        spec = spec["ensemble"]
-    if isinstance(spec, str) or not isinstance(spec, Sequence) or not spec:
-        raise RewardError(f"An ensemble's members must be a non-empty list of reward specs, got {spec!r}.")
-    for member in spec:
-        check_reward_spec(member)
-
-
-def _ensemble(members: object, reduce: str) -> Ensemble:
-    if isinstance(members, str) or not isinstance(members, Sequence):
-        raise RewardError(f"An ensemble's members must be a list of reward specs, got {members!r}.")
-    return Ensemble([resolve_reward_spec(m) for m in members], reduce=reduce)
-
-
-def _reward_model(path: str) -> RewardModel:
-    if not (Path(path) / "config.json").is_file():
-        raise RewardError(
-            f"Reward 'rm:{path}': no reward model there (expected a directory with config.json, "
-            "as written by train_reward_model)."
-        )
-    return RewardModel(path)
 
 
 def _check_pairs(pairs: pl.DataFrame, columns: Sequence[str] = ("prompt", "chosen", "rejected")) -> None:

@@ -6,6 +6,12 @@ value that is not a number (a string such as "1.0", a boolean, None), NaN or inf
 names the reward and the first offending row, never a silently corrupted dataset. A reward that
 raises is one ``RewardError`` naming it and the exception (never retried), and ``with_timeout``
 bounds how long one call may take.
+
+A reward *spec* (``recipe.reward``) is a name, an import path, ``rm:PATH`` (a Bradley–Terry reward
+model, ``alignment.reward_model``, loaded only when used) or an ensemble of specs:
+``Ensemble(members, reduce="min")`` is pessimism by ensemble (seed notes 003, "RLHF with
+Pessimism"): ``r_hat(x, a) = min_k r_k(x, a)`` over independently trained reward models; ``"mean"``
+averages instead. Members are combined as they are, with no rescaling: give it rewards on one scale.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import statistics
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
 
 from alignment.errors import UserError
 
@@ -211,3 +219,103 @@ def score(fn: RewardFn, prompts: Sequence[str], completions: Sequence[str], refe
             "rewards must be finite numbers, not strings, booleans or None."
         )
     return values
+
+# -- specs: a name, an import path, a reward model or an ensemble -----------------------------------
+RewardSpec = Union[str, Sequence["RewardSpec"], Mapping[str, object]]
+
+REDUCTIONS: dict[str, Callable[[Sequence[float]], float]] = {"min": min, "mean": statistics.fmean}
+
+
+class Ensemble:
+    """Several rewards combined per row: ``min`` is pessimism, ``r_hat = min_k r_k`` (seed 003); or ``mean``."""
+
+    def __init__(self, members: Sequence[RewardFn], reduce: str = "min"):
+        if not members:
+            raise RewardError("An ensemble needs at least one member reward.")
+        if reduce not in REDUCTIONS:
+            raise RewardError(f"Unknown ensemble reduce {reduce!r}: use one of {sorted(REDUCTIONS)}.")
+        self.members = list(members)
+        self.reduce = reduce
+
+    def __repr__(self) -> str:
+        return f"Ensemble({self.members!r}, reduce={self.reduce!r})"
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[str]) -> list[float]:
+        # ``score`` checks each member, so a bad value names the member that produced it.
+        columns = [score(member, prompts, completions, references) for member in self.members]
+        combine = REDUCTIONS[self.reduce]
+        return [combine(row) for row in zip(*columns, strict=True)]
+
+
+def resolve_reward_spec(spec: RewardSpec) -> RewardFn:
+    """A reward from a spec, extending ``rewards.resolve_reward``.
+
+    - ``"exact_match"`` or ``"package.module:function"``: as ``resolve_reward``;
+    - ``"rm:/path/to/model"``: ``RewardModel`` over a saved reward-model directory;
+    - ``[spec, ...]``: ``Ensemble`` with ``reduce="min"`` (pessimism);
+    - ``{"ensemble": [spec, ...], "reduce": "min" | "mean"}``: ``Ensemble`` with that reduce.
+    """
+    if isinstance(spec, str):
+        return _reward_model(spec.removeprefix("rm:")) if spec.startswith("rm:") else resolve_reward(spec)
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - {"ensemble", "reduce"})
+        if unknown or "ensemble" not in spec:
+            raise RewardError(
+                f"A reward ensemble is {{'ensemble': [spec, ...], 'reduce': 'min' | 'mean'}}; got keys {sorted(spec)}."
+            )
+        return _ensemble(spec["ensemble"], str(spec.get("reduce", "min")))
+    if isinstance(spec, Sequence):
+        return _ensemble(spec, "min")
+    raise RewardError(
+        f"A reward spec is a name, 'module:function', 'rm:PATH', a list or an ensemble dict; got {type(spec).__name__}."
+    )
+
+
+def check_reward_spec(spec: RewardSpec) -> None:
+    """Resolve a spec the cheap way, before anything runs: names and import paths are imported, a
+    reward model's directory is checked but not loaded; a mistake is one ``RewardError`` sentence."""
+    if isinstance(spec, str) and spec.startswith("rm:"):
+        if not (Path(spec[3:]) / "config.json").is_file():
+            _reward_model(spec[3:])  # raises the sentence naming the path
+        return
+    if isinstance(spec, str) or not isinstance(spec, Sequence | Mapping):
+        resolve_reward_spec(spec)  # a name or an import path; anything else raises the sentence naming its type
+        return
+    if isinstance(spec, Mapping):
+        if sorted(spec) not in (["ensemble"], ["ensemble", "reduce"]):
+            raise RewardError(
+                f"A reward ensemble is {{'ensemble': [spec, ...], 'reduce': 'min' | 'mean'}}; got keys {sorted(spec)}."
+            )
+        if str(spec.get("reduce", "min")) not in REDUCTIONS:
+            raise RewardError(f"Unknown ensemble reduce {spec.get('reduce')!r}: use one of {sorted(REDUCTIONS)}.")
+        spec = spec["ensemble"]
+    if isinstance(spec, str) or not isinstance(spec, Sequence) or not spec:
+        raise RewardError(f"An ensemble's members must be a non-empty list of reward specs, got {spec!r}.")
+    for member in spec:
+        check_reward_spec(member)
+
+
+def _ensemble(members: object, reduce: str) -> Ensemble:
+    if isinstance(members, str) or not isinstance(members, Sequence):
+        raise RewardError(f"An ensemble's members must be a list of reward specs, got {members!r}.")
+    return Ensemble([resolve_reward_spec(m) for m in members], reduce=reduce)
+
+
+def _reward_model(path: str):
+    if not (Path(path) / "config.json").is_file():
+        raise RewardError(
+            f"Reward 'rm:{path}': no reward model there (expected a directory with config.json, "
+            "as written by train_reward_model)."
+        )
+    from alignment.reward_model import RewardModel  # torch and transformers: only for a reward model
+
+    return RewardModel(path)
+
+
+def uses_reward_model(spec: object) -> bool:
+    """Whether the spec, or a member of its ensemble, is a reward model (``rm:PATH``)."""
+    if isinstance(spec, str):
+        return spec.startswith("rm:")
+    if isinstance(spec, Mapping):
+        return uses_reward_model(spec.get("ensemble"))
+    return isinstance(spec, Sequence) and any(uses_reward_model(s) for s in spec)

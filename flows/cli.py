@@ -49,6 +49,10 @@ MODEL_COMMANDS = ("run", "serve")  # the only commands that load a model library
 
 
 def _quiet_libraries() -> None:
+    """transformers' warnings and progress bars off. A process that has not imported it yet reads
+    ``QUIET_ENV`` when it does, so nothing is imported here just to say so (a typo stays cheap)."""
+    if "transformers" not in sys.modules:
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -116,8 +120,10 @@ class RunConsole:
         self.stage = StageLines()
 
     def open(self) -> RunConsole:
+        from prefect.logging.configuration import ensure_logging_setup
         from prefect.logging.handlers import PrefectConsoleHandler
 
+        ensure_logging_setup()  # Prefect's handlers exist before they are replaced (the flows load later)
         run_loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
         if self.verbose:
             return self
@@ -169,13 +175,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from alignment.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # a mistake in the recipe is reported before anything heavy loads
-    from flows.common import default_run_name
     from flows.run import run_recipe
     from tasks.lake import check_name
-    from tasks.register import check_tracking
+    from tasks.runs import default_run_name
+    from tasks.tracking import check_tracking
 
-    check_tracking(recipe.mlflow.tracking_uri)  # a stopped server: one sentence before Prefect starts
     name = check_name(args.run_name or default_run_name(recipe), "run name")
+    check_tracking(recipe.mlflow.tracking_uri)  # a stopped server: one sentence before Prefect starts
     log_path = LOG_DIR / f"{name}.log"
     console = RunConsole(log_path, args.verbose).open()
     try:

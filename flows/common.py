@@ -9,7 +9,6 @@ started from a deployment makes them here.
 from __future__ import annotations
 
 import atexit
-import time
 
 from alignment.recipe import Recipe
 from tasks.context import RunRef, local_cache_dir
@@ -17,33 +16,8 @@ from tasks.evaluate import evaluate
 from tasks.placement import check_stage_deployments
 from tasks.register import register, start_tracking
 from tasks.report import Summary
-from tasks.lake import Lake
-from tasks.runs import acquire, check_identity, check_names, held, release
+from tasks.runs import default_run_name, guard_run, release
 from tasks.train import warm_start
-
-
-def default_run_name(recipe: Recipe) -> str:
-    return f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def guard_run(recipe: Recipe, run: str) -> tuple[Lake, bool]:
-    """Check the names, take the run's lease (unless this process holds it) and check the run's identity.
-
-    Returns the lake and whether the lease was taken now (then the caller releases it with ``close_run``).
-    Each failure is one ``UserError`` sentence: a bad name, a run another process writes, a changed recipe.
-    """
-    check_names(recipe, run)
-    lake = Lake(recipe.lake, recipe.s3.model_dump(exclude_none=True))
-    taken = held(lake, run) is None
-    if taken:
-        acquire(lake, run)
-    try:
-        check_identity(lake, run, recipe)
-    except BaseException:
-        if taken:
-            release(lake.uri, run)
-        raise
-    return lake, taken
 
 
 def open_run(recipe: Recipe, run_name: str | None) -> RunRef:

@@ -15,7 +15,6 @@ from alignment.errors import UserError
 _ALSO = {
     "alignment.recipe": "RecipeError",
     "alignment.rewards": "RewardError",
-    "tasks.inputs": "InputError",
     "tasks.lake": "StageNotFound",
     "tasks.s3": "LakeAccessError",
 }

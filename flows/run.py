@@ -34,14 +34,15 @@ def check_lake(recipe: Recipe) -> None:
 def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     """Run the recipe's flow as run ``run_name`` (a new name starts a run, a used one resumes it).
 
-    Before Prefect starts: the names are checked, the lake answers, this process takes the run's
-    lease (one writer per run) and the recipe is checked against the one the run was created with;
-    each failure is one ``UserError`` sentence. The lease is released when the flow ends, however.
+    Before Prefect starts, cheapest first: the names are checked, the lake answers, the inputs pass
+    ``tasks.preflight``, this process takes the run's lease (one writer per run) and the recipe is
+    checked against the one the run was created with; each failure is one ``UserError`` sentence.
+    The flows (MLflow, the training and sampling code) are imported only after that, so a mistake
+    costs seconds, not the import of every model library. The lease is released when the flow ends.
     """
-    from flows.common import default_run_name, guard_run
-    from tasks.inputs import preflight
     from tasks.placement import check_stage_deployments
-    from tasks.runs import check_names, release
+    from tasks.preflight import preflight
+    from tasks.runs import check_names, default_run_name, guard_run, release
 
     name = run_name or default_run_name(recipe)
     check_names(recipe, name)  # the run and model names, before anything touches the lake

@@ -81,13 +81,10 @@ def retry_on_io(task, task_run, state) -> bool:
     repeats the error and its traceback after a delay (STYLE #6: retries are for I/O).
     """
     from alignment.errors import UserError
-    from alignment.recipe import RecipeError
-    from alignment.rewards import RewardError
-    from tasks.inputs import InputError
 
     try:
         state.result()
-    except (UserError, RecipeError, RewardError, InputError):
+    except UserError:  # recipe, reward, input and configuration errors alike
         return False
     except BaseException:
         return True

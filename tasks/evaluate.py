@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from alignment.evaluation import evaluate as run_eval
-from alignment.reward_model import resolve_reward_spec
-from alignment.rewards import with_timeout
+from alignment.rewards import resolve_reward_spec, with_timeout
 from alignment.samplers import make_sampler
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK

@@ -13,7 +13,7 @@ import os
 import polars as pl
 from prefect import unmapped
 
-from alignment.samplers import SamplingParams, make_sampler
+from alignment.samplers import SamplingParams, make_sampler, sampler_options
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_sharded, run_stage
@@ -64,22 +64,6 @@ def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards
     device = f" on GPU {os.environ['CUDA_VISIBLE_DEVICES']}" if os.environ.get("CUDA_VISIBLE_DEVICES") else ""
     log().info("grow g=%d shard %d/%d%s: %d prompts -> %d samples", iteration, shard + 1, shards, device, part.height, frame.height)
     return lake.write_part(uri, shard, frame)
-
-
-def sampler_options(recipe, batch_size: int) -> dict:
-    """The recipe's options for its sampler backend, as ``flywheel run`` builds it for Grow and evaluation.
-
-    Each backend takes what it understands: the transformers sampler loads the model itself (batch
-    size, dtype, remote code); remote backends take their connection settings from ``sampler_options``.
-    Every backend gets the prompt format, so all of them show the model the same tokens.
-    """
-    g = recipe.grow
-    common = {"prompt": recipe.prompt_format()}
-    if g.sampler == "transformers":
-        common |= {"batch_size": batch_size, "trust_remote_code": recipe.model.trust_remote_code, "dtype": recipe.model.dtype}
-    elif g.sampler == "vllm":
-        common |= {"trust_remote_code": recipe.model.trust_remote_code, "dtype": recipe.model.dtype}
-    return {**common, **g.sampler_options}
 
 
 @flywheel_task(name="commit-samples", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)

@@ -12,8 +12,6 @@ import json
 import os
 import time
 from collections.abc import Iterator
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from alignment.errors import UserError
 from alignment.metrics import blocked_by, promotion_checks
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.results import Registration
+from tasks.tracking import check_tracking
 
 CHAMPION = "champion"
 PROMOTED_TAG = "flywheel.promoted"  # set once the champion decision for a version is made
@@ -34,34 +33,8 @@ MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "retry_condit
 # MLflow's HTTP client waits 120 s per request and retries 7 times with backoff: a stopped server
 # would hang a run for minutes. These bound one request; the task retries above cover blips.
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
-PROBE_TIMEOUT_S = 10.0
 # The served pyfunc's inputs, outputs and inference params (``predict(..., params={...})``).
 SIGNATURE_EXAMPLE = (["12+7="], ["19"], {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0})
-
-
-class TrackingUnreachable(UserError):
-    """The recipe's MLflow tracking server does not answer."""
-
-
-def check_tracking(uri: str) -> None:
-    """Raise ``TrackingUnreachable`` (one sentence, within ``PROBE_TIMEOUT_S``) if an HTTP tracking server is down.
-
-    Any HTTP answer counts as reachable (a proxy's 401 is the server's business); only a refused
-    connection, a timeout or an unknown host fail. Local URIs (SQLite, files) are not probed.
-    """
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S):
-            return
-    except urllib.error.HTTPError:
-        return
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TrackingUnreachable(
-            f"The MLflow tracking server at {uri} cannot be reached ({reason}): start it "
-            "(flywheel stack up) or set mlflow.tracking_uri to a running server."
-        ) from None
 
 
 def configure(ref: RunRef) -> str:

@@ -313,3 +313,27 @@ def _pid_started(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def default_run_name(recipe: Recipe) -> str:
+    return f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def guard_run(recipe: Recipe, run: str) -> tuple[Lake, bool]:
+    """Check the names, take the run's lease (unless this process holds it) and check the run's identity.
+
+    Returns the lake and whether the lease was taken now (then the caller releases it with ``close_run``).
+    Each failure is one ``UserError`` sentence: a bad name, a run another process writes, a changed recipe.
+    """
+    check_names(recipe, run)
+    lake = Lake(recipe.lake, recipe.s3.model_dump(exclude_none=True))
+    taken = held(lake, run) is None
+    if taken:
+        acquire(lake, run)
+    try:
+        check_identity(lake, run, recipe)
+    except BaseException:
+        if taken:
+            release(lake.uri, run)
+        raise
+    return lake, taken

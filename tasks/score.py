@@ -11,9 +11,8 @@ from __future__ import annotations
 import polars as pl
 from prefect import unmapped
 
-from alignment.reward_model import resolve_reward_spec
+from alignment.rewards import resolve_reward_spec, with_timeout
 from alignment.rewards import score as call_reward
-from alignment.rewards import with_timeout
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_sharded, run_stage

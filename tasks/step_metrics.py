@@ -53,7 +53,7 @@ def held_out_extras(ref: RunRef, sampler, frame, iteration: int) -> dict[str, fl
     The reference of the KL is the policy the run started from (the checkpoint evaluated as the
     baseline), so the figure is the drift of the whole run; the baseline's own KL is 0.
     """
-    from alignment.reward_model import resolve_reward_spec
+    from alignment.rewards import resolve_reward_spec
     from alignment.rewards import score, with_timeout
 
     start, recipe, out = time.perf_counter(), ref.recipe, {}

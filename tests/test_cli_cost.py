@@ -1,7 +1,8 @@
 """Commands that need no model stay cheap, and the console stays quiet.
 
-``flywheel stack status``, ``flywheel --help`` and ``flywheel inspect``'s error path import neither
-torch nor transformers (each costs seconds on a small machine); every command switches Prefect and
+``flywheel stack status``, ``flywheel --help``, ``flywheel inspect``'s error path and ``flywheel run``
+with a mistake that needs no model to find import neither torch nor transformers (each costs seconds
+on a small machine: a typo is one sentence in seconds); every command switches Prefect and
 MLflow telemetry off unless the user set otherwise; a Prefect server without a GPU concurrency limit
 gets no "limit does not exist" warning from every GPU stage.
 
@@ -15,6 +16,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +52,25 @@ def test_commands_without_a_model_load_no_model_library(tmp_path, argv):
         assert out["rc"] == 2 and "flywheel: Nothing committed under file:///no/such/lake/run" in text
     if argv == ["stack", "status"]:  # nothing running here: each service reported stopped
         assert out["rc"] == 1 and text.count("stopped") == 3
+
+
+RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "arithmetic-rest.yaml")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--run-name", "a/b"], "contains '/'"),
+    (["--set", "task.builtin=null", "--set", "task.prompts=nope.jsonl", "--set", "task.eval=nope.jsonl"], "does not exist"),
+    (["--set", "reward=exact-match"], "Unknown reward 'exact-match'"),
+    (["--set", "reward=[exact_match, nope]"], "Unknown reward 'nope'"),
+    (["--set", "reward=no_such_module:score"], "'no_such_module'"),
+    (["--set", "mlflow.tracking_uri=http://127.0.0.1:9"], "cannot be reached"),
+    (["--set", "lake=gs://bucket/lake"], "gs://bucket/lake"),
+    (["--set", "grow.sampler=openai"], "needs 'base_url'"),
+], ids=["run-name", "prompt-file", "reward-name", "ensemble-member", "reward-module", "tracking-down", "lake-scheme", "openai-options"])
+def test_run_finds_a_mistake_that_needs_no_model_without_loading_one(tmp_path, args, says):
+    out, text = probe(tmp_path, "run", RECIPE, *args)
+    assert out["rc"] == 2 and says in text, text
+    assert out["heavy"] == [], text
 
 
 def test_telemetry_is_off_unless_the_user_says_otherwise(tmp_path):

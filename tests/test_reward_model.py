@@ -13,16 +13,16 @@ from alignment import filters
 from alignment.arithmetic import arithmetic_task
 from alignment.models import build_tiny_gpt2
 from alignment.pairs import make_pairs
-from alignment.reward_model import (
+from alignment.reward_model import RewardModel, RewardModelConfig, bradley_terry_loss, pairwise_accuracy, train_reward_model
+from alignment.rewards import (
+    REWARDS,
     Ensemble,
-    RewardModel,
-    RewardModelConfig,
-    bradley_terry_loss,
-    pairwise_accuracy,
+    RewardError,
+    contains_reference,
+    exact_match,
+    resolve_reward,
     resolve_reward_spec,
-    train_reward_model,
 )
-from alignment.rewards import REWARDS, RewardError, contains_reference, exact_match, resolve_reward
 
 WRONG_PER_PROMPT = 4
 

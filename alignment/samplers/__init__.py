@@ -58,6 +58,22 @@ def request_ids(prompts: Sequence[str], n: int, prompt_ids: Sequence[int] | None
     return ids
 
 
+def sampler_options(recipe, batch_size: int) -> dict:
+    """The recipe's options for its sampler backend, as ``flywheel run`` builds it for Grow and evaluation.
+
+    Each backend takes what it understands: the transformers sampler loads the model itself (batch
+    size, dtype, remote code); remote backends take their connection settings from ``sampler_options``.
+    Every backend gets the prompt format, so all of them show the model the same tokens.
+    """
+    g = recipe.grow
+    common = {"prompt": recipe.prompt_format()}
+    if g.sampler == "transformers":
+        common |= {"batch_size": batch_size, "trust_remote_code": recipe.model.trust_remote_code, "dtype": recipe.model.dtype}
+    elif g.sampler == "vllm":
+        common |= {"trust_remote_code": recipe.model.trust_remote_code, "dtype": recipe.model.dtype}
+    return {**common, **g.sampler_options}
+
+
 def make_sampler(backend: str, model_path: str, **options: Any) -> Sampler:
     """Build the sampler for ``backend`` over the model at ``model_path``.
 
