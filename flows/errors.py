@@ -29,6 +29,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def service_failure(exc: BaseException) -> str | None:
     """One sentence for a service flywheel starts itself that did not come up (not the user's input:
     the CLI exits 1 with it, without a traceback); None for anything else."""
+    server = sys.modules.get("flows.server")
+    if server is not None and isinstance(exc, server.EmbeddedServerError):
+        return str(exc)
     if isinstance(exc, RuntimeError) and "attempting to connect to ephemeral Prefect API server" in str(exc):
         import os
 

@@ -34,25 +34,34 @@ def check_lake(recipe: Recipe) -> None:
 def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     """Run the recipe's flow as run ``run_name`` (a new name starts a run, a used one resumes it).
 
-    Before Prefect starts, cheapest first: the names are checked, the lake answers, the inputs pass
-    ``tasks.preflight``, this process takes the run's lease (one writer per run) and the recipe is
-    checked against the one the run was created with; each failure is one ``UserError`` sentence.
-    The flows (MLflow, the training and sampling code) are imported only after that, so a mistake
-    costs seconds, not the import of every model library. The lease is released when the flow ends.
+    Before Prefect runs anything, cheapest first: the names are checked, the lake answers, the task's
+    files and rewards pass ``tasks.preflight.check_inputs``; then the embedded Prefect server starts
+    in the background (``flows.server``) while the model is checked against the prompts, this process
+    takes the run's lease (one writer per run), the recipe is checked against the one the run was
+    created with, and the flows load. Each failure is one ``UserError`` sentence, and a mistake costs
+    seconds, not the import of every model library. The lease is released when the flow ends.
     """
+    from flows import server as embedded
     from tasks.placement import check_stage_deployments
-    from tasks.preflight import preflight
+    from tasks.preflight import check_inputs, check_model
     from tasks.runs import check_names, default_run_name, guard_run, release
 
     name = run_name or default_run_name(recipe)
     check_names(recipe, name)  # the run and model names, before anything touches the lake
     check_lake(recipe)
     check_stage_deployments(recipe)
-    preflight(recipe)
-    lake, taken = guard_run(recipe, name)
+    data = check_inputs(recipe)
+    server = embedded.start()
+    try:
+        check_model(recipe, data)
+        lake, taken = guard_run(recipe, name)
+    except BaseException:
+        if server is not None and not server.ready:
+            server.kill()  # started for this run, which ends before it used it
+        raise
     try:
         flow = flow_for(recipe).with_options(flow_run_name=name)
-        with stop_on_signals(lake.uri, name), user_errors_without_tracebacks(), api_for_workers(recipe):
+        with stop_on_signals(lake.uri, name), user_errors_without_tracebacks(), embedded.use(server):
             return flow(recipe=recipe, run_name=name)
     finally:
         if taken:
@@ -134,12 +143,18 @@ def stop_on_signals(lake_uri: str, run: str, grace_s: float = 5.0) -> Iterator[N
 def _close_quietly(lake_uri: str, run: str) -> None:
     """Release the run's lease and stop this process's embedded Prefect server, saying nothing."""
     import logging
+    import sys
 
     from tasks.runs import release
 
     logging.disable(logging.CRITICAL)
     try:
         release(lake_uri, run)
+        from flows import server as embedded
+
+        embedded.kill()
+        if "prefect.server.api.server" not in sys.modules:
+            return
         from prefect.server.api.server import SubprocessASGIServer
 
         if SubprocessASGIServer._instances:  # only one this process started
@@ -179,25 +194,3 @@ def task_runner(recipe: Recipe):
         ) from exc
     # A local cluster started for the run needs no dashboard; a remote one keeps its own settings.
     return RayTaskRunner(address=orch.ray_address, init_kwargs={} if orch.ray_address else {"include_dashboard": False})
-
-
-@contextlib.contextmanager
-def api_for_workers(recipe: Recipe) -> Iterator[None]:
-    """Give Ray workers the address of this process's embedded Prefect server.
-
-    Without a configured ``PREFECT_API_URL``, every process that reports a task run starts its own
-    embedded server on the same SQLite database (slow, and they lock each other out). Ray tasks run
-    in worker processes that receive the flow's settings, so start the embedded server here and put
-    its URL in those settings; with a real server configured nothing changes.
-    """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if recipe.orchestration.runner != "ray" or PREFECT_API_URL.value():
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the same singleton Prefect's client would start
-    server.start()
-    with temporary_settings({PREFECT_API_URL: server.api_url}):
-        yield

@@ -1,9 +1,9 @@
-"""Checks ``flywheel run`` makes before Prefect starts, cheapest first, so a mistake is one sentence
-in seconds and nothing is written: the lake is writable, the rewards resolve and behave on a few
-held-out rows, the task's files are well formed, the sampler takes its options, and every prompt
-leaves room for ``max_new_tokens`` in the model's context. Only the last two load a model library.
-``prepare_inputs`` makes the file and length checks again inside the flow (a run started from a
-deployment does not pass through the CLI).
+"""Checks ``flywheel run`` makes before Prefect runs anything, cheapest first, so a mistake is one
+sentence in seconds and nothing is written. ``check_inputs`` loads no model library: the lake is
+writable, the rewards resolve and behave on a few held-out rows, the task's files are well formed.
+``check_model`` loads transformers: the sampler takes its options, and every prompt leaves room for
+``max_new_tokens`` in the model's context. ``prepare_inputs`` makes the file and length checks
+again inside the flow (a run started from a deployment does not pass through the CLI).
 """
 
 from __future__ import annotations
@@ -18,13 +18,9 @@ from alignment.recipe import Recipe
 from alignment.task_files import InputError, load_task
 
 
-def preflight(recipe: Recipe) -> None:
-    """Check the task's files and the model against each other before a flow starts.
-
-    The same checks ``prepare_inputs`` makes, run in the CLI's process so a bad prompt file, a model
-    folder without weights or a prompt too long for the context is one sentence before Prefect
-    starts, and nothing is written.
-    """
+def check_inputs(recipe: Recipe) -> TaskData:
+    """The cheap half, no model library: the lake is writable, the rewards resolve and behave, the
+    task's files are well formed. Returns the task's tables for ``check_model``."""
     from alignment.rewards import check_reward_spec
     from tasks.storage import check_writable
 
@@ -34,6 +30,12 @@ def preflight(recipe: Recipe) -> None:
         check_reward_spec(recipe.eval.reward)
     data = load_task(recipe.task, recipe.seed_for("task"))
     check_rewards(recipe, data)
+    return data
+
+
+def check_model(recipe: Recipe, data: TaskData) -> None:
+    """The half that loads transformers: the sampler takes its options, and every prompt leaves room
+    for ``max_new_tokens`` in the model's context (the built-in model is built to measure it)."""
     _check_sampler(recipe)
     if recipe.model.path:
         check_lengths(recipe, recipe.model.path, data)

@@ -8,6 +8,7 @@ and a real Prefect server where a test is about deployments or workers (tests/pr
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def pytest_sessionfinish(session, exitstatus):
 
     logging.disable(logging.CRITICAL)
     try:
+        if "flows.server" in sys.modules:  # the one ``flywheel run`` starts (flows/server.py)
+            sys.modules["flows.server"].stop()
         for server in list(SubprocessASGIServer._instances.values()):
             server.stop()
     finally:

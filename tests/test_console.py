@@ -122,3 +122,39 @@ def test_an_embedded_server_that_does_not_start_is_one_sentence_and_the_run_resu
     ]
     lease = json.loads((tmp_path / "lake" / "runs" / "slow-start" / "lease.json").read_text())
     assert lease["released"] is True  # a retry under the same name is not refused as a second writer
+
+
+def servers_of(prefect_home: Path) -> list[int]:
+    """Pids of Prefect server processes (uvicorn) started with this Prefect home, waiting up to 5 s for
+    one that is stopping: a run must leave none behind, whichever way it ends."""
+    import os
+    import time
+
+    mark = f"PREFECT_HOME={prefect_home}".encode()
+    for _ in range(50):
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and b"uvicorn" in (proc / "cmdline").read_bytes() and mark in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+        if not pids:
+            return []
+        time.sleep(0.1)
+    return pids
+
+
+def test_the_embedded_server_stops_with_the_run(quiet, tmp_path):
+    """The server starts in the background before the model is checked; it stops with a run that
+    completes, and with one whose model is then found wrong (exit 2, one sentence)."""
+    work, proc = quiet
+    assert proc.returncode == 0
+    assert servers_of(work / "prefect") == []
+    bad = run_cli(tmp_path, "bad-model", sets=[*FAST, f"model.path={tmp_path}"])
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert bad.stderr.strip().splitlines() == [line for line in bad.stderr.strip().splitlines() if line.startswith("flywheel:")]
+    assert "no config.json" in bad.stderr
+    log = (tmp_path / ".flywheel" / "logs" / "bad-model.log")
+    assert "Starting temporary server" in log.read_text()  # it had been started
+    assert servers_of(tmp_path / "prefect") == []

@@ -16,7 +16,8 @@ import pytest
 from prefect import flow
 
 from alignment.recipe import Recipe
-from flows.run import api_for_workers, task_runner
+from flows import server as embedded
+from flows.run import task_runner
 from tasks.context import RunRef
 from tasks.filter import filter_stage, thresholds
 from tasks.grow import grow
@@ -71,7 +72,7 @@ def _run_data_path(workdir, name: str, runner: str, tiny_model_dir, orchestratio
     ref = RunRef(run="r", lake=recipe.lake, recipe=recipe, cache_dir=str(workdir / "cache"))
     chosen = task_runner(recipe)
     assert (chosen is None) == (runner == "thread")
-    with api_for_workers(recipe):
+    with embedded.use(embedded.start()):  # as flywheel run does: one API for the flow and Ray's workers
         state = (grow_score_filter if chosen is None else grow_score_filter.with_options(task_runner=chosen))(ref, return_state=True)
         assert state.is_completed(), state
         if logs is not None:
