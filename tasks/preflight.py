@@ -19,12 +19,15 @@ from alignment.task_files import InputError, load_task
 
 
 def check_inputs(recipe: Recipe) -> TaskData:
-    """The cheap half, no model library: the lake is writable, the rewards resolve and behave, the
-    task's files are well formed. Returns the task's tables for ``check_model``."""
+    """The cheap half, no model library: the lake is writable, the model folder has a config and
+    weights, the rewards resolve and behave, the task's files are well formed. Returns the task's
+    tables for ``check_model``."""
     from alignment.rewards import check_reward_spec
     from tasks.storage import check_writable
 
     check_writable(recipe.lake)
+    if recipe.model.path:
+        check_model_dir(recipe.model.path)  # the folder's files; reading them is check_model's
     check_reward_spec(recipe.reward)
     if recipe.eval.reward is not None:
         check_reward_spec(recipe.eval.reward)

@@ -66,7 +66,9 @@ RECIPE = str(Path(__file__).resolve().parent.parent / "recipes" / "arithmetic-re
     (["--set", "mlflow.tracking_uri=http://127.0.0.1:9"], "cannot be reached"),
     (["--set", "lake=gs://bucket/lake"], "gs://bucket/lake"),
     (["--set", "grow.sampler=openai"], "needs 'base_url'"),
-], ids=["run-name", "prompt-file", "reward-name", "ensemble-member", "reward-module", "tracking-down", "lake-scheme", "openai-options"])
+    (["--set", "model.path=."], "no config.json"),
+], ids=["run-name", "prompt-file", "reward-name", "ensemble-member", "reward-module", "tracking-down", "lake-scheme", "openai-options",
+        "model-folder"])
 def test_run_finds_a_mistake_that_needs_no_model_without_loading_one(tmp_path, args, says):
     out, text = probe(tmp_path, "run", RECIPE, *args)
     assert out["rc"] == 2 and says in text, text

@@ -146,15 +146,16 @@ def servers_of(prefect_home: Path) -> list[int]:
 
 
 def test_the_embedded_server_stops_with_the_run(quiet, tmp_path):
-    """The server starts in the background before the model is checked; it stops with a run that
-    completes, and with one whose model is then found wrong (exit 2, one sentence)."""
+    """The server starts in the background before the prompts are measured against the model; it
+    stops with a run that completes, and with one whose prompts then prove too long for the model's
+    context (exit 2, one sentence)."""
     work, proc = quiet
     assert proc.returncode == 0
     assert servers_of(work / "prefect") == []
-    bad = run_cli(tmp_path, "bad-model", sets=[*FAST, f"model.path={tmp_path}"])
+    bad = run_cli(tmp_path, "bad-model", sets=[*FAST, "model.n_positions=8"])
     assert bad.returncode == 2, bad.stdout + bad.stderr
     assert bad.stderr.strip().splitlines() == [line for line in bad.stderr.strip().splitlines() if line.startswith("flywheel:")]
-    assert "no config.json" in bad.stderr
+    assert "too long" in bad.stderr
     log = (tmp_path / ".flywheel" / "logs" / "bad-model.log")
     assert "Starting temporary server" in log.read_text()  # it had been started
     assert servers_of(tmp_path / "prefect") == []
