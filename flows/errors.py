@@ -29,16 +29,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def service_failure(exc: BaseException) -> str | None:
     """One sentence for a service flywheel starts itself that did not come up (not the user's input:
     the CLI exits 1 with it, without a traceback); None for anything else."""
-    server = sys.modules.get("flows.server")
-    if server is not None and isinstance(exc, server.EmbeddedServerError):
+    from flows.server import EmbeddedServerError, not_answering  # the standard library only
+
+    if isinstance(exc, EmbeddedServerError):
         return str(exc)
     if isinstance(exc, RuntimeError) and "attempting to connect to ephemeral Prefect API server" in str(exc):
-        import os
+        import os  # the server Prefect starts itself (a flow run outside ``flywheel run``)
 
-        waited = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20")
-        return (f"the embedded Prefect server did not answer within {waited} s; on a busy machine raise "
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a running "
-                "server (flywheel stack up).")
+        return not_answering(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20"))
     return None
 
 

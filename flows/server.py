@@ -29,6 +29,12 @@ class EmbeddedServerError(RuntimeError):
     """The embedded server did not answer in time (a service failure, not the user's input)."""
 
 
+def not_answering(waited: str) -> str:
+    """The sentence for an embedded server that did not answer within ``waited`` seconds."""
+    return (f"the embedded Prefect server did not answer within {waited} s; on a busy machine raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a running server (flywheel stack up).")
+
+
 class EmbeddedServer:
     """A Prefect server process on a free loopback port (ephemeral mode: no UI, no scheduler)."""
 
@@ -81,10 +87,7 @@ class EmbeddedServer:
             except (OSError, urllib.error.URLError):
                 pass
             time.sleep(0.1)
-        raise EmbeddedServerError(
-            f"the embedded Prefect server did not answer within {timeout_s:g} s; on a busy machine raise "
-            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a running server (flywheel stack up)."
-        )
+        raise EmbeddedServerError(not_answering(f"{timeout_s:g}"))
 
     def stop(self) -> None:
         if self.process is None:

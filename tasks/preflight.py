@@ -1,6 +1,7 @@
 """Checks ``flywheel run`` makes before Prefect runs anything, cheapest first, so a mistake is one
 sentence in seconds and nothing is written. ``check_inputs`` loads no model library: the lake is
-writable, the rewards resolve and behave on a few held-out rows, the task's files are well formed.
+writable, the model folder has a config and weights, the rewards resolve and behave on a few
+held-out rows, the task's files are well formed.
 ``check_model`` loads transformers: the sampler takes its options, and every prompt leaves room for
 ``max_new_tokens`` in the model's context. ``prepare_inputs`` makes the file and length checks
 again inside the flow (a run started from a deployment does not pass through the CLI).
