@@ -35,7 +35,8 @@ def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     """Run the recipe's flow as run ``run_name`` (a new name starts a run, a used one resumes it).
 
     Before Prefect runs anything, cheapest first: the names are checked, the lake answers, the task's
-    files and rewards pass ``tasks.preflight.check_inputs``; then the embedded Prefect server starts
+    files and rewards pass ``tasks.preflight.check_inputs``, and the run is neither held by another
+    process nor resumed with a changed recipe (``precheck_run``); then the embedded Prefect server starts
     in the background (``flows.server``) while the model is checked against the prompts, this process
     takes the run's lease (one writer per run), the recipe is checked against the one the run was
     created with, and the flows load. Each failure is one ``UserError`` sentence, and a mistake costs
@@ -44,13 +45,14 @@ def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     from flows import server as embedded
     from tasks.placement import check_stage_deployments
     from tasks.preflight import check_inputs, check_model
-    from tasks.runs import check_names, default_run_name, guard_run, release
+    from tasks.runs import check_names, default_run_name, guard_run, precheck_run, release
 
     name = run_name or default_run_name(recipe)
     check_names(recipe, name)  # the run and model names, before anything touches the lake
     check_lake(recipe)
     check_stage_deployments(recipe)
     data = check_inputs(recipe)
+    precheck_run(recipe, name)  # another writer, or a changed recipe on resume
     server = embedded.start()
     try:
         check_model(recipe, data)

@@ -86,8 +86,11 @@ def identity(recipe: Recipe) -> dict[str, Any]:
     return doc
 
 
-def check_identity(lake: Lake, run: str, recipe: Recipe) -> None:
-    """Record the run's identity at creation; on resume, refuse a different one (``RunChanged``)."""
+def check_identity(lake: Lake, run: str, recipe: Recipe, *, record: bool = True) -> None:
+    """Record the run's identity at creation; on resume, refuse a different one (``RunChanged``).
+
+    With ``record=False`` it only refuses: nothing is written (``precheck_run``).
+    """
     uri = f"{lake.run_uri(run)}/{RUN_FILE}"
     now = identity(recipe)
     try:
@@ -103,6 +106,8 @@ def check_identity(lake: Lake, run: str, recipe: Recipe) -> None:
             f"settings it was created with, or start a new run with another --run-name (only "
             f"{', '.join(RESUMABLE)} may change on resume)."
         )
+    if not record:
+        return
     # A new run, a run from before identities were recorded, or one that committed nothing yet.
     lake.put_json(uri, {
         "run": run, "identity": now, "identity_sha256": config_hash(now), "code_version": code_version(),
@@ -317,6 +322,21 @@ def _pid_started(pid: int) -> str | None:
 
 def default_run_name(recipe: Recipe) -> str:
     return f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def precheck_run(recipe: Recipe, run: str) -> None:
+    """Read-only, before a server starts or a model loads: a run another process writes (``RunBusy``), or a
+    resume with a changed recipe (``RunChanged``), is one sentence in seconds. ``guard_run`` checks both
+    again under the lease, where a race is settled."""
+    lake = Lake(recipe.lake, recipe.s3.model_dump(exclude_none=True))
+    if held(lake, run) is None:
+        try:
+            holder = _parse(lake.store.get(f"{lake.run_uri(run)}/{LEASE_FILE}"))
+        except FileNotFoundError:
+            holder = None
+        if holder is not None and not _is_free(holder):
+            raise RunBusy(_busy_message(lake, run, holder))
+    check_identity(lake, run, recipe, record=False)
 
 
 def guard_run(recipe: Recipe, run: str) -> tuple[Lake, bool]:

@@ -88,16 +88,20 @@ def test_two_writers_with_one_name_exactly_one_runs(guarded):
     ],
     ids=["reward", "threshold", "prompt-count"],
 )
-def test_resume_with_a_changed_recipe_is_refused(guarded, workdir, capsys, change, named):
+def test_resume_with_a_changed_recipe_is_refused(guarded, workdir, change, named):
     lake = _copy(guarded, workdir)
-    before = sorted(p.relative_to(lake).as_posix() for p in lake.rglob("*") if p.name != "lease.json")
-    rc = flywheel(RECIPE, *TINY, *change, run=RUN)
-    err = capsys.readouterr().err
+    before = sorted(p.relative_to(lake).as_posix() for p in lake.rglob("*"))
+    rc = _finish(_launch(workdir, "changed", *TINY, *change))
+    err = (workdir / "changed.stderr").read_text()
     assert rc == 2, err[-3000:]
     message = cli_error(err)
     assert f"Run '{RUN}' was created with a different recipe (changed: {', '.join(named)})" in message
     assert "another --run-name" in message
-    assert sorted(p.relative_to(lake).as_posix() for p in lake.rglob("*") if p.name != "lease.json") == before
+    assert (workdir / "changed.stdout").read_text() == ""
+    # Refused from the lake's records alone: no lease taken, no server started, nothing written.
+    assert sorted(p.relative_to(lake).as_posix() for p in lake.rglob("*")) == before
+    log = workdir / ".flywheel" / "logs" / f"{RUN}.log"
+    assert not log.exists() or "Starting temporary server" not in log.read_text()
     assert [str(v.version) for v in versions_of(workdir)] == ["1"]
 
 
