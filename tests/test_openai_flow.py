@@ -1,6 +1,7 @@
 """The OpenAI-compatible sampler from a recipe, as ``flywheel run`` builds it: a full ReST iteration whose
 Grow samples come from the project's OpenAI-compatible test server (tests/openai_compat_server.py, a real
-HTTP server on 127.0.0.1 over the transformers sampler), with the key only in the environment.
+HTTP server on 127.0.0.1 over the transformers sampler), with the key only in the environment: afterwards it
+is in no output, lake file, MLflow database, log or Prefect database.
 
 Run: ``.venv/bin/python -m pytest tests/test_openai_flow.py -q``.
 """
@@ -53,9 +54,12 @@ def test_a_rest_iteration_grows_through_the_openai_sampler(model_dir, tmp_path):
     samples = pl.read_parquet(list((tmp_path / "lake" / "samples" / "run=remote" / "iteration=1").glob("*.parquet")))
     grown = samples.filter(pl.col("sample_idx") >= 0)
     assert grown.height == 48 and set(grown["finish_reason"]) <= {"stop", "length"}
-    # The key went only into the Authorization header: not in output, lake or MLflow.
+    # The key went only into the Authorization header: not in the output, the lake, MLflow, the run's
+    # log, nor the Prefect database that holds the flow run's parameters (the test session's PREFECT_HOME).
     assert KEY not in proc.stdout + proc.stderr
-    for path in [*(tmp_path / "lake").rglob("*"), tmp_path / "mlflow.db"]:
+    prefect_home = Path(os.environ["PREFECT_HOME"])
+    assert list(prefect_home.glob("*.db")), "the run's flow run is recorded in this Prefect database"
+    for path in [*tmp_path.rglob("*"), *prefect_home.rglob("*")]:
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path
 
