@@ -7,6 +7,7 @@ Used by ``test_rest_flow.py``, ``test_bad_input.py`` and ``test_user_task.py``. 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -121,3 +122,20 @@ def partial_stages(lake: Path) -> list[str]:
                 bad.append(str(part.relative_to(lake)))
     bad += [str(p.relative_to(lake)) for p in lake.rglob(".tmp-*")] if lake.exists() else []
     return bad
+
+
+def file_digests(root: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime of every file under ``root`` (relative path -> digest)."""
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def measured(summary: dict) -> dict:
+    """What a run measured: its summary less where it lives (name, lake, MLflow run, report) and how fast it went."""
+    where = ("run", "lake", "run_uri", "mlflow", "report", "iterations", "baseline")
+    timing = lambda row: {k: v for k, v in row.items() if not k.startswith(("seconds_", "grow_samples_per_s", "grow_tokens_per_s"))}  # noqa: E731
+    return {**{k: v for k, v in summary.items() if k not in where},
+            "iterations": [timing(r) for r in summary["iterations"]], "baseline": timing(summary["baseline"])}

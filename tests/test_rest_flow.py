@@ -1,12 +1,12 @@
 """ReST end to end through the real CLI (``flows.cli.main``) on the built-in arithmetic task: one run
-inspected from every side (summary, lake, manifests, readers, champion, MLflow), determinism, steps
-that do not improve or keep nothing, and resuming a run whose last stage was left unfinished.
+inspected from every side (summary, lake, manifests, readers, champion, MLflow), determinism, and steps
+that do not improve or keep nothing.
 
 Everything is real: flows on the embedded Prefect API, MLflow on SQLite in a temporary directory,
-the lake on the local filesystem, the built-in tiny GPT-2 on CPU. Each run is kept small enough for
+the lake on the local filesystem, the built-in tiny Llama on CPU. Each run is kept small enough for
 the default tier on two busy cores; the ``slow`` test repeats the learning check at demo-like size.
-Bad input is in ``test_bad_input.py``, a user's own task in ``test_user_task.py``; the helpers all
-three share are in ``flywheel_helpers.py``.
+Bad input is in ``test_bad_input.py``, a user's own task in ``test_user_task.py``, resuming in
+``test_resume.py``; the helpers they share are in ``flywheel_helpers.py``.
 
 Run: ``.venv/bin/python -m pytest tests/test_rest_flow.py -q`` (``-m 'not slow'`` for the fast ones).
 """
@@ -41,6 +41,7 @@ from tests.flywheel_helpers import (
     flywheel,
     one_torch_thread,  # noqa: F401  (autouse: one intra-op thread for this module)
     manifest_path,
+    measured,
     partial_stages,
     read_stage,
     run_dir,
@@ -63,15 +64,6 @@ def chdir(path: Path):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(path)
         yield
-
-
-def file_digests(root: Path) -> dict[str, tuple[str, int]]:
-    """sha256 and mtime of every file under ``root`` (relative path -> digest)."""
-    return {
-        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 # -- (a) one run, inspected from every side ------------------------------------------------------
@@ -114,14 +106,6 @@ def fast_run_again(tmp_path_factory) -> Run:
     run = _run_in(tmp_path_factory, "fast-b", *FAST)
     assert run.rc == 0
     return run
-
-
-def measured(summary: dict) -> dict:
-    """What a run measured: its summary less where it lives (name, lake, MLflow run, report) and how fast it went."""
-    where = ("run", "lake", "run_uri", "mlflow", "report", "iterations", "baseline")
-    timing = lambda row: {k: v for k, v in row.items() if not k.startswith(("seconds_", "grow_samples_per_s", "grow_tokens_per_s"))}  # noqa: E731
-    return {**{k: v for k, v in summary.items() if k not in where},
-            "iterations": [timing(r) for r in summary["iterations"]], "baseline": timing(summary["baseline"])}
 
 
 def test_summary_follows_the_design_schema(fast_run):
@@ -368,43 +352,6 @@ def test_a_filter_that_keeps_nothing_skips_improve_and_the_run_completes(workdir
     messages = [r.getMessage() for r in caplog.records]
     assert any("kept no rows" in m and "skipping this Improve step" in m for m in messages), messages
     assert "skipped" in out  # the table says so too
-
-
-# -- (e) resume ----------------------------------------------------------------------------------
-def test_resume_redoes_only_the_unfinished_stage(workdir, capsys):
-    assert flywheel(RECIPE, *FAST, run="resume") == 0
-    first = capsys.readouterr().out
-    summary = summary_of(workdir, "resume")
-    versions = [(str(v.version), v.run_id) for v in versions_of(workdir)]
-    client = client_for(workdir)
-    experiment = client.get_experiment_by_name("flywheel").experiment_id
-    runs = sorted(r.info.run_id for r in client.search_runs([experiment]))
-
-    last = summary["iterations"][-1]
-    rel = f"iteration={last['iteration']}/eval/step={last['step']}"
-    stage, manifest = stage_dir(workdir / "lake", "resume", rel), manifest_path(workdir / "lake", "resume", rel)
-    old_manifest = json.loads(manifest.read_text())
-    manifest.unlink()
-    before = file_digests(workdir / "lake")
-
-    assert flywheel(RECIPE, *FAST, run="resume") == 0
-    second = capsys.readouterr().out
-    after = file_digests(workdir / "lake")
-
-    # The run's lease (who writes it, until when) is rewritten by every attempt; it is not data.
-    redone = {k for k in set(before) | set(after) if before.get(k) != after.get(k) and not k.endswith("/lease.json")}
-    lake = workdir / "lake"
-    assert redone == {
-        str(manifest.relative_to(lake)), str((stage / "part-00000.parquet").relative_to(lake)), "runs/resume/summary.json"
-    }, sorted(redone)
-    new_manifest = json.loads(manifest.read_text())
-    assert [f["sha256"] for f in new_manifest["files"]] == [f["sha256"] for f in old_manifest["files"]]
-    assert new_manifest["metrics"] == old_manifest["metrics"]
-    assert measured(summary_of(workdir, "resume")) == measured(summary)
-    assert [(str(v.version), v.run_id) for v in versions_of(workdir)] == versions  # no duplicate model versions
-    assert sorted(r.info.run_id for r in client.search_runs([experiment])) == runs  # nor runs
-    table = lambda text: [line for line in text.splitlines() if re.match(r"^\s+\d+\s+\d+\s", line)]  # noqa: E731
-    assert table(second) == table(first)
 
 
 # -- learning at demo-like size ------------------------------------------------------------------

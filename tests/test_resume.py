@@ -4,6 +4,8 @@
   the next attempt replaces what it left (file:// and s3://), fast.
 - Registering the same checkpoint again (a resumed run replaying a step) finds its model version
   by tags and reports the promotion decided the first time, fast.
+- A run whose last stage lost its manifest redoes only that stage on resume: the same files, the same
+  summary and table, no second model version or MLflow run, fast.
 - ``flywheel run`` killed with SIGKILL during Grow and again during training, then re-run with the
   same ``--run-name``, ends with exactly the datasets of an uninterrupted run with the same seed,
   no orphaned stage and one model version per (run, iteration, step) (slow: three small runs).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,7 +34,10 @@ from alignment.recipe import load_recipe
 from flows.inspect import inspect_uri
 from tasks.context import RunRef
 from tasks.lake import MANIFEST, Lake
-from tests.flywheel_helpers import manifest_path, partial_stages, run_dir, stage_dir
+from tests.flywheel_helpers import (
+    FAST, client_for, file_digests, flywheel, manifest_path, measured, partial_stages, run_dir, stage_dir, summary_of,
+    versions_of,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "arithmetic-rest.yaml"
@@ -289,6 +295,43 @@ def _versions_per_step(cwd: Path, run: str) -> dict[tuple[str, str], int]:
         key = (v.tags["flywheel.iteration"], v.tags["flywheel.step"])
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+# -- a run whose last stage was left unfinished ----------------------------------------------------------------------------------
+def test_resume_redoes_only_the_unfinished_stage(workdir, capsys):
+    assert flywheel(RECIPE, *FAST, run="resume") == 0
+    first = capsys.readouterr().out
+    summary = summary_of(workdir, "resume")
+    versions = [(str(v.version), v.run_id) for v in versions_of(workdir)]
+    client = client_for(workdir)
+    experiment = client.get_experiment_by_name("flywheel").experiment_id
+    runs = sorted(r.info.run_id for r in client.search_runs([experiment]))
+
+    last = summary["iterations"][-1]
+    rel = f"iteration={last['iteration']}/eval/step={last['step']}"
+    stage, manifest = stage_dir(workdir / "lake", "resume", rel), manifest_path(workdir / "lake", "resume", rel)
+    old_manifest = json.loads(manifest.read_text())
+    manifest.unlink()
+    before = file_digests(workdir / "lake")
+
+    assert flywheel(RECIPE, *FAST, run="resume") == 0
+    second = capsys.readouterr().out
+    after = file_digests(workdir / "lake")
+
+    # The run's lease (who writes it, until when) is rewritten by every attempt; it is not data.
+    redone = {k for k in set(before) | set(after) if before.get(k) != after.get(k) and not k.endswith("/lease.json")}
+    lake = workdir / "lake"
+    assert redone == {
+        str(manifest.relative_to(lake)), str((stage / "part-00000.parquet").relative_to(lake)), "runs/resume/summary.json"
+    }, sorted(redone)
+    new_manifest = json.loads(manifest.read_text())
+    assert [f["sha256"] for f in new_manifest["files"]] == [f["sha256"] for f in old_manifest["files"]]
+    assert new_manifest["metrics"] == old_manifest["metrics"]
+    assert measured(summary_of(workdir, "resume")) == measured(summary)
+    assert [(str(v.version), v.run_id) for v in versions_of(workdir)] == versions  # no duplicate model versions
+    assert sorted(r.info.run_id for r in client.search_runs([experiment])) == runs  # nor runs
+    table = lambda text: [line for line in text.splitlines() if re.match(r"^\s+\d+\s+\d+\s", line)]  # noqa: E731
+    assert table(second) == table(first)
 
 
 @pytest.mark.slow
