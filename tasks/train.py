@@ -71,7 +71,7 @@ def train_metrics(ref: RunRef, model_uri: str) -> dict[str, float]:
 
 def preference_settings(ref: RunRef, seed: int = 0):
     """The run's preference trainer config (loss, its hyperparameters, dtype, prompt format)."""
-    from alignment.recipe import preference_config
+    from alignment.train_settings import preference_config
 
     return preference_config(ref.recipe.preference, seed, dtype=ref.recipe.model.dtype, prompt=ref.recipe.prompt_format())
 
