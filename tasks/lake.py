@@ -31,58 +31,22 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pyarrow.parquet as pq
 
-from alignment.errors import UserError
 from tasks.lake_cache import MANIFESTS, PARTS, link_into_cache
+from tasks.lake_manifest import (
+    CorruptPart, Manifest, StageChanged, StageNotFound, check_sizes, code_version, config_hash, corrupt_message,
+    sha256_file,
+)
 from tasks.lake_paths import MANIFEST, MODELS, PARTITION_KEYS, TABLES, Address, BadName, check_name, parse
 from tasks.storage import Store, normalize_uri, open_store
 
 __all__ = ["MANIFEST", "MODELS", "TABLES", "Address", "BadName", "CorruptPart", "Lake", "Manifest", "StageChanged",
            "StageNotFound", "check_name", "code_version", "config_hash"]
-
-def code_version() -> str:
-    try:
-        return version("flywheel")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def config_hash(config: Any) -> str:
-    """A stable hash of a JSON-able config: equal configs give equal hashes across processes."""
-    blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-class StageNotFound(FileNotFoundError):
-    """A stage was read before it was committed."""
-
-
-class StageChanged(UserError):
-    """A committed stage was made with a config other than the one a run would use now."""
-
-
-class CorruptPart(UserError):
-    """A part of a committed stage no longer matches what its manifest recorded."""
-
-
-@dataclass(frozen=True)
-class Manifest:
-    uri: str
-    rows: int
-    files: list[dict[str, Any]]
-    schema: dict[str, str]
-    config_hash: str
-    parents: list[str]
-    sha256: str  # of the manifest itself: the dataset's identity for lineage
-    manifest_uri: str = ""
-
 
 class Lake:
     """Read and write stages under one lake root."""
@@ -303,17 +267,17 @@ class Lake:
         try:
             data = self.store.get(uri)
         except FileNotFoundError:
-            raise CorruptPart(_corrupt(m, entry, "is missing")) from None
+            raise CorruptPart(corrupt_message(m, entry, "is missing")) from None
         if len(data) != entry["bytes"]:
-            raise CorruptPart(_corrupt(m, entry, f"holds {len(data)} bytes where its manifest recorded {entry['bytes']}"))
+            raise CorruptPart(corrupt_message(m, entry, f"holds {len(data)} bytes where its manifest recorded {entry['bytes']}"))
         if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise CorruptPart(_corrupt(m, entry, "has a different sha256 from the one its manifest recorded"))
+            raise CorruptPart(corrupt_message(m, entry, "has a different sha256 from the one its manifest recorded"))
         try:
             frame = pl.read_parquet(io.BytesIO(data))
         except Exception as exc:  # bytes that match the manifest but were never valid Parquet
-            raise CorruptPart(_corrupt(m, entry, f"is not readable Parquet ({type(exc).__name__})")) from None
+            raise CorruptPart(corrupt_message(m, entry, f"is not readable Parquet ({type(exc).__name__})")) from None
         if frame.height != entry["rows"]:
-            raise CorruptPart(_corrupt(m, entry, f"holds {frame.height} rows where its manifest recorded {entry['rows']}"))
+            raise CorruptPart(corrupt_message(m, entry, f"holds {frame.height} rows where its manifest recorded {entry['rows']}"))
         return frame
 
     # -- directories (model checkpoints) ------------------------------------------------------
@@ -334,7 +298,7 @@ class Lake:
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             rel = path.relative_to(local_dir).as_posix()
             self.store.put_file(path, f"{uri}/{rel}")
-            files.append({"name": rel, "rows": 0, "bytes": path.stat().st_size, "sha256": _sha256_file(path)})
+            files.append({"name": rel, "rows": 0, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
         manifest = {
             "uri": uri,
             "rows": 0,
@@ -359,7 +323,7 @@ class Lake:
         m = self.manifest(uri)
         local = self.store.local_path(uri)
         if local is not None:
-            _check_sizes(m, local)
+            check_sizes(m, local)
             return local
         dest = Path(cache_root) / m.sha256[:16]
         if not (dest / MANIFEST).exists():
@@ -370,7 +334,7 @@ class Lake:
             try:
                 for f in m.files:
                     self.store.get_file(f"{uri}/{f['name']}", tmp / f["name"])
-                _check_sizes(m, tmp)
+                check_sizes(m, tmp)
                 (tmp / MANIFEST).write_text("{}")
                 try:
                     tmp.rename(dest)
@@ -387,30 +351,3 @@ class Lake:
 
     def get_json(self, uri: str) -> Any:
         return json.loads(self.store.get(uri))
-
-
-def _check_sizes(m: Manifest, folder: Path) -> None:
-    """Every file of a committed directory is there with its recorded size (hashing gigabytes of weights on
-    every load would cost more than it catches; the size catches a truncated or replaced file)."""
-    for f in m.files:
-        try:
-            size = (folder / f["name"]).stat().st_size
-        except FileNotFoundError:
-            raise CorruptPart(_corrupt(m, f, "is missing")) from None
-        if size != f["bytes"]:
-            raise CorruptPart(_corrupt(m, f, f"holds {size} bytes where its manifest recorded {f['bytes']}"))
-
-
-def _corrupt(m: Manifest, entry: dict[str, Any], problem: str) -> str:
-    return (
-        f"Part {m.uri}/{entry['name']} {problem}, so the stage was changed after it was committed; re-run that "
-        f"stage (delete {m.manifest_uri} and run again) or start a new run with another --run-name."
-    )
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

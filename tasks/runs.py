@@ -37,6 +37,7 @@ from alignment.errors import UserError
 from alignment.recipe import Recipe
 from tasks.lake import MANIFEST, Lake, check_name, code_version, config_hash
 from tasks.lake_cache import drop_manifests, hold_manifests
+from tasks.lake_manifest import sha256_file
 
 RUN_FILE = "run.json"
 LEASE_FILE = "lease.json"
@@ -137,13 +138,7 @@ def _get(recipe: Recipe, dotted: str) -> Any:
 def _file_sha256(path: str) -> str | None:
     """A prompt file's content hash (None when it is missing: loading it reports that)."""
     p = Path(path)
-    if not p.is_file():
-        return None
-    h = hashlib.sha256()
-    with p.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(p) if p.is_file() else None
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
