@@ -117,6 +117,8 @@ class RunConsole:
     def __init__(self, log_path: Path, verbose: bool):
         self.log_path, self.verbose = log_path, verbose
         self.saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
+        self.levels: list[tuple[logging.Logger, int]] = []
+        self.set_env: list[str] = []
         self.stage = StageLines()
 
     def open(self) -> RunConsole:
@@ -135,8 +137,15 @@ class RunConsole:
             logger = logging.getLogger(name)
             kept = [h for h in logger.handlers if not isinstance(h, PrefectConsoleHandler)]
             self._replace(logger, [*kept, to_file] if len(kept) < len(logger.handlers) else logger.handlers, logger.propagate)
-        mlflow = logging.getLogger("mlflow")  # MLflow's own stderr handler: its INFO and WARNING lines
+        if "mlflow" not in sys.modules and "MLFLOW_CONFIGURE_LOGGING" not in os.environ:
+            # MLflow, imported later with the flows, would put its own stderr handler back on its loggers
+            # (a fresh tracking database's "Creating initial MLflow database tables" lines on the console).
+            os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"
+            self.set_env.append("MLFLOW_CONFIGURE_LOGGING")
+        mlflow = logging.getLogger("mlflow")  # MLflow's INFO and WARNING lines
         self._replace(mlflow, [to_file], False)
+        self.levels.append((mlflow, mlflow.level))
+        mlflow.setLevel(logging.INFO)
         logging.captureWarnings(True)  # Python warnings (MLflow's UserWarnings) become "py.warnings" records
         self._replace(logging.getLogger("py.warnings"), [to_file], False)
         for logger in run_loggers:
@@ -152,9 +161,15 @@ class RunConsole:
         for logger, handlers, propagate in reversed(self.saved):
             logger.handlers[:] = handlers
             logger.propagate = propagate
+        for logger, level in self.levels:
+            logger.setLevel(level)
+        for name in self.set_env:
+            os.environ.pop(name, None)
         if self.saved:
             logging.captureWarnings(False)
         self.saved.clear()
+        self.levels.clear()
+        self.set_env.clear()
 
 
 def where_lines(summary: dict, log_path: Path | None) -> list[str]:

@@ -44,6 +44,7 @@ def test_a_clean_run_prints_stages_table_and_where_without_noise(quiet):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert [line for line in out.splitlines() if NOISE.search(line)] == []
+    assert proc.stderr == ""  # not even MLflow's INFO lines on creating this run's fresh tracking database
     assert "Task run '" not in out and "Finished in state" not in out  # Prefect's lines are in the log
     lines = proc.stdout.splitlines()
     # One line per stage, with its time: "filter g=1 step 1: tau=... kept 40 of 280 (...) · 0.1 s"
@@ -58,6 +59,7 @@ def test_a_clean_run_prints_stages_table_and_where_without_noise(quiet):
     assert str(log.relative_to(work)) in where["log"]
     text = log.read_text()
     assert "Task run '" in text and "Finished in state Completed()" in text and "Stopping temporary server" in text
+    assert "Creating initial MLflow database tables" in text
     assert "lake/runs/quiet" in where["lake"] and where["champion"].startswith("champion: models:/arithmetic-rest@champion = version")
 
 
