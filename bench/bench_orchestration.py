@@ -13,7 +13,7 @@ their own as a per-run cost, paid once by a run of many iterations.
    four). Overhead per task run = (task loop - plain loop) / N. The no-op task has the real tasks'
    cache policy.
 2. **One iteration** of the demo recipe with sharded Grow and scoring (``grow.shards=4``: 4 Grow
-   shard tasks, 5 score shard tasks, their commits, thresholds, filter, Improve, evaluate, register,
+   shard tasks, 5 score shard tasks, their commits, thresholds, filter, Improve, evaluate, step metrics, register,
    summary, publish): the loop body of ``flows/rest.py`` as a Prefect flow, timed inside the flow
    from the first task call to the last result, and the same steps as plain functions (``task.fn``,
    shards on a thread pool as wide as the task runner's, Prefect artifacts dropped), from the same
@@ -78,9 +78,10 @@ from tasks.evaluate import evaluate  # noqa: E402
 from tasks.filter import filter_stage, thresholds  # noqa: E402
 from tasks.grow import commit_samples, grow, grow_shard  # noqa: E402
 from tasks.inputs import prepare_inputs  # noqa: E402
-from tasks.register import register, start_tracking  # noqa: E402
+from tasks.register import log_step_metrics, register, start_tracking  # noqa: E402
 from tasks.report import save_summary  # noqa: E402
 from tasks.score import commit_scored, score, score_shard  # noqa: E402
+from tasks.step_metrics import step_metrics  # noqa: E402
 from tasks.train import improve, train_metrics, warm_start  # noqa: E402
 
 from orchestration_report import report  # noqa: E402  (a sibling module: this runs as a script)
@@ -218,8 +219,8 @@ def steps(plain: bool) -> SimpleNamespace:
     pick = (lambda t: t.fn) if plain else (lambda t: t)
     chosen = dict(
         grow=plain_grow if plain else grow, score=plain_score if plain else score, thresholds=pick(thresholds),
-        filter=pick(filter_stage), improve=pick(improve), evaluate=pick(evaluate), register=pick(register),
-        save_summary=pick(save_summary), publish=pick(publish_iteration),
+        filter=pick(filter_stage), improve=pick(improve), evaluate=pick(evaluate), step_metrics=pick(step_metrics),
+        register=pick(register), save_summary=pick(save_summary), publish=pick(publish_iteration),
     )
     times = STEP_TIMES["plain" if plain else "flow"]
     times.clear()
@@ -233,7 +234,7 @@ def steps(plain: bool) -> SimpleNamespace:
                 times[name] = times.get(name, 0.0) + time.perf_counter() - start
         return call
 
-    return SimpleNamespace(**{name: timed_step(name, fn) for name, fn in chosen.items()})
+    return SimpleNamespace(times=times, **{name: timed_step(name, fn) for name, fn in chosen.items()})
 
 
 def iteration(ref: RunRef, policy: str, version: str, g: int, s: SimpleNamespace) -> tuple[list[dict], list[float]]:
@@ -243,17 +244,22 @@ def iteration(ref: RunRef, policy: str, version: str, g: int, s: SimpleNamespace
     rows = []
     for i, tau in enumerate(s.thresholds(ref, scored), start=1):
         kept = s.filter(ref, scored, g, i, tau)
-        if kept["kept"] == 0:
+        if kept.kept == 0:
             continue
-        candidate = s.improve(ref, policy, kept["uri"], g, i)
+        candidate = s.improve(ref, policy, kept.uri, g, i)
         metrics = s.evaluate(ref, candidate, g, i)
-        reg = s.register(ref, candidate, metrics, g, i, [kept["uri"], ref.stage(g, "eval", i)], parent_version=version,
-                         step_metrics={"tau": tau or 0.0, "kept": kept["kept"], **train_metrics(ref, candidate)})
+        datasets = [kept.uri, ref.stage(g, "eval", i)]
+        seconds = {f"seconds_{k}": v for k, v in s.times.items()}  # as tasks.step_metrics.Stopwatch names them
+        extra = s.step_metrics(ref, scored, kept.uri, datasets[1], ref.stage(0, "eval", 0), seconds)
+        reg = s.register(ref, candidate, metrics, g, i, datasets, parent_version=version,
+                         step_metrics={"tau": tau or 0.0, "kept": kept.kept, **train_metrics(ref, candidate), **extra})
+        log_step_metrics(ref, g, i, {"seconds_register": s.times["register"]})
         # A summary row as tasks.report.Summary writes it (whose save is the save-summary task itself).
-        rows.append({"iteration": g, "step": i, "tau": tau, "kept": kept["kept"], **metrics,
-                     "model_version": reg["model_version"]})
+        # Timings differ between the arms by design; every other figure must be the same.
+        figures = {k: v for k, v in {**metrics, **extra}.items() if not k.startswith(("seconds_", "grow_samples", "grow_tokens"))}
+        rows.append({"iteration": g, "step": i, "tau": tau, "kept": kept.kept, **figures, "model_version": reg.model_version})
         s.save_summary(ref, {"run": ref.run, "algorithm": "rest", "lake": ref.lake, "iterations": rows})
-        s.publish(ref, g, scored, kept["uri"])
+        s.publish(ref, g, scored, kept.uri)
     return rows, [b - a for a, b in zip(start, clock())]
 
 
@@ -303,7 +309,7 @@ def prepare_arm(recipe: Recipe, arm: str) -> tuple[RunRef, str, str]:
     policy = prepare_inputs.fn(ref)["base"]
     metrics = evaluate.fn(ref, policy, 0, 0)
     reg = register.fn(ref, policy, metrics, 0, 0, [ref.stage(0, "labelled"), ref.stage(0, "eval", 0)])
-    return ref, policy, reg["model_version"]
+    return ref, policy, reg.model_version
 
 
 def quiet() -> None:
