@@ -17,7 +17,7 @@ from alignment.samplers import Sampler, SamplingParams
 CORRECT = 1.0
 
 
-def evaluate(
+def score_heldout(
     sampler: Sampler,
     prompt_ids: Sequence[int],
     prompts: Sequence[str],

@@ -49,7 +49,7 @@ def rest_thresholds(mean_reward: float, max_reward: float, improve_steps: int) -
     return taus
 
 
-def fixed(scored: pl.DataFrame, threshold: float) -> pl.DataFrame:
+def at_least(scored: pl.DataFrame, threshold: float) -> pl.DataFrame:
     """Keep rows with ``reward >= threshold``."""
     keep = (pl.col("reward") >= threshold) | pl.col("reward").is_null()  # a demonstration has no reward and passes
     return scored.filter(keep).with_columns(pl.lit(float(threshold)).alias("threshold"))
@@ -58,7 +58,7 @@ def fixed(scored: pl.DataFrame, threshold: float) -> pl.DataFrame:
 def quantile(scored: pl.DataFrame, q: float) -> pl.DataFrame:
     """Keep rows whose reward is at or above the ``q``-quantile of all rewards (scale-free)."""
     tau = float(scored["reward"].quantile(q, interpolation="linear") or 0.0) if scored.height else 0.0
-    return fixed(scored, tau)
+    return at_least(scored, tau)
 
 
 def top_k(scored: pl.DataFrame, k: int) -> pl.DataFrame:

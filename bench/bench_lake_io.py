@@ -146,8 +146,8 @@ class LakeClock:
         self._originals: list[tuple[type, str, object]] = []
 
     def install(self) -> None:
-        from tasks.s3 import S3Store
-        from tasks.storage import LocalStore
+        from tasks.lake import S3Store
+        from tasks.lake import LocalStore
 
         for cls, names in ((Lake, self.LAKE), (S3Store, self.STORE), (LocalStore, self.STORE)):
             for name in names:

@@ -248,9 +248,9 @@ def iteration(ref: RunRef, policy: str, version: str, g: int, s: SimpleNamespace
             continue
         candidate = s.improve(ref, policy, kept.uri, g, i)
         metrics = s.evaluate(ref, candidate, g, i)
-        datasets = [kept.uri, ref.stage(g, "eval", i)]
+        datasets = [kept.uri, ref.stage_uri(g, "eval", i)]
         seconds = {f"seconds_{k}": v for k, v in s.times.items()}  # as tasks.step_metrics.Stopwatch names them
-        extra = s.step_metrics(ref, scored, kept.uri, datasets[1], ref.stage(0, "eval", 0), seconds)
+        extra = s.step_metrics(ref, scored, kept.uri, datasets[1], ref.stage_uri(0, "eval", 0), seconds)
         reg = s.register(ref, candidate, metrics, g, i, datasets, parent_version=version,
                          step_metrics={"tau": tau or 0.0, "kept": kept.kept, **train_metrics(ref, candidate), **extra})
         log_step_metrics(ref, g, i, {"seconds_register": s.times["register"]})
@@ -308,7 +308,7 @@ def prepare_arm(recipe: Recipe, arm: str) -> tuple[RunRef, str, str]:
     ref = ref.model_copy(update={"mlflow_run_id": start_tracking.fn(ref)})
     policy = prepare_inputs.fn(ref)["base"]
     metrics = evaluate.fn(ref, policy, 0, 0)
-    reg = register.fn(ref, policy, metrics, 0, 0, [ref.stage(0, "labelled"), ref.stage(0, "eval", 0)])
+    reg = register.fn(ref, policy, metrics, 0, 0, [ref.stage_uri(0, "labelled"), ref.stage_uri(0, "eval", 0)])
     return ref, policy, reg.model_version
 
 

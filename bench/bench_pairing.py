@@ -76,7 +76,7 @@ def polars_ops() -> dict[str, Callable[[pl.DataFrame], pl.DataFrame]]:
     def rest_filter(scored: pl.DataFrame) -> pl.DataFrame:
         distinct = filters.dedupe(scored)
         tau = filters.rest_thresholds(distinct["reward"].mean(), distinct["reward"].max(), IMPROVE_STEPS)[0]
-        return filters.fixed(distinct, tau)
+        return filters.at_least(distinct, tau)
 
     return {
         "rest_filter": rest_filter,

@@ -192,7 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # a mistake in the recipe is reported before anything heavy loads
     from flows.run import run_recipe
     from tasks.lake import check_name
-    from tasks.runs import default_run_name
+    from tasks.lake import default_run_name
     from tasks.tracking import check_tracking
 
     name = check_name(args.run_name or default_run_name(recipe), "run name")
@@ -235,7 +235,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     from flows.sql import query, render, write
     from tasks.lake import Lake
-    from tasks.storage import normalize_uri
+    from tasks.lake import normalize_uri
 
     write(render(query(Lake(normalize_uri(args.lake)), args.query), args.format), args.out)
     return 0
@@ -244,7 +244,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from flows.sql import runs
     from tasks.lake import Lake
-    from tasks.storage import normalize_uri
+    from tasks.lake import normalize_uri
 
     rows = runs(Lake(normalize_uri(args.lake)))
     if args.json:

@@ -1,6 +1,6 @@
 """Opening a run: its name, its lake, its cache and its MLflow parent run, as one ``RunRef``.
 
-Opening checks what keeps the run whole (``tasks.runs``): its name and model name are safe, this
+Opening checks what keeps the run whole (``tasks.lake.runs``): its name and model name are safe, this
 process holds the run's lease (one writer per run), and the recipe is the one the run was created
 with. ``flywheel run`` makes the same checks before Prefect starts (``flows.run.run_recipe``); a run
 started from a deployment makes them here.
@@ -16,7 +16,7 @@ from tasks.evaluate import evaluate
 from tasks.placement import check_stage_deployments
 from tasks.register import register, start_tracking
 from tasks.report import Summary
-from tasks.runs import default_run_name, guard_run, release
+from tasks.lake import default_run_name, guard_run, release
 from tasks.train import warm_start
 
 
@@ -43,6 +43,6 @@ def warm_start_and_baseline(ref: RunRef, inputs: dict[str, str], summary: Summar
     """
     policy = warm_start(ref, inputs["base"]) if ref.recipe.warm_start.enabled else inputs["base"]
     metrics = evaluate(ref, policy, 0, 0)
-    reg = register(ref, policy, metrics, 0, 0, [inputs["labelled"], ref.stage(0, "eval", 0)])
+    reg = register(ref, policy, metrics, 0, 0, [inputs["labelled"], ref.stage_uri(0, "eval", 0)])
     summary.baseline(metrics, reg)
     return policy, metrics["eval_reward"], {policy: reg.model_version}

@@ -16,7 +16,7 @@ _ALSO = {
     "alignment.recipe": "RecipeError",
     "alignment.rewards": "RewardError",
     "tasks.lake": "StageNotFound",
-    "tasks.s3": "LakeAccessError",
+    "tasks.lake.s3": "LakeAccessError",
 }
 
 

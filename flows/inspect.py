@@ -20,7 +20,7 @@ from typing import Any
 import polars as pl
 
 from tasks.lake import MANIFEST, MODELS, TABLES, Address, Lake, StageNotFound
-from tasks.storage import normalize_uri
+from tasks.lake import normalize_uri
 
 SHOW = ["prompt_id", "sample_idx", "prompt", "completion", "reference", "reward"]
 _KEYS = r"(?:/iteration=(?P<iteration>\d+)(?:/(?P<model>{models}))?(?:/step=(?P<step>\d+))?)?/?"

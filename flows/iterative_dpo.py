@@ -51,7 +51,7 @@ def iterative_dpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]
 
         policy, _, versions = warm_start_and_baseline(ref, inputs, summary)
         initial = policy
-        champion_eval, clock = ref.stage(0, "eval", 0), Stopwatch()  # win rates are against the champion's answers
+        champion_eval, clock = ref.stage_uri(0, "eval", 0), Stopwatch()  # win rates are against the champion's answers
 
         for t in range(1, recipe.grow_steps + 1):
             samples = clock("grow", grow, ref, policy, t)
@@ -65,14 +65,14 @@ def iterative_dpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]
                 print(f"iteration {t}: every prompt's samples tied (no pairs); skipping training")
                 continue
             metrics = clock("evaluate", evaluate, ref, candidate, t, 1)
-            extra = step_metrics(ref, scored, pairs.uri, ref.stage(t, "eval", 1), champion_eval, clock.seconds)
-            reg = clock("register", register, ref, candidate, metrics, t, 1, [pairs.uri, ref.stage(t, "eval", 1)],
+            extra = step_metrics(ref, scored, pairs.uri, ref.stage_uri(t, "eval", 1), champion_eval, clock.seconds)
+            reg = clock("register", register, ref, candidate, metrics, t, 1, [pairs.uri, ref.stage_uri(t, "eval", 1)],
                         parent_version=versions[start],
                         step_metrics={"pairs": pairs.kept, **train_metrics(ref, candidate), **extra})
             log_step_metrics(ref, t, 1, {"seconds_register": clock.seconds["seconds_register"]})
             versions[candidate] = reg.model_version
             summary.step(t, 1, pairs, metrics, reg, loss=cfg.loss, **extra, seconds_register=clock.seconds["seconds_register"])
             publish_iteration(ref, t, scored, pairs.uri)
-            champion_eval = ref.stage(t, "eval", 1) if reg.promoted else champion_eval
+            champion_eval = ref.stage_uri(t, "eval", 1) if reg.promoted else champion_eval
             policy = candidate
         return summary.stop("completed all iterations")

@@ -50,7 +50,7 @@ def rest(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
         # Train pi_theta on D (behaviour cloning), and measure where we start.
         policy, best, versions = warm_start_and_baseline(ref, inputs, summary)
         base, stale = policy, 0
-        champion_eval, clock = ref.stage(0, "eval", 0), Stopwatch()  # win rates are against the champion's answers
+        champion_eval, clock = ref.stage_uri(0, "eval", 0), Stopwatch()  # win rates are against the champion's answers
 
         for g in range(1, recipe.grow_steps + 1):
             # Grow: D_g = samples of pi_theta, annotated with R(x, y).
@@ -66,7 +66,7 @@ def rest(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
                 start = base if recipe.improve.restart_from_base else policy
                 candidate = clock("train", improve, ref, start, kept.uri, g, i)
                 metrics = clock("evaluate", evaluate, ref, candidate, g, i)
-                datasets = [kept.uri, ref.stage(g, "eval", i)]
+                datasets = [kept.uri, ref.stage_uri(g, "eval", i)]
                 extra = step_metrics(ref, scored, kept.uri, datasets[1], champion_eval, clock.seconds)
                 reg = clock("register", register, ref, candidate, metrics, g, i, datasets, parent_version=versions[start],
                             step_metrics={"tau": tau or 0.0, "kept": kept.kept, **train_metrics(ref, candidate), **extra})

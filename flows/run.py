@@ -45,7 +45,7 @@ def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     from flows import server as embedded
     from tasks.placement import check_stage_deployments
     from tasks.preflight import check_inputs, check_model
-    from tasks.runs import check_names, default_run_name, guard_run, precheck_run, release
+    from tasks.lake import check_names, default_run_name, guard_run, precheck_run, release
 
     name = run_name or default_run_name(recipe)
     check_names(recipe, name)  # the run and model names, before anything touches the lake
@@ -147,7 +147,7 @@ def _close_quietly(lake_uri: str, run: str) -> None:
     import logging
     import sys
 
-    from tasks.runs import release
+    from tasks.lake import release
 
     logging.disable(logging.CRITICAL)
     try:

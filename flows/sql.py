@@ -30,7 +30,7 @@ import polars as pl
 
 from alignment.errors import UserError
 from tasks.lake import TABLES, Lake
-from tasks.runs import LEASE_FILE, RUN_FILE
+from tasks.lake import LEASE_FILE, RUN_FILE
 
 FORMATS = ("table", "json", "csv", "parquet")
 

@@ -58,7 +58,7 @@ def publish_iteration(ref: RunRef, iteration: int, scored_uri: str, kept_uri: st
                     f"Parquet by run and iteration; the other stages are the sibling tables, e.g. `{lake.address(kept_uri).name}`).",
     )
     create_markdown_artifact(markdown=samples_markdown(scored, kept, lake.address(kept_uri).label), key=keys["samples"],
-                             description=f"Kept and dropped rows of iteration {iteration}.")
+                             description=f"Selection and dropped rows of iteration {iteration}.")
     log_plots(ref, iteration)
     log().info("published artifacts %s and plots for iteration %d", ", ".join(keys.values()), iteration)
     return keys
@@ -88,7 +88,7 @@ def reward_table(ref: RunRef, iteration: int, scored: pl.DataFrame, kept: pl.Dat
         rows += [_stats(f"{name} (chosen)", kept["chosen_reward"]), _stats(f"{name} (rejected)", kept["rejected_reward"])]
     lake = ref.open_lake()
     for step in range(0, ref.recipe.improve.steps + 1):
-        uri = ref.stage(iteration, "eval", step)
+        uri = ref.stage_uri(iteration, "eval", step)
         if lake.is_done(uri):
             rows.append(_stats(f"eval/step={step}", lake.read(uri)["reward"]))
     return rows
@@ -124,7 +124,7 @@ def samples_markdown(scored: pl.DataFrame, kept: pl.DataFrame, kept_label: str, 
     dropped = scored.join(used.cast({"sample_idx": scored["sample_idx"].dtype}), on=["prompt_id", "sample_idx"], how="anti")
     dropped = dropped.sort("reward", "prompt_id", "sample_idx", descending=[True, False, False])
     return "\n".join([
-        f"### Kept: {kept.height} rows of `{kept_label}` (of {scored.height} scored)",
+        f"### Selection: {kept.height} rows of `{kept_label}` (of {scored.height} scored)",
         _markdown_table(shown.head(limit)),
         "",
         f"### Dropped: {dropped.height} scored rows, best reward first",
@@ -165,7 +165,7 @@ def reward_figure(ref: RunRef, last: int):
     lake = ref.open_lake()
     per_iteration = {}
     for g in range(1, last + 1):
-        uri = ref.stage(g, "scored")
+        uri = ref.stage_uri(g, "scored")
         if lake.is_done(uri):
             frame = lake.read(uri)
             per_iteration[g] = frame.filter(pl.col("sample_idx") >= 0)["reward"].drop_nulls().to_numpy()

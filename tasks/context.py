@@ -27,7 +27,7 @@ class RunRef(BaseModel):
     def open_lake(self) -> Lake:
         return Lake(self.lake, self.recipe.s3.model_dump(exclude_none=True))
 
-    def stage(self, iteration: int, stage: str, step: int | None = None) -> str:
+    def stage_uri(self, iteration: int, stage: str, step: int | None = None) -> str:
         return self.open_lake().stage_uri(self.run, iteration, stage, step)
 
     def local_model(self, model_uri: str) -> str:

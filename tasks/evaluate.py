@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from alignment.evaluation import evaluate as run_eval
+from alignment.evaluation import score_heldout
 from alignment.rewards import resolve_reward_spec, with_timeout
 from alignment.samplers import make_sampler
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
@@ -15,7 +15,7 @@ from tasks.step_metrics import held_out_extras
 def evaluate(ref: RunRef, model_uri: str, iteration: int, step: int) -> dict[str, float]:
     """Greedy completions for every held-out prompt, committed as ``eval/step={i}``; returns the metrics."""
     lake, label = ref.open_lake(), f"g={iteration} step {step}"
-    uri = run_once(ref, ref.stage(iteration, "eval", step), "evaluate", write_eval, model_uri, iteration, step, label=label)
+    uri = run_once(ref, ref.stage_uri(iteration, "eval", step), "evaluate", write_eval, model_uri, iteration, step, label=label)
     manifest = lake.manifest_doc(uri)
     metrics = {**manifest["metrics"], **manifest.get("seconds", {})}
     log().info("eval %s: reward %.3f, accuracy %.3f", ref.policy_version(model_uri), metrics["eval_reward"], metrics["eval_accuracy"])
@@ -24,8 +24,8 @@ def evaluate(ref: RunRef, model_uri: str, iteration: int, step: int) -> dict[str
 
 def write_eval(ref: RunRef, model_uri: str, iteration: int, step: int) -> str:
     """The body of ``evaluate`` (a GPU stage): sample greedily, score, commit the ``eval`` stage with its metrics."""
-    recipe, lake, uri = ref.recipe, ref.open_lake(), ref.stage(iteration, "eval", step)
-    prompts = lake.read(ref.stage(0, "eval_prompts")).sort("prompt_id")
+    recipe, lake, uri = ref.recipe, ref.open_lake(), ref.stage_uri(iteration, "eval", step)
+    prompts = lake.read(ref.stage_uri(0, "eval_prompts")).sort("prompt_id")
     # Held-out completions come from the transformers sampler, with the same prompt format, stop rules
     # and precision as Grow (and Grow's options when Grow samples with transformers too).
     options = {"prompt": recipe.prompt_format(), "dtype": recipe.model.dtype, "trust_remote_code": recipe.model.trust_remote_code}
@@ -34,7 +34,7 @@ def write_eval(ref: RunRef, model_uri: str, iteration: int, step: int) -> str:
     options["batch_size"] = recipe.eval.batch_size
     with MODEL_LOAD_LOCK:
         sampler = make_sampler("transformers", ref.local_model(model_uri), **options)
-    frame, metrics = run_eval(
+    frame, metrics = score_heldout(
         sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(), prompts["reference"].to_list(),
         with_timeout(resolve_reward_spec(recipe.eval.reward or recipe.reward), recipe.reward_timeout_s),
         max_new_tokens=recipe.eval.max_new_tokens,

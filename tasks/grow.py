@@ -39,8 +39,8 @@ def grow_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: 
 def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: int) -> dict:
     """The body of ``grow_shard``: a plain function, so it can run in a fresh process or on a GPU worker."""
     recipe, lake = ref.recipe, ref.open_lake()
-    uri = ref.stage(iteration, "samples")
-    prompts = lake.read(ref.stage(0, "prompts")).sort("prompt_id")
+    uri = ref.stage_uri(iteration, "samples")
+    prompts = lake.read(ref.stage_uri(0, "prompts")).sort("prompt_id")
     part = prompts.filter(pl.int_range(pl.len()) % shards == shard)
     g = recipe.grow
     with MODEL_LOAD_LOCK:  # shards on the thread runner load their models one at a time
@@ -69,10 +69,10 @@ def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards
 @flywheel_task(name="commit-samples", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
 def commit_samples(ref: RunRef, model_uri: str, iteration: int, parts: list[dict]) -> str:
     """Add the labelled data D when the recipe asks (D_g = samples ∪ D) and commit the stage."""
-    lake, uri = ref.open_lake(), ref.stage(iteration, "samples")
+    lake, uri = ref.open_lake(), ref.stage_uri(iteration, "samples")
     parts = sorted(parts, key=lambda p: p["name"])
     if ref.recipe.grow.include_labelled:
-        labelled = lake.read(ref.stage(0, "labelled"))
+        labelled = lake.read(ref.stage_uri(0, "labelled"))
         if labelled.height:
             frame = labelled.select(
                 "prompt_id", "prompt", "reference", "completion",
@@ -81,14 +81,14 @@ def commit_samples(ref: RunRef, model_uri: str, iteration: int, parts: list[dict
             ).cast(SAMPLE_SCHEMA)
             parts.append(lake.write_part(uri, len(parts), frame))
     config = {"grow": ref.recipe.grow.model_dump(), "seed": ref.recipe.seed, "model": model_uri}
-    return lake.commit(uri, parts, config=config, parents=[model_uri, ref.stage(0, "prompts")]).uri
+    return lake.commit(uri, parts, config=config, parents=[model_uri, ref.stage_uri(0, "prompts")]).uri
 
 
 def grow(ref: RunRef, model_uri: str, iteration: int) -> str:
     """Run the Grow step (sharded) and return the ``samples`` stage URI; a committed stage is reused."""
     shards = ref.recipe.grow.shards
     return run_sharded(
-        ref, ref.stage(iteration, "samples"), "grow",
+        ref, ref.stage_uri(iteration, "samples"), "grow",
         lambda: grow_shard.map(unmapped(ref), unmapped(model_uri), unmapped(iteration), range(shards), unmapped(shards)),
         lambda parts: commit_samples(ref, model_uri, iteration, parts),
     )

@@ -25,8 +25,8 @@ def prepare_inputs(ref: RunRef) -> dict[str, str]:
     """
     recipe: Recipe = ref.recipe
     lake = ref.open_lake()
-    uris = {name: ref.stage(0, name) for name in ("prompts", "eval_prompts", "labelled")}
-    base_uri = ref.stage(0, "base")
+    uris = {name: ref.stage_uri(0, name) for name in ("prompts", "eval_prompts", "labelled")}
+    base_uri = ref.stage_uri(0, "base")
     if not all(lake.is_done(u) for u in uris.values()):
         data = load_task(recipe.task, recipe.seed_for("task"))
         with tempfile.TemporaryDirectory() as tmp:
@@ -47,7 +47,7 @@ def _base_model(ref: RunRef, uris: dict[str, str]) -> str:
         check_model_dir(cfg.path)
         return str(Path(cfg.path).resolve())
     lake = ref.open_lake()
-    uri = ref.stage(0, "base")
+    uri = ref.stage_uri(0, "base")
     if not lake.is_done(uri):  # the inputs were committed by an attempt that stopped before the model
         frames = [lake.read(uris[name]) for name in ("prompts", "eval_prompts", "labelled")]
         with tempfile.TemporaryDirectory() as tmp:

@@ -13,24 +13,24 @@ from alignment.pairs import make_pairs
 from alignment.preference import reference_logps_for
 from tasks.context import RunRef, flywheel_task, log
 from tasks.placement import run_once
-from tasks.results import Kept
+from tasks.results import Selection
 from tasks.train import preference_settings
 
 
 @flywheel_task(name="pair", retries=1, retry_delay_seconds=[5])
-def pair(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str) -> Kept:
+def pair(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str) -> Selection:
     """Commit the ``pairs`` stage (best vs worst by default) and return its uri and counts."""
     lake = ref.open_lake()
-    uri = run_once(ref, ref.stage(iteration, "pairs"), "pair", write_pairs, scored_uri, iteration, reference_uri, label=f"t={iteration}")
+    uri = run_once(ref, ref.stage_uri(iteration, "pairs"), "pair", write_pairs, scored_uri, iteration, reference_uri, label=f"t={iteration}")
     m, scored_rows = lake.manifest(uri), lake.manifest(scored_uri).rows
     log().info("pair t=%d: %d pairs from %d scored samples", iteration, m.rows, scored_rows)
-    return Kept(uri=uri, kept=m.rows, samples=scored_rows)
+    return Selection(uri=uri, kept=m.rows, samples=scored_rows)
 
 
 def write_pairs(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str) -> str:
     """The body of ``pair`` (a GPU stage: the reference policy scores every pair)."""
     cfg = ref.recipe.preference
-    lake, uri = ref.open_lake(), ref.stage(iteration, "pairs")
+    lake, uri = ref.open_lake(), ref.stage_uri(iteration, "pairs")
     everything = lake.read(scored_uri)
     rewarded = everything.filter(pl.col("reward").is_not_null())  # demonstrations carry no reward
     scored = rewarded
@@ -44,7 +44,7 @@ def write_pairs(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str
     # Why each scored row was or was not used, committed before the pairs that mark the step done.
     fates = pair_decisions(everything, rewarded, scored, pairs)
     dropped = {reason: int(n) for reason, n in fates.filter(pl.col("decision") == "dropped")["reason"].value_counts().iter_rows()}
-    lake.write_stage(ref.stage(iteration, "decisions", 1), [fates], config=config, parents=[scored_uri])
+    lake.write_stage(ref.stage_uri(iteration, "decisions", 1), [fates], config=config, parents=[scored_uri])
     lake.write_stage(uri, [pairs], config=config, parents=[scored_uri, reference_uri],
                      extra={"scored_rows": everything.height, "dropped": dropped})
     return uri

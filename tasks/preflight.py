@@ -24,7 +24,7 @@ def check_inputs(recipe: Recipe) -> TaskData:
     weights, the rewards resolve and behave, the task's files are well formed. Returns the task's
     tables for ``check_model``."""
     from alignment.rewards import check_reward_spec
-    from tasks.storage import check_writable
+    from tasks.lake import check_writable
 
     check_writable(recipe.lake)
     if recipe.model.path:

@@ -315,7 +315,7 @@ def gate(ref: RunRef, metrics: dict[str, float], champion_reward: float, iterati
     from tasks.step_metrics import verifier_differs
 
     lake = ref.open_lake()
-    base_uri = ref.stage(0, "eval", 0)
+    base_uri = ref.stage_uri(0, "eval", 0)
     baseline = metrics if iteration == 0 or not lake.is_done(base_uri) else lake.manifest_doc(base_uri).get("metrics", metrics)
     return promotion_checks(ref.recipe.promotion, metrics, champion_reward, baseline, verifier_differs=verifier_differs(ref.recipe))
 

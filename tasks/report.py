@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from tasks.context import RunRef, flywheel_task, log
-from tasks.results import Kept, Registration
+from tasks.results import Selection, Registration
 
 
 class Summary:
@@ -30,7 +30,7 @@ class Summary:
         self._champion(reg)
         save_summary(self.ref, self.doc)
 
-    def step(self, iteration: int, step: int, kept: Kept, metrics: dict | None, reg: Registration | None, *,
+    def step(self, iteration: int, step: int, kept: Selection, metrics: dict | None, reg: Registration | None, *,
              tau: float | None = None, **extra: Any) -> None:
         """One row of the per-step table; ``tau`` is the ReST filter's threshold (None for top-k and for pairs)."""
         row = {

@@ -22,13 +22,13 @@ import polars as pl
 
 SECTIONS = {
     "heldout": "Held-out reward and accuracy",
-    "filter": "Kept fraction and threshold",
+    "filter": "Selection fraction and threshold",
     "length": "Completion length and truncation",
     "kl": "KL to the initial policy",
     "histograms": "Reward per iteration: grown vs kept",
     "throughput": "Throughput and seconds per stage",
     "promotion": "Promotion checks",
-    "samples": "Kept and dropped samples",
+    "samples": "Selection and dropped samples",
 }
 STAGES = ("grow", "score", "filter", "pair", "train", "evaluate", "register")
 SAMPLES_SHOWN = 5
@@ -153,7 +153,7 @@ def _samples_section(lake, run: str, frames, last) -> str:
     # a few of each reason, so every reason the filter used is seen
     shown = pl.concat([dropped.filter(pl.col("reason") == r).head(2)
                        for r in ("truncated", "duplicate", "below_threshold", "not_top_k")])
-    return (f"<h3>Kept (iteration {g}, step {i})</h3>" + _table(cols, [list(r) for r in own_kept.select(cols).iter_rows()])
+    return (f"<h3>Selection (iteration {g}, step {i})</h3>" + _table(cols, [list(r) for r in own_kept.select(cols).iter_rows()])
             + f"<h3>Dropped (iteration {g}, step {i})</h3>"
             + _table([*cols, "reason"], [list(r) for r in shown.select(*cols, "reason").iter_rows()]))
 

@@ -9,8 +9,8 @@ from alignment.metrics import blocked_by
 
 
 @dataclass(frozen=True)
-class Kept:
-    """A filter or pair step's committed stage, and how many rows it kept of how many were scored."""
+class Selection:
+    """What a filter or pair step selected: its committed stage, and how many rows (samples or pairs) it holds of how many were scored."""
 
     uri: str
     kept: int

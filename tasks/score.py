@@ -29,7 +29,7 @@ def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: 
 
     A GPU stage when ``orchestration.score_on_gpu`` says the reward is a model on the GPU.
     """
-    lake, uri = ref.open_lake(), ref.stage(iteration, "scored")
+    lake, uri = ref.open_lake(), ref.stage_uri(iteration, "scored")
     samples = lake.read_part(samples_uri, part)  # verified against the manifest
     with MODEL_LOAD_LOCK:  # a reward model loads like a policy: one at a time per process
         reward = with_timeout(resolve_reward_spec(ref.recipe.reward), ref.recipe.reward_timeout_s)
@@ -47,7 +47,7 @@ def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: 
 @flywheel_task(name="commit-scored", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
 def commit_scored(ref: RunRef, samples_uri: str, iteration: int, parts: list[dict]) -> str:
     """Verify the parts and commit the ``scored`` stage."""
-    lake, uri = ref.open_lake(), ref.stage(iteration, "scored")
+    lake, uri = ref.open_lake(), ref.stage_uri(iteration, "scored")
     manifest = lake.commit(uri, sorted(parts, key=lambda p: p["name"]), config={"reward": ref.recipe.reward}, parents=[samples_uri])
     log().info("score g=%d: committed %d rows in %d parts", iteration, manifest.rows, len(parts))
     return manifest.uri
@@ -61,5 +61,5 @@ def score(ref: RunRef, samples_uri: str, iteration: int) -> str:
         names = [f["name"] for f in ref.open_lake().manifest(samples_uri).files]
         return score_shard.map(unmapped(ref), unmapped(samples_uri), unmapped(iteration), names, range(len(names)))
 
-    return run_sharded(ref, ref.stage(iteration, "scored"), "score", submit,
+    return run_sharded(ref, ref.stage_uri(iteration, "scored"), "score", submit,
                        lambda parts: commit_scored(ref, samples_uri, iteration, parts))

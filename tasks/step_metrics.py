@@ -74,7 +74,7 @@ def _kl(ref: RunRef, sampler, frame) -> float:
     from tasks.gpu import MODEL_LOAD_LOCK
 
     recipe, lake = ref.recipe, ref.open_lake()
-    reference_uri = lake.manifest(ref.stage(0, "eval", 0)).parents[0]  # the baseline's eval stage names its model
+    reference_uri = lake.manifest(ref.stage_uri(0, "eval", 0)).parents[0]  # the baseline's eval stage names its model
     fmt, dtype = PromptFormat.of(recipe.prompt_format()), recipe.model.dtype
     prompts, completions = frame["prompt"].to_list(), frame["completion"].to_list()
     logp, tokens = sequence_logps(sampler.model, sampler.tokenizer, prompts, completions, batch_size=recipe.eval.batch_size,

@@ -53,14 +53,14 @@ def fit_sft(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: 
 @flywheel_task(name="warm-start")
 def warm_start(ref: RunRef, base_uri: str) -> str:
     """Algorithm 1's "Train pi_theta on D": behaviour cloning on the labelled data."""
-    return _fit(ref, base_uri, ref.stage(0, "labelled"), ref.stage(0, "checkpoint", 0), "warm_start", ref.recipe.seed_for("warm_start"))
+    return _fit(ref, base_uri, ref.stage_uri(0, "labelled"), ref.stage_uri(0, "checkpoint", 0), "warm_start", ref.recipe.seed_for("warm_start"))
 
 
 @flywheel_task(name="improve")
 def improve(ref: RunRef, start_uri: str, filtered_uri: str, iteration: int, step: int) -> str:
     """One Improve step: fine-tune ``start_uri`` on the filtered data, prompt tokens masked."""
     seed = ref.recipe.seed_for("improve", iteration, step)
-    return _fit(ref, start_uri, filtered_uri, ref.stage(iteration, "checkpoint", step), "improve", seed)
+    return _fit(ref, start_uri, filtered_uri, ref.stage_uri(iteration, "checkpoint", step), "improve", seed)
 
 
 def train_metrics(ref: RunRef, model_uri: str) -> dict[str, float]:
@@ -83,7 +83,7 @@ def train_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: st
     data_uri = pairs_uri if ref.recipe.preference.spec.trains_on == "pairs" else scored_uri
     if ref.open_lake().manifest(data_uri).rows == 0:
         return None
-    out_uri = ref.stage(iteration, "checkpoint", 1)
+    out_uri = ref.stage_uri(iteration, "checkpoint", 1)
     return run_once(ref, out_uri, "train", fit_preference, start_uri, pairs_uri, scored_uri, iteration, out_uri,
                     label=ref.policy_version(out_uri))
 

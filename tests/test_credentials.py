@@ -23,7 +23,7 @@ import pytest
 
 from infra.seaweed import SeaweedServer, start_seaweed
 from tasks.lake import Lake
-from tasks.s3 import S3Store
+from tasks.lake import S3Store
 from tests.s3_fixtures import _FOREIGN_AWS_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -52,14 +52,14 @@ def test_dedupe_keeps_the_same_text_for_different_prompts_and_prefers_labelled_r
 
 
 def test_fixed_keeps_rewards_at_or_above_the_threshold_in_input_order():
-    assert rows(filters.fixed(frame(), 0.5)) == [
+    assert rows(filters.at_least(frame(), 0.5)) == [
         (1, "y", 1, 0.75, 0.5),
         (0, "a", 0, 1.0, 0.5),
         (0, "a", 2, 1.0, 0.5),
         (0, "c", 3, 0.5, 0.5),
         (1, "z", 2, 0.75, 0.5),
     ]
-    assert rows(filters.fixed(filters.dedupe(frame()), 0.75)) == [
+    assert rows(filters.at_least(filters.dedupe(frame()), 0.75)) == [
         (0, "a", 0, 1.0, 0.75),
         (1, "y", 1, 0.75, 0.75),
         (1, "z", 2, 0.75, 0.75),
@@ -67,14 +67,14 @@ def test_fixed_keeps_rewards_at_or_above_the_threshold_in_input_order():
 
 
 def test_fixed_above_every_reward_keeps_nothing_but_keeps_the_schema():
-    kept = filters.fixed(frame(), 2.0)
+    kept = filters.at_least(frame(), 2.0)
     assert kept.height == 0
     assert kept.schema == pl.Schema({**SCHEMA, "threshold": pl.Float64})
 
 
 def test_fixed_keeps_the_input_columns_untouched():
     scored = frame().with_columns(pl.lit("p").alias("prompt"), pl.lit("v1").alias("policy_version"))
-    kept = filters.fixed(scored, 1.0)
+    kept = filters.at_least(scored, 1.0)
     assert kept.columns == [*scored.columns, "threshold"]
     assert kept.drop("threshold").to_dicts() == scored.filter(pl.col("reward") >= 1.0).to_dicts()
 
@@ -85,7 +85,7 @@ def test_quantile_threshold_is_the_linear_quantile_of_all_rewards():
     kept = filters.quantile(frame(), 0.6)
     assert rows(kept.drop("threshold")) == [(1, "y", 1, 0.75), (0, "a", 0, 1.0), (0, "a", 2, 1.0), (1, "z", 2, 0.75)]
     assert kept["threshold"].to_list() == pytest.approx([0.7] * 4)
-    assert rows(filters.quantile(frame(), 0.5)) == rows(filters.fixed(frame(), 0.5))
+    assert rows(filters.quantile(frame(), 0.5)) == rows(filters.at_least(frame(), 0.5))
     assert filters.quantile(frame(), 0.0).height == len(ROWS)
     assert rows(filters.quantile(frame(), 1.0)) == [(0, "a", 0, 1.0, 1.0), (0, "a", 2, 1.0, 1.0)]
 
@@ -132,7 +132,7 @@ def test_filters_do_not_depend_on_input_row_order():
     shuffled = frame().sample(fraction=1.0, shuffle=True, seed=7)
     assert rows(filters.dedupe(shuffled)) == rows(filters.dedupe(frame()))
     assert rows(filters.top_k(shuffled, 2)) == rows(filters.top_k(frame(), 2))
-    assert sorted(rows(filters.fixed(shuffled, 0.5))) == sorted(rows(filters.fixed(frame(), 0.5)))
+    assert sorted(rows(filters.at_least(shuffled, 0.5))) == sorted(rows(filters.at_least(frame(), 0.5)))
 
 
 def test_rest_thresholds_are_spread_between_the_mean_and_the_best_reward():
@@ -162,14 +162,14 @@ def test_rest_schedule_when_every_sample_has_the_same_reward_keeps_nothing(rewar
     assert taus[0] > reward and all(b > a for a, b in zip(taus, taus[1:]))
     assert all(math.isfinite(t) for t in taus)
     for tau in taus:
-        assert filters.fixed(scored, tau).height == 0
+        assert filters.at_least(scored, tau).height == 0
 
 
 def test_rest_schedule_on_the_scored_frame_keeps_only_rows_above_the_mean():
     scored = frame()
     mean = scored["reward"].mean()  # 4.25 / 9
     taus = filters.rest_thresholds(mean, scored["reward"].max(), 2)
-    kept = [rows(filters.fixed(filters.dedupe(scored), tau).drop("threshold")) for tau in taus]
+    kept = [rows(filters.at_least(filters.dedupe(scored), tau).drop("threshold")) for tau in taus]
     # tau_1 = mean + (1 - mean) / 3 ~ 0.63, tau_2 = mean + 2 (1 - mean) / 3 ~ 0.81
     assert kept[0] == [(0, "a", 0, 1.0), (1, "y", 1, 0.75), (1, "z", 2, 0.75)]
     assert kept[1] == [(0, "a", 0, 1.0)]
@@ -183,7 +183,7 @@ def test_decisions_give_every_scored_row_one_reason():
     })  # fmt: skip
     finished = filters.drop_truncated(scored)
     pool = filters.dedupe(finished)
-    kept = filters.fixed(pool, 0.5)
+    kept = filters.at_least(pool, 0.5)
     fates = filters.decisions(scored, finished, pool, kept, threshold=0.5)
     assert fates.rows() == [
         (1, 0, "kept", "kept", 0.5), (1, 1, "dropped", "duplicate", 0.5), (1, 2, "dropped", "below_threshold", 0.5),

@@ -76,7 +76,7 @@ def _scored_input(lake_uri: str) -> tuple[RunRef, str, str]:
     """A run with a committed one-part ``samples`` stage: the input of a scoring stage."""
     recipe = Recipe.model_validate({**RECIPE, "lake": lake_uri})
     ref = RunRef(run="stage-flow", lake=lake_uri, recipe=recipe, cache_dir="unused-by-scoring")
-    lake, uri = ref.open_lake(), ref.stage(1, "samples")
+    lake, uri = ref.open_lake(), ref.stage_uri(1, "samples")
     frame = pl.DataFrame({
         "prompt_id": [0, 0, 1], "prompt": ["1+2=", "1+2=", "3+4="], "reference": ["3", "3", "7"],
         "completion": ["3", "4", "7"], "sample_idx": [0, 1, 0], "policy_version": "base", "num_tokens": [1, 1, 1],
@@ -98,7 +98,7 @@ def test_stage_flow_runs_a_registered_body_and_leaves_its_result(workdir):
     returned = state.result()
     left = ref.open_lake().get_json(result_uri(ref, str(state.state_details.flow_run_id)))
     assert left == {"result": returned}
-    staged = ref.open_lake().address(ref.stage(1, "scored")).staging_uri  # a part waits there for the stage's commit
+    staged = ref.open_lake().address(ref.stage_uri(1, "scored")).staging_uri  # a part waits there for the stage's commit
     scored = ref.open_lake().store.get(f"{staged}/{returned['name']}")
     assert pl.read_parquet(scored)["reward"].to_list() == [1.0, 0.0, 1.0]
     assert returned == score_part(ref, samples, 1, part, 0)  # the same part as the body called here

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from alignment import filters
-from alignment.evaluation import evaluate
+from alignment.evaluation import score_heldout
 from alignment.logprobs import sequence_logps
 from alignment.models import load_policy
 from alignment.prompting import IGNORE, Formatter, formatter_for
@@ -65,7 +65,7 @@ def test_eval_and_greedy_grow_equal_transformers_alone(models, name):
     expected = transformers_alone(path, PROMPTS, 8, chat=name != "llama-bos-raw")
     assert any(expected) and len(set(expected)) > 1, "the fixture should answer something"
     one = TransformersSampler(str(path), batch_size=1, device="cpu", progress=False)  # prompt.format: auto
-    frame, metrics = evaluate(one, IDS, PROMPTS, REFS, numeric_match, max_new_tokens=8)
+    frame, metrics = score_heldout(one, IDS, PROMPTS, REFS, numeric_match, max_new_tokens=8)
     assert frame["completion"].to_list() == expected
     assert set(frame["finish_reason"]) == {"stop"}
     assert metrics["eval_accuracy"] == pytest.approx(sum(numeric_match(PROMPTS, expected, REFS)) / len(PROMPTS))
@@ -109,7 +109,7 @@ def test_a_length_cut_sample_is_recorded_and_kept_out_of_training(models):
         "prompt_id": IDS, "sample_idx": [0] * len(IDS), "completion": [c[0] for c in gen.completions],
         "reward": [1.0] * len(IDS), "finish_reason": reasons,
     })  # fmt: skip
-    kept = filters.fixed(filters.drop_truncated(scored), 0.5)
+    kept = filters.at_least(filters.drop_truncated(scored), 0.5)
     assert kept.height == reasons.count("stop") and (kept["finish_reason"] == "stop").all()
 
 

@@ -154,10 +154,10 @@ def test_replayed_registration_reuses_the_version_and_its_decision(workdir: Path
     ref = _ref(workdir, "replay")
     lake = ref.open_lake()
     ref = ref.model_copy(update={"mlflow_run_id": start_tracking.fn(ref)})
-    data, evals = ref.stage(0, "labelled"), ref.stage(0, "eval", 0)
+    data, evals = ref.stage_uri(0, "labelled"), ref.stage_uri(0, "eval", 0)
     lake.write_stage(data, [_frame(3, "d")])
     lake.write_stage(evals, [_frame(3, "e")])
-    ckpt = [lake.put_dir(tiny_model_dir, ref.stage(g, "checkpoint", 1)).uri for g in (0, 1)]
+    ckpt = [lake.put_dir(tiny_model_dir, ref.stage_uri(g, "checkpoint", 1)).uri for g in (0, 1)]
 
     first = register.fn(ref, ckpt[0], {"eval_reward": 0.2, "eval_accuracy": 0.2}, 0, 1, [data, evals])
     second = register.fn(ref, ckpt[1], {"eval_reward": 0.5, "eval_accuracy": 0.5}, 1, 1, [data, evals],

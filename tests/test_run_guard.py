@@ -185,7 +185,7 @@ def any_lake(request, tmp_path):
 def test_the_lease_admits_one_holder_and_frees_on_release_or_expiry(any_lake):
     import json
 
-    from tasks.runs import LEASE_FILE, RunBusy, RunLease
+    from tasks.lake import LEASE_FILE, RunBusy, RunLease
 
     first = RunLease(any_lake, "r")
     first.acquire()

@@ -18,7 +18,7 @@ import pytest
 
 from infra.seaweed import SeaweedServer, start_seaweed
 from tasks.lake import Lake
-from tasks.s3 import LakeAccessError, S3Store, split_uri
+from tasks.lake import LakeAccessError, S3Store, split_uri
 
 RUN = "run-1"
 

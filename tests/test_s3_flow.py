@@ -31,7 +31,7 @@ from alignment.recipe import load_recipe
 from infra.seaweed import SeaweedServer
 from tasks.context import RunRef
 from tasks.lake import MANIFEST, Lake
-from tasks.s3 import S3Store, split_uri
+from tasks.lake import S3Store, split_uri
 from tests.s3_fixtures import _FOREIGN_AWS_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,11 +123,11 @@ def test_iteration_artifacts_plots_and_models_on_s3(
     ref = RunRef(run=run, lake=s3_lake, recipe=recipe, cache_dir=str(workdir / "cache"))
     ref = ref.model_copy(update={"mlflow_run_id": start_tracking.fn(ref)})
     lake = ref.open_lake()
-    scored, kept, evals = ref.stage(1, "scored"), ref.stage(1, "filtered", 1), ref.stage(1, "eval", 1)
+    scored, kept, evals = ref.stage_uri(1, "scored"), ref.stage_uri(1, "filtered", 1), ref.stage_uri(1, "eval", 1)
     lake.write_stage(scored, [_scored()])
     lake.write_stage(kept, [_scored().filter(pl.col("reward") > 0).with_columns(threshold=pl.lit(0.5))], parents=[scored])
     lake.write_stage(evals, [pl.DataFrame({"prompt_id": [9, 10], "completion": ["1", "2"], "reward": [0.0, 1.0]})])
-    ckpt = lake.put_dir(tiny_model_dir, ref.stage(1, "checkpoint", 1)).uri
+    ckpt = lake.put_dir(tiny_model_dir, ref.stage_uri(1, "checkpoint", 1)).uri
     reg = register.fn(ref, ckpt, {"eval_reward": 0.5, "eval_accuracy": 0.5}, 1, 1, [kept, evals], parent_version="7")
     lake.put_json(f"{lake.run_uri(run)}/summary.json", {
         "baseline": {"eval_reward": 0.25, "eval_accuracy": 0.25, "model_version": "7"},
@@ -150,7 +150,7 @@ def test_iteration_artifacts_plots_and_models_on_s3(
     assert by_stage["eval/step=1"]["mean"] == pytest.approx(0.5)
     assert scored in found[keys["lake"]].data and "filtered/run=" in found[keys["lake"]].description
     markdown = found[keys["samples"]].data
-    assert "Kept: 3 rows of `filtered/step=1` (of 5 scored)" in markdown and "Dropped: 2 scored rows" in markdown
+    assert "Selection: 3 rows of `filtered/step=1` (of 5 scored)" in markdown and "Dropped: 2 scored rows" in markdown
     assert "5\\|x" in markdown  # a pipe inside a cell does not break the table
 
     client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)

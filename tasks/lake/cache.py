@@ -12,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
-from tasks.lake_paths import MANIFEST
+from tasks.lake.paths import MANIFEST
 
 
 def link_into_cache(local_dir: Path, dest: Path) -> None:

@@ -37,16 +37,13 @@ from typing import Any
 import polars as pl
 import pyarrow.parquet as pq
 
-from tasks.lake_cache import MANIFESTS, PARTS, link_into_cache
-from tasks.lake_manifest import (
+from tasks.lake.cache import MANIFESTS, PARTS, link_into_cache
+from tasks.lake.manifest import (
     CorruptPart, Manifest, StageChanged, StageNotFound, check_sizes, code_version, config_hash, corrupt_message,
     sha256_file,
 )
-from tasks.lake_paths import MANIFEST, MODELS, PARTITION_KEYS, TABLES, Address, BadName, check_name, parse
-from tasks.storage import Store, normalize_uri, open_store
-
-__all__ = ["MANIFEST", "MODELS", "TABLES", "Address", "BadName", "CorruptPart", "Lake", "Manifest", "StageChanged",
-           "StageNotFound", "check_name", "code_version", "config_hash"]
+from tasks.lake.paths import MANIFEST, MODELS, PARTITION_KEYS, TABLES, Address, BadName, check_name, parse
+from tasks.lake.storage import Store, normalize_uri, open_store
 
 class Lake:
     """Read and write stages under one lake root."""
@@ -100,7 +97,7 @@ class Lake:
         return self._parse_manifest(stage_uri, self._manifest_bytes(stage_uri))
 
     def _manifest_bytes(self, stage_uri: str) -> bytes:
-        """A committed stage's manifest, fetched once per process while a run's lease is held (``tasks.lake_cache``)."""
+        """A committed stage's manifest, fetched once per process while a run's lease is held (``tasks.lake.cache``)."""
         uri = self.manifest_uri(stage_uri)
         raw = MANIFESTS.get(uri)
         if raw is None:
@@ -250,7 +247,7 @@ class Lake:
         """A part's rows, after checking its size, sha256 and row count against the manifest (``CorruptPart``).
 
         Hashing costs about a millisecond per MB, a small fraction of decoding the Parquet. A committed
-        stage never changes, so the rows read and verified once are kept (``tasks.lake_cache.PARTS``) for as long as its
+        stage never changes, so the rows read and verified once are kept (``tasks.lake.cache.PARTS``) for as long as its
         manifest is the very same document: a stage read by several tasks of one process (scored is read
         by the filter, the metrics and the artifacts) is fetched and decoded once.
         """

@@ -35,9 +35,10 @@ from typing import Any
 
 from alignment.errors import UserError
 from alignment.recipe import Recipe
-from tasks.lake import MANIFEST, Lake, check_name, code_version, config_hash
-from tasks.lake_cache import drop_manifests, hold_manifests
-from tasks.lake_manifest import sha256_file
+from tasks.lake.cache import drop_manifests, hold_manifests
+from tasks.lake.manifest import code_version, config_hash, sha256_file
+from tasks.lake.paths import MANIFEST, check_name
+from tasks.lake.store import Lake
 
 RUN_FILE = "run.json"
 LEASE_FILE = "lease.json"
@@ -68,7 +69,7 @@ def _log() -> logging.Logger:
 
 # -- names ---------------------------------------------------------------------------------------
 def check_names(recipe: Recipe, run: str) -> None:
-    """The run name and the registered model name follow ``tasks.lake.NAME_RULE`` (one ``BadName`` sentence if not)."""
+    """The run name and the registered model name follow ``tasks.lake.paths.NAME_RULE`` (one ``BadName`` sentence if not)."""
     check_name(run, "run name")
     check_name(recipe.model_name, "mlflow.model_name" if recipe.mlflow.model_name else "model name (the recipe name)")
 
@@ -180,7 +181,7 @@ def acquire(lake: Lake, run: str) -> RunLease:
     lease.acquire()
     with _HELD_LOCK:
         _HELD[(lake.uri, run)] = lease
-    hold_manifests(lake.uri, run)  # the one writer may keep the run's manifests (tasks.lake_cache)
+    hold_manifests(lake.uri, run)  # the one writer may keep the run's manifests (tasks.lake.cache)
     return lease
 
 

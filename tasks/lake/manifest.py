@@ -1,6 +1,6 @@
 """What a lake commit records, and the errors of reading one back: the manifest of a stage (its parts'
 rows, sizes and hashes, the config that made it) and the code version and config hash stamped on it.
-``tasks.lake.Lake`` writes and reads them.
+``tasks.lake.store.Lake`` writes and reads them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The lake's S3 backend: the ``Store`` protocol of ``tasks.storage`` over boto3.
+"""The lake's S3 backend: the ``Store`` protocol of ``tasks.lake.storage`` over boto3.
 
 Works with AWS and any S3-compatible server (SeaweedFS, MinIO, Ceph...). Settings come from the
 standard AWS places, read when the store first talks to S3, never at import (STYLE #8):

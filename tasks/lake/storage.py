@@ -2,11 +2,11 @@
 
 Both backends speak full URIs and give the same guarantees the lake's commit protocol needs:
 ``put`` is atomic per object (a reader sees the whole object or nothing), ``list`` is recursive
-and sorted. Two conditional writes serve the run lease (``tasks.runs``): ``put_if_absent`` creates
+and sorted. Two conditional writes serve the run lease (``tasks.lake.runs``): ``put_if_absent`` creates
 an object only where none exists, and ``put_if_unchanged`` replaces one only if it still holds the
 bytes the caller read; each is atomic against the other and against itself, on one machine
 (``file://``: a hard link and an ``flock`` on the folder) and across machines (S3: ``If-None-Match``
-and ``If-Match``). The S3 backend lives in ``tasks.s3`` and is imported only when an ``s3://`` URI is
+and ``If-Match``). The S3 backend lives in ``tasks.lake.s3`` and is imported only when an ``s3://`` URI is
 opened, so the embedded default never touches boto3.
 """
 
@@ -196,7 +196,7 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 def open_store(uri: str, s3: dict[str, Any] | None = None) -> Store:
     """The store for ``uri``'s scheme; ``s3`` holds optional endpoint/region/credential overrides."""
     if uri.startswith("s3://"):
-        from tasks.s3 import S3Store
+        from tasks.lake.s3 import S3Store
 
         return S3Store(**(s3 or {}))
     return LocalStore()
