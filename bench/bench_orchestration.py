@@ -72,14 +72,14 @@ from types import SimpleNamespace  # noqa: E402
 from prefect import flow, task, unmapped  # noqa: E402
 
 from alignment.recipe import Recipe, load_recipe  # noqa: E402
-from tasks.artifacts import publish_iteration  # noqa: E402
+from tasks.report.artifacts import publish_iteration  # noqa: E402
 from tasks.context import RunRef  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.filter import filter_stage, thresholds  # noqa: E402
 from tasks.grow import commit_samples, grow, grow_shard  # noqa: E402
 from tasks.inputs import prepare_inputs  # noqa: E402
-from tasks.register import log_step_metrics, register, start_tracking  # noqa: E402
-from tasks.report import save_summary  # noqa: E402
+from tasks.tracking.registry import log_step_metrics, register, start_tracking  # noqa: E402
+from tasks.report.summary import save_summary  # noqa: E402
 from tasks.score import commit_scored, score, score_shard  # noqa: E402
 from tasks.step_metrics import step_metrics  # noqa: E402
 from tasks.train import improve, train_metrics, warm_start  # noqa: E402
@@ -254,7 +254,7 @@ def iteration(ref: RunRef, policy: str, version: str, g: int, s: SimpleNamespace
         reg = s.register(ref, candidate, metrics, g, i, datasets, parent_version=version,
                          step_metrics={"tau": tau or 0.0, "kept": kept.kept, **train_metrics(ref, candidate), **extra})
         log_step_metrics(ref, g, i, {"seconds_register": s.times["register"]})
-        # A summary row as tasks.report.Summary writes it (whose save is the save-summary task itself).
+        # A summary row as tasks.report.summary.Summary writes it (whose save is the save-summary task itself).
         # Timings differ between the arms by design; every other figure must be the same.
         figures = {k: v for k, v in {**metrics, **extra}.items() if not k.startswith(("seconds_", "grow_samples", "grow_tokens"))}
         rows.append({"iteration": g, "step": i, "tau": tau, "kept": kept.kept, **figures, "model_version": reg.model_version})

@@ -193,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.run import run_recipe
     from tasks.lake import check_name
     from tasks.lake import default_run_name
-    from tasks.tracking import check_tracking
+    from tasks.tracking.probe import check_tracking
 
     name = check_name(args.run_name or default_run_name(recipe), "run name")
     check_tracking(recipe.mlflow.tracking_uri)  # a stopped server: one sentence before Prefect starts
@@ -210,7 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if not args.process_exits:
             console.close()
-    from tasks.report import console_table
+    from tasks.report.summary import console_table
 
     print(console_table(summary))
     print("\n".join(where_lines(summary, None if args.verbose else log_path)))
@@ -218,7 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tasks.report_html import write_report
+    from tasks.report.html import write_report
 
     print(write_report(args.lake, args.run, args.out))
     return 0

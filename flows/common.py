@@ -14,8 +14,8 @@ from alignment.recipe import Recipe
 from tasks.context import RunRef, local_cache_dir
 from tasks.evaluate import evaluate
 from tasks.placement import check_stage_deployments
-from tasks.register import register, start_tracking
-from tasks.report import Summary
+from tasks.tracking.registry import register, start_tracking
+from tasks.report.summary import Summary
 from tasks.lake import default_run_name, guard_run, release
 from tasks.train import warm_start
 

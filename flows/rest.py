@@ -22,13 +22,13 @@ from prefect import flow
 
 from alignment.recipe import Recipe
 from flows.common import open_run, warm_start_and_baseline
-from tasks.artifacts import publish_iteration
+from tasks.report.artifacts import publish_iteration
 from tasks.evaluate import evaluate
 from tasks.filter import filter_stage, thresholds
 from tasks.grow import grow
 from tasks.inputs import prepare_inputs
-from tasks.register import log_step_metrics, register, tracked
-from tasks.report import Summary
+from tasks.tracking.registry import log_step_metrics, register, tracked
+from tasks.report.summary import Summary
 from tasks.score import score
 from tasks.step_metrics import Stopwatch, step_metrics
 from tasks.train import improve, train_metrics

@@ -87,7 +87,7 @@ def test_verbose_prints_prefects_lines(tmp_path):
 
 
 def test_summary_markdown_has_the_table_champion_mlflow_and_lake():
-    from tasks.report import summary_key, summary_markdown
+    from tasks.report.summary import summary_key, summary_markdown
 
     doc = {
         "run": "Demo_1", "algorithm": "rest", "recipe": "arithmetic-rest", "lake": "s3://lake/x", "run_uri": "s3://lake/x/runs/Demo_1",

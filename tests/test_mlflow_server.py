@@ -120,7 +120,7 @@ def test_champion_pyfunc_takes_inference_params(server_run, client):
 
 def test_end_tracking_ends_parent_and_iteration_runs(server_run, client):
     from alignment.recipe import load_recipe
-    from tasks.register import ERROR_TAG, end_tracking, start_tracking
+    from tasks.tracking.registry import ERROR_TAG, end_tracking, start_tracking
 
     recipe = load_recipe(RECIPE, [*SMALL, f"mlflow.tracking_uri={client.tracking_uri}"])
     work = Path(server_run["workdir"])

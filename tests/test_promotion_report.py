@@ -111,7 +111,7 @@ def _report(workdir: Path, run: str) -> str:
 
 
 def test_the_report_has_every_section_with_inline_plots(clean):
-    from tasks.report_html import SECTIONS
+    from tasks.report.html import SECTIONS
 
     page = _report(clean, "clean")
     for key in SECTIONS:
@@ -129,7 +129,7 @@ def test_the_report_has_every_section_with_inline_plots(clean):
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists() or not shutil.which("chromium"), reason="no Chromium")
 def test_the_report_renders_in_headless_chromium(clean, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (make test-stack)")
-    from tasks.report_html import SECTIONS
+    from tasks.report.html import SECTIONS
 
     out = clean / "clean-browser.html"
     out.write_text(_report(clean, "clean"))

@@ -149,7 +149,7 @@ def _ref(workdir: Path, run: str) -> RunRef:
 def test_replayed_registration_reuses_the_version_and_its_decision(workdir: Path, tiny_model_dir) -> None:
     from mlflow import MlflowClient
 
-    from tasks.register import CHAMPION, PROMOTED_TAG, register, start_tracking
+    from tasks.tracking.registry import CHAMPION, PROMOTED_TAG, register, start_tracking
 
     ref = _ref(workdir, "replay")
     lake = ref.open_lake()

@@ -107,8 +107,8 @@ def test_iteration_artifacts_plots_and_models_on_s3(
     from mlflow import MlflowClient
     from prefect import flow
 
-    from tasks.artifacts import HELDOUT_PLOT, REWARD_PLOT, artifact_key, publish_iteration
-    from tasks.register import register, start_tracking
+    from tasks.report.artifacts import HELDOUT_PLOT, REWARD_PLOT, artifact_key, publish_iteration
+    from tasks.tracking.registry import register, start_tracking
 
     bucket, _ = split_uri(s3_lake)
     for name in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):  # (set then deleted: restored after the test)
@@ -284,8 +284,8 @@ def test_s3_run_inspects_as_json(s3_run) -> None:
 def test_s3_run_artifacts_lineage_and_plots(s3_run) -> None:
     from mlflow import MlflowClient
 
-    from tasks.artifacts import HELDOUT_PLOT, REWARD_PLOT, artifact_key
-    from tasks.report import summary_key
+    from tasks.report.artifacts import HELDOUT_PLOT, REWARD_PLOT, artifact_key
+    from tasks.report.summary import summary_key
 
     lake, run = s3_run.lake, s3_run.run
     found = _artifacts(run)  # the run name is already lowercase-dash

@@ -1,6 +1,6 @@
 """The MLflow pyfunc wrapper of a policy checkpoint: ``models:/NAME@champion`` loads and generates.
 
-Logged as code (``tasks/policy_entry.py``, MLflow's models-from-code), not as a pickled object: the
+Logged as code (``tasks/tracking/policy_entry.py``, MLflow's models-from-code), not as a pickled object: the
 run's prompt format and dtype travel in the model's ``model_config``.
 
 It formats prompts and stops exactly as the flywheel run did (``alignment.prompting``: the chat

@@ -49,7 +49,7 @@ class Summary:
 
     def stop(self, reason: str) -> dict[str, Any]:
         """The run is over: save the summary, publish the report and the summary artifact (the flow's
-        ``tasks.register.tracked`` ends the MLflow runs with its outcome)."""
+        ``tasks.tracking.registry.tracked`` ends the MLflow runs with its outcome)."""
         self.doc["stopped"] = reason
         save_summary(self.ref, self.doc)
         if report := publish_report(self.ref):  # the HTML report (flywheel report RUN), on the parent MLflow run
@@ -80,7 +80,7 @@ def publish_report(ref: RunRef) -> str | None:
     """
     import tempfile
 
-    from tasks.report_html import write_report
+    from tasks.report.html import write_report
 
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +89,7 @@ def publish_report(ref: RunRef) -> str | None:
                 return None
             from mlflow import MlflowClient
 
-            from tasks.register import configure
+            from tasks.tracking.registry import configure
 
             configure(ref)
             client = MlflowClient()

@@ -23,7 +23,7 @@ from alignment.errors import UserError
 from alignment.metrics import blocked_by, promotion_checks
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.results import Registration
-from tasks.tracking import check_tracking
+from tasks.tracking.probe import check_tracking
 
 CHAMPION = "champion"
 PROMOTED_TAG = "flywheel.promoted"  # set once the champion decision for a version is made

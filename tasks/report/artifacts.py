@@ -137,7 +137,7 @@ def log_plots(ref: RunRef, iteration: int) -> None:
     """Draw both plots from the lake and log them to the parent MLflow run (replacing the previous ones)."""
     from mlflow import MlflowClient
 
-    from tasks.register import configure
+    from tasks.tracking.registry import configure
 
     if not ref.mlflow_run_id:
         return

@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from tasks.policy_model import FlywheelPolicy
+from tasks.tracking.policy_model import FlywheelPolicy
 
 set_model(FlywheelPolicy())
