@@ -6,7 +6,7 @@ recording the value it used, and can drop identical completions for one prompt f
 ``max_new_tokens`` cut off (``finish_reason == "length"``) are dropped first unless the recipe keeps
 them, and labelled demonstrations (no reference, so no reward: ``reward`` is null) always pass.
 
-The ReST schedule follows Algorithm 1 of the ReST paper (seed notes 004): choose
+The ReST schedule follows Algorithm 1 of ReST (Gulcehre et al., arXiv 2308.08998): choose
 ``tau_1 > V_pi`` where ``V_pi = E_{D_g}[R(x, y)]`` is the policy's mean reward on the grown
 data, and ``tau_{i+1} > tau_i`` for each further Improve step. Here the thresholds are spread
 evenly between the mean and the best reward seen: ``tau_i = V + i/(I+1) * (R_max - V)``.

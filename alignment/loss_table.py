@@ -58,7 +58,7 @@ class LossSpec:
     needs_rewards: bool = False
     has_nll: bool = False
     compared: bool = False  # a row of the README's comparison table (``make compare``)
-    cite: str = ""  # where the seed notes define it
+    cite: str = ""  # the paper that defines it (name, arXiv id, equation where numbered)
 
     @property
     def kind(self) -> Literal["pairwise", "group"]:
@@ -110,26 +110,27 @@ def _beta(default: float = 0.1) -> dict[str, HParam]:
 
 
 _DECLARED = (
-    # The GPO family, f(β·h) for a convex f (seed l.1207, table l.1212-1217).
-    LossSpec("dpo", "dpo", "logratios", _beta(), compared=True, cite="l.877"),
-    LossSpec("hinge", "hinge", "logratios", _beta(), compared=True, cite="l.1213"),
-    LossSpec("ipo", "ipo", "logratios", _beta(), compared=True, cite="l.978"),
+    # The GPO family, f(β·h) for a convex f (GPO, Tang et al., arXiv 2402.05749).
+    LossSpec("dpo", "dpo", "logratios", _beta(), compared=True, cite="DPO, arXiv 2305.18290, Eq. 7"),
+    LossSpec("hinge", "hinge", "logratios", _beta(), compared=True, cite="SLiC-HF, arXiv 2305.10425"),
+    LossSpec("ipo", "ipo", "logratios", _beta(), compared=True, cite="IPO, arXiv 2310.12036, empirical IPO loss"),
     # TRL's "ipo": the same squared loss on per-token mean logratios.
     LossSpec("ipo_mean", "ipo", "avg_logratios", _beta()),
-    LossSpec("exponential", "exponential", "logratios", _beta(), cite="l.1215"),
-    LossSpec("truncated_quadratic", "truncated_quadratic", "logratios", _beta(), cite="l.1216"),
-    LossSpec("savage", "savage", "logratios", _beta(), cite="l.1217"),
+    LossSpec("exponential", "exponential", "logratios", _beta(), cite="GPO, arXiv 2402.05749"),
+    LossSpec("truncated_quadratic", "truncated_quadratic", "logratios", _beta(), cite="GPO, arXiv 2402.05749"),
+    LossSpec("savage", "savage", "logratios", _beta(), cite="GPO, arXiv 2402.05749"),
     # Reference-free, on length-normalised log-probs.
     LossSpec("simpo", "simpo", "avg_logps", {**_beta(2.0), "gamma": HParam(1.0, ge=0, help="target margin")}, compared=True,
-             cite="l.1067"),
+             cite="SimPO, arXiv 2405.14734"),
     LossSpec("orpo", "orpo", "avg_logps", {"lam": HParam(0.1, ge=0, help="weight of the odds-ratio term")},
-             has_nll=True, compared=True, cite="l.1020"),
+             has_nll=True, compared=True, cite="ORPO, arXiv 2403.07691"),
     # Unpaired, reward-regression and on-policy.
     LossSpec("kto", "kto", "logratios", {**_beta(), "lambda_d": HParam(1.0, ge=0, help="weight of desirable examples"),
                                          "lambda_u": HParam(1.0, ge=0, help="weight of undesirable examples")},
-             compared=True, cite="l.1116"),
-    LossSpec("rebel", "rebel", "logratios", {"eta": HParam(1.0, gt=0, help="step size")}, needs_rewards=True, cite="l.1261"),
-    LossSpec("rloo", "rloo", "group", needs_rewards=True, compared=True, cite="l.708"),
+             compared=True, cite="KTO, arXiv 2402.01306"),
+    LossSpec("rebel", "rebel", "logratios", {"eta": HParam(1.0, gt=0, help="step size")}, needs_rewards=True,
+             cite="REBEL, arXiv 2404.16767, Eq. 1"),
+    LossSpec("rloo", "rloo", "group", needs_rewards=True, compared=True, cite="RLOO, arXiv 2402.14740"),
 )
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in _DECLARED}

@@ -15,9 +15,9 @@ is the uniform entry point a trainer picks by name, built here by ``entry_point`
 ``compute_loss(name, batch, nll_alpha=..., **hparams)`` fills in the declared defaults, rejects
 unknown names and out-of-range hyperparameters, and adds the optional NLL term on the chosen response.
 
-Equations cite the seed notes ``reference/seeds/004_65d128f1dda873f4.txt`` by line. Notation:
+Each loss cites the paper that defines it (name, arXiv id, equation where numbered). Notation:
 ``Δ = log π_θ(y|x) − log π_ref(y|x)`` (a "logratio") and ``h = Δ_w − Δ_l`` (chosen minus rejected).
-Names are precise on purpose: ``ipo`` is the seed's IPO on summed log-probs, ``ipo_mean`` the
+Names are precise on purpose: ``ipo`` is the IPO paper's loss on summed log-probs, ``ipo_mean`` the
 length-normalised variant that TRL ships under the name "ipo".
 """
 
@@ -63,37 +63,37 @@ class GroupInputs:
     group_ids: Tensor
 
 
-# --- The GPO family, f(β·h) for a convex f (seed l.1207, table l.1212-1217) ----------------------
+# --- The GPO family, f(β·h) for a convex f (GPO, Tang et al., arXiv 2402.05749) -------------------
 
 
 def dpo(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float = 0.1) -> Tensor:
-    """Logistic loss, DPO: ``−log σ(β·(Δ_w − Δ_l))`` (seed l.877; GPO f(x) = log(1 + e^−x), l.1212)."""
+    """Logistic loss, DPO: ``−log σ(β·(Δ_w − Δ_l))`` (arXiv 2305.18290, Eq. 7; GPO f(x) = log(1 + e^−x))."""
     return -F.logsigmoid(beta * (chosen_logratio - rejected_logratio))
 
 
 def hinge(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float = 0.1) -> Tensor:
-    """SLiC-HF hinge: ``max(0, 1 − β·h)`` (GPO l.1213). SLiC's calibration loss (l.1165) is
+    """SLiC-HF hinge: ``max(0, 1 − β·h)`` (GPO). SLiC-HF's calibration loss (arXiv 2305.10425) is
     ``max(0, δ − h)`` on raw log-probs; this is β·that with δ = 1/β and reference-adjusted h."""
     return torch.relu(1 - beta * (chosen_logratio - rejected_logratio))
 
 
 def ipo(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float = 0.1) -> Tensor:
-    """IPO on summed log-probs: ``(h − 1/(2β))²`` (seed l.978, the empirical IPO loss)."""
+    """IPO on summed log-probs: ``(h − 1/(2β))²`` (arXiv 2310.12036, the empirical IPO loss)."""
     return (chosen_logratio - rejected_logratio - 1 / (2 * beta)) ** 2
 
 
 def exponential(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float = 0.1) -> Tensor:
-    """Exponential (AdaBoost-like) GPO loss: ``exp(−β·h)`` (seed l.1215)."""
+    """Exponential (AdaBoost-like) GPO loss: ``exp(−β·h)`` (arXiv 2402.05749)."""
     return torch.exp(-beta * (chosen_logratio - rejected_logratio))
 
 
 def truncated_quadratic(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float = 0.1) -> Tensor:
-    """Truncated quadratic GPO loss: ``max(0, 1 − β·h)²`` (seed l.1216)."""
+    """Truncated quadratic GPO loss: ``max(0, 1 − β·h)²`` (arXiv 2402.05749)."""
     return torch.relu(1 - beta * (chosen_logratio - rejected_logratio)) ** 2
 
 
 def savage(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float = 0.1) -> Tensor:
-    """Savage GPO loss: ``1/(1 + exp(β·h))² = σ(−β·h)²`` (seed l.1217)."""
+    """Savage GPO loss: ``1/(1 + exp(β·h))² = σ(−β·h)²`` (arXiv 2402.05749)."""
     return torch.sigmoid(-beta * (chosen_logratio - rejected_logratio)) ** 2
 
 
@@ -101,7 +101,7 @@ def savage(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float = 0.1
 
 
 def simpo(chosen_avg_logp: Tensor, rejected_avg_logp: Tensor, beta: float = 2.0, gamma: float = 1.0) -> Tensor:
-    """SimPO: ``−log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ)`` (seed l.1067).
+    """SimPO: ``−log σ(β/|y_w|·log π(y_w) − β/|y_l|·log π(y_l) − γ)`` (arXiv 2405.14734).
 
     Takes the per-token mean log-probs ``log π(y)/|y|``; no reference model.
     """
@@ -109,10 +109,10 @@ def simpo(chosen_avg_logp: Tensor, rejected_avg_logp: Tensor, beta: float = 2.0,
 
 
 def orpo(chosen_avg_logp: Tensor, rejected_avg_logp: Tensor, lam: float = 0.1) -> Tensor:
-    """ORPO: ``L_SFT + λ·L_OR`` (seed l.1020) with ``L_OR = −log σ(log odds(y_w) − log odds(y_l))`` (l.1022).
+    """ORPO: ``L_SFT + λ·L_OR`` (arXiv 2403.07691) with ``L_OR = −log σ(log odds(y_w) − log odds(y_l))``.
 
     ``odds(y) = p/(1 − p)`` with ``p = exp(mean token log-prob)``; ``L_SFT`` is the chosen NLL
-    averaged over its tokens (l.995). No reference model.
+    averaged over its tokens. No reference model.
     """
     log_odds_ratio = _log_odds(chosen_avg_logp) - _log_odds(rejected_avg_logp)
     return -chosen_avg_logp - lam * F.logsigmoid(log_odds_ratio)
@@ -143,9 +143,9 @@ def kto(
     lambda_d: float = 1.0,
     lambda_u: float = 1.0,
 ) -> Tensor:
-    """KTO: ``λ_y − v(x, y)`` (seed l.1116) with ``v`` from l.1110, chosen = desirable, rejected = undesirable.
+    """KTO: ``λ_y − v(x, y)`` (arXiv 2402.01306), chosen = desirable, rejected = undesirable.
 
-    ``v_D = λ_D·σ(β(Δ_w − z0))`` and ``v_U = λ_U·σ(β(z0 − Δ_l))``. The reference point ``z0`` (l.1106)
+    ``v_D = λ_D·σ(β(Δ_w − z0))`` and ``v_U = λ_U·σ(β(z0 − Δ_l))``. The KL reference point ``z0``
     is ``max(0, mean Δ)`` over the batch's chosen and rejected completions, detached, as in the KTO
     paper's implementation (which estimates it on mismatched prompt/completion pairs instead). Each
     pair holds two unpaired examples, so the per-pair value is their mean: the batch mean is then the
@@ -164,16 +164,16 @@ def rebel(
     rejected_reward: Tensor,
     eta: float = 1.0,
 ) -> Tensor:
-    """REBEL: ``(1/η·(Δ_w − Δ_l) − (r_w − r_l))²`` (seed l.1261, eq. 1), the reference being π_θt,
+    """REBEL: ``(1/η·(Δ_w − Δ_l) − (r_w − r_l))²`` (arXiv 2404.16767, Eq. 1), the reference being π_θt,
     the policy at the start of the iteration."""
     return ((chosen_logratio - rejected_logratio) / eta - (chosen_reward - rejected_reward)) ** 2
 
 
 def rloo(logps: Tensor, rewards: Tensor, group_ids: Tensor) -> Tensor:
-    """REINFORCE with a leave-one-out baseline (RLOO, seed l.708): ``−A_i·log π(y_i)``,
+    """REINFORCE with a leave-one-out baseline (RLOO, arXiv 2402.14740): ``−A_i·log π(y_i)``,
     ``A_i = r_i − 1/(k−1)·Σ_{j≠i} r_j`` over the k samples of the same prompt; A is a constant.
 
-    The seed's KL-shaped reward ``r − β·log(π/π_ref)`` is left to the caller: pass it as ``rewards``.
+    RLOO's KL-shaped reward ``r − β·log(π/π_ref)`` is left to the caller: pass it as ``rewards``.
     """
     _, group = torch.unique(group_ids, return_inverse=True)
     count = torch.bincount(group).to(rewards.dtype)
@@ -243,7 +243,7 @@ if _undeclared or _unknown:
 
 
 def nll(batch: LossInputs) -> Tensor:
-    """Per-token NLL of the chosen response, ``−log π(y_w|x)/|y_w|`` (the SFT loss, seed l.995)."""
+    """Per-token NLL of the chosen response, ``−log π(y_w|x)/|y_w|`` (the SFT loss)."""
     (chosen_len,) = _need(batch, "chosen_lengths")
     return -batch.policy_chosen_logps / chosen_len
 

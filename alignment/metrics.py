@@ -4,8 +4,8 @@ Each function reads the columns the lake's stages carry (``prompt_id``, ``sample
 ``num_tokens``, ``finish_reason``; ``sample_idx`` −1 marks a labelled demonstration, whose reward
 may be null) and returns plain floats, ``None`` where a number does not exist (no rows). The flows
 log them per Improve step to MLflow and ``summary.json`` (``tasks/step_metrics.py``), and
-``promotion_checks`` is the champion gate's guard against reward hacking (seed notes 000 and 004 on
-reward over-optimisation: a policy can raise the reward it trains on while the verifier stalls).
+``promotion_checks`` is the champion gate's guard against reward hacking (reward over-optimisation,
+Gao et al. arXiv 2210.10760: a policy can raise the reward it trains on while the verifier stalls).
 
 "Grown" and "kept" samples are the policy's own (``sample_idx >= 0``): the labelled data D that
 Algorithm 1 adds to every D_g would otherwise dilute every figure with the same rows each iteration.

@@ -1,9 +1,9 @@
 """Preference pairs from N scored samples per prompt: the data of iterative DPO's rejection sampling.
 
-Iterative DPO (seed notes 003, "Online Iterative RLHF", experimental result 2) samples several
+Iterative DPO (Xiong et al., arXiv 2312.11456; Dong et al., arXiv 2405.07863) samples several
 responses per prompt, ranks them with a reward and trains on a (chosen, rejected) pair per prompt;
-SLiC-HF-sample-rank (seed notes 004) pairs the top-ranked with the bottom-ranked decode. The DPO loss
-(seed 003: ``L = -sum log sigma(eta log pi/pi_0 (a^w|x) - eta log pi/pi_0 (a^l|x))``) only needs to
+SLiC-HF-sample-rank (arXiv 2305.10425) pairs the top-ranked with the bottom-ranked decode. The DPO loss
+(arXiv 2305.18290, Eq. 7: ``L = -sum log sigma(eta log pi/pi_0 (a^w|x) - eta log pi/pi_0 (a^l|x))``) only needs to
 know which of two responses won, so every strategy here emits ``(x, a^w, a^l)`` with
 ``r(x, a^w) > r(x, a^l)``:
 
@@ -67,7 +67,7 @@ _MASK64 = 2**64 - 1
 
 
 def best_vs_worst(samples: pl.LazyFrame, min_margin: float, seed: int) -> pl.LazyFrame:
-    """The best sample against the worst one of each prompt (SLiC-HF-sample-rank, seed 004); ``seed`` unused."""
+    """The best sample against the worst one of each prompt (SLiC-HF-sample-rank, arXiv 2305.10425); ``seed`` unused."""
     # Rows run in sample order within a prompt, so arg_max/arg_min (first extreme) pick the lower sample_idx.
     reward = pl.col("reward")
     return (
@@ -140,7 +140,7 @@ def make_pairs(
 def kto_split(scored: pl.DataFrame, threshold: float) -> pl.DataFrame:
     """Unpaired KTO data: each distinct sample labelled ``desirable`` when ``reward >= threshold``.
 
-    KTO (seed notes 004) weighs desirable samples by ``lambda_D sigma(beta (r_theta - z_0))`` and
+    KTO (arXiv 2402.01306) weighs desirable samples by ``lambda_D sigma(beta (r_theta - z_0))`` and
     undesirable ones by ``lambda_U sigma(beta (z_0 - r_theta))``, so it needs no pairs: every distinct
     sample is kept, with its label. Sorted by ``(prompt_id, sample_idx)``.
     """

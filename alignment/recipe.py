@@ -1,4 +1,4 @@
-"""Recipes: the typed, loud configuration of a flywheel run (STYLE #3, #4).
+"""Recipes: the typed, loud configuration of a flywheel run.
 
 A recipe is YAML validated by these pydantic models. Every model forbids unknown keys (a typo is
 an error naming the key), every field has a description (Prefect renders them as the UI form),

@@ -3,17 +3,17 @@
 The reward model ``r_phi(x, y)`` is a causal LM with a scalar head read at the last token (Hugging
 Face ``AutoModelForSequenceClassification`` with ``num_labels=1``), initialised from a policy
 checkpoint: the backbone loads, the head is new. It is fitted by maximum likelihood under the
-Bradley–Terry model (seed notes 004, "Reward Model (RM) training objective function"):
+Bradley–Terry model (the reward-model loss of DPO, arXiv 2305.18290, Eq. 2):
 
     log p_ij / (1 - p_ij) = r(x, y_i; phi) - r(x, y_j; phi)   =>   p_ij = sigma(r(x, y_i) - r(x, y_j))
     max_phi  sum_{(x, y_w, y_l) in D} log sigma(r(x, y_w; phi) - r(x, y_l; phi))
 
-(the same MLE as ``l_D(theta)`` in seed notes 003). A trained model is a reward like any other:
+(the same MLE as Xiong et al., arXiv 2312.11456). A trained model is a reward like any other:
 ``RewardModel(path)(prompts, completions, references) -> list[float]``. Its scale is arbitrary
 (BT is invariant to adding a constant), so filter its scores with scale-free rules such as
 ``filters.quantile`` rather than fixed thresholds.
 
-Ensembles of rewards (pessimism by ensemble, seed notes 003) and reward specs (``rm:PATH``) live in
+Ensembles of rewards (pessimism by ensemble) and reward specs (``rm:PATH``) live in
 ``alignment.rewards``, which imports no model library; a spec loads this module only for ``rm:``.
 """
 
@@ -54,7 +54,7 @@ class RewardModelConfig(BaseModel):
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
-    """Per-pair ``-log sigma(r_w - r_l)``: the negative Bradley–Terry log-likelihood (seed 004)."""
+    """Per-pair ``-log sigma(r_w - r_l)``: the negative Bradley–Terry log-likelihood (arXiv 2305.18290, Eq. 2)."""
     return -F.logsigmoid(chosen_rewards - rejected_rewards)
 
 
@@ -88,7 +88,7 @@ def train_reward_model(
     """Fit ``r_phi`` on ``pairs`` (prompt, chosen, rejected) by Bradley–Terry MLE and save it to ``out_dir``.
 
     Each step scores the chosen and rejected sequences of a batch in one forward pass and minimises
-    the mean of ``-log sigma(r_w - r_l)`` (seed notes 004). Returns the last epoch's mean loss and
+    the mean of ``-log sigma(r_w - r_l)``. Returns the last epoch's mean loss and
     pairwise training accuracy, the step count and the pair count.
     """
     cfg = cfg or RewardModelConfig()

@@ -9,9 +9,10 @@ bounds how long one call may take.
 
 A reward *spec* (``recipe.reward``) is a name, an import path, ``rm:PATH`` (a Bradley–Terry reward
 model, ``alignment.reward_model``, loaded only when used) or an ensemble of specs:
-``Ensemble(members, reduce="min")`` is pessimism by ensemble (seed notes 003, "RLHF with
-Pessimism"): ``r_hat(x, a) = min_k r_k(x, a)`` over independently trained reward models; ``"mean"``
-averages instead. Members are combined as they are, with no rescaling: give it rewards on one scale.
+``Ensemble(members, reduce="min")`` is pessimism by ensemble (a lower-confidence-bound reward, as in
+Xiong et al., arXiv 2312.11456): ``r_hat(x, a) = min_k r_k(x, a)`` over independently trained
+reward models; ``"mean"`` averages instead. Members are combined as they are, with no rescaling:
+give it rewards on one scale.
 """
 
 from __future__ import annotations
@@ -227,7 +228,7 @@ REDUCTIONS: dict[str, Callable[[Sequence[float]], float]] = {"min": min, "mean":
 
 
 class Ensemble:
-    """Several rewards combined per row: ``min`` is pessimism, ``r_hat = min_k r_k`` (seed 003); or ``mean``."""
+    """Several rewards combined per row: ``min`` is pessimism, ``r_hat = min_k r_k`` (arXiv 2312.11456); or ``mean``."""
 
     def __init__(self, members: Sequence[RewardFn], reduce: str = "min"):
         if not members:

@@ -1,6 +1,6 @@
 """Supervised fine-tuning with prompt tokens masked: the loss L(x, y; theta) of ReST's Improve step.
 
-ReST (seed notes 004, Algorithm 1) optimises ``J(theta) = E_{(x,y) ~ D_g}[F(x, y; tau) L(x, y; theta)]``;
+ReST (arXiv 2308.08998, Algorithm 1) optimises ``J(theta) = E_{(x,y) ~ D_g}[F(x, y; tau) L(x, y; theta)]``;
 with ``F`` the filter, this is plain negative log-likelihood of the kept completions given their
 prompts: ``L = -sum_t log pi_theta(y_t | x, y_<t)``, averaged over completion tokens. The same loop is
 the behaviour-cloning warm start ("Train pi_theta on D").

@@ -2,7 +2,7 @@
 
 What it measures: the Improve-step data work of one iteration over a synthetic scored frame
 (125k prompts x 8 samples, seeded, rewards on a 1/16 grid so ties and duplicate completions are
-common): ReST's threshold filter (``tau_1`` from ``filters.rest_thresholds``, seed notes 004,
+common): ReST's threshold filter (``tau_1`` from ``filters.rest_thresholds``, ReST arXiv 2308.08998,
 Algorithm 1), top-k per prompt, and the three pairing strategies of ``alignment.pairs``. The peer
 is a straightforward pandas version of the same semantics (sort + drop_duplicates, groupby
 idxmax/idxmin/head, merge; no ``groupby.apply``), run in the same invocation.

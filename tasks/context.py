@@ -1,4 +1,4 @@
-"""What every task receives: a small, serialisable reference to the run (STYLE #6)."""
+"""What every task receives: a small, serialisable reference to the run (tasks pass references, never live objects)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class RunRef(BaseModel):
 def flywheel_task(**options: Any):
     """Prefect's ``@task`` without its result cache.
 
-    A stage's output is its committed lake stage, which a resumed run reuses (STYLE #6), so hashing a
+    A stage's output is its committed lake stage, which a resumed run reuses, so hashing a
     task's inputs for a cache key and persisting its return value only cost time: about 4 ms of a
     task run's 9 on 2 cores (bench/bench_orchestration.py).
     """
@@ -78,7 +78,7 @@ def retry_on_io(task, task_run, state) -> bool:
     """Prefect ``retry_condition_fn``: retry I/O failures, never a mistake that is the user's to fix.
 
     A missing prompt file or a broken reward fails the same way every time; retrying it only
-    repeats the error and its traceback after a delay (STYLE #6: retries are for I/O).
+    repeats the error and its traceback after a delay (retries are for I/O).
     """
     from alignment.errors import UserError
 

@@ -15,7 +15,7 @@ all or on a worker of another pool. ``run_gpu_stage(recipe, fn, *args)`` calls `
 - in a fresh ``spawn`` subprocess when ``orchestration.isolate_gpu_stages`` is set, so the CUDA
   context, allocator caches and any leaked tensors die with the process and the next stage (or the
   next flow on the same worker) starts with the whole GPU. ``fn`` must be a module-level function and
-  its arguments picklable (tasks only pass references, STYLE #6). The child pays a Python + torch
+  its arguments picklable (tasks only pass references). The child pays a Python + torch
   import (a few seconds), which is why this is off by default.
 """
 

@@ -1,7 +1,7 @@
 """Where a stage runs: in the flow run's process, or as a flow run of a deployment on another work pool.
 
 Every stage body is a plain module-level function ``fn(ref, *args)`` whose arguments are JSON
-values and whose data goes through the lake (STYLE #6), so it can run anywhere the lake is
+values and whose data goes through the lake, so it can run anywhere the lake is
 reachable. ``run_stage(ref, stage, fn, *args)`` runs it
 
 - **here**, when ``orchestration.stage_deployments`` does not name the stage: GPU stages (Grow,

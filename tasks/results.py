@@ -1,4 +1,4 @@
-"""What stage tasks hand back to the flows: small frozen values, never frames or models (STYLE #6)."""
+"""What stage tasks hand back to the flows: small frozen values, never frames or models."""
 
 from __future__ import annotations
 

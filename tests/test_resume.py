@@ -64,7 +64,7 @@ lake.clear(stage)
 parts = [lake.write_part(stage, shard, pl.DataFrame({"prompt_id": [shard], "completion": ["killed"], "reward": [0.0]}))
          for shard in range(3)]
 staging = lake.address(stage).staging_uri
-for f in parts[:moved]:  # Lake.commit's first step, part by part: the window DESIGN notes name
+for f in parts[:moved]:  # Lake.commit's first step, part by part: the window docs/lake.md names
     lake.store.move(f"{staging}/{f['name']}", f"{stage}/{f['name']}")
 print("parts written", flush=True)
 time.sleep(600)  # killed here: before the manifest

@@ -1,7 +1,7 @@
 """The lake's S3 backend: the ``Store`` protocol of ``tasks.lake.storage`` over boto3.
 
 Works with AWS and any S3-compatible server (SeaweedFS, MinIO, Ceph...). Settings come from the
-standard AWS places, read when the store first talks to S3, never at import (STYLE #8):
+standard AWS places, read when the store first talks to S3, never at import:
 
 - endpoint: the constructor's ``endpoint_url``, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``,
   else the profile's configuration, else AWS itself;
@@ -15,7 +15,7 @@ mode: ``max_attempts`` tries in all, with jittered exponential backoff (base 1 s
 50 ms otherwise, capped at 20 s). So a stopped server fails in about a second, an unroutable host
 within ~15 s (3 s connect timeout x 5), a server that accepts connections but never answers within
 ~75 s (15 s read timeout x 5); outages longer than that are for the Prefect task retries around
-the lake's callers (STYLE #6). Failures a person must fix become one
+the lake's callers. Failures a person must fix become one
 ``LakeAccessError`` sentence naming the URI or endpoint and the fix; credential values never appear
 in messages or reprs. A missing object raises ``FileNotFoundError``, which the lake relies on.
 """

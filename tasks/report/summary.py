@@ -15,7 +15,7 @@ from tasks.results import Selection, Registration
 
 
 class Summary:
-    """Builds the summary document of DESIGN.md; ``save`` writes it to the lake."""
+    """Builds ``summary.json``, the per-step document dashboards and scripts read; ``save`` writes it to the lake."""
 
     def __init__(self, ref: RunRef, algorithm: str):
         self.ref = ref
