@@ -4,7 +4,8 @@ It serves a local model through the ``transformers`` sampler — raw text on the
 the model's chat template on the chat endpoint, as ``vllm serve`` does — reports each choice's
 ``finish_reason``, honours ``stop`` strings, checks a bearer key the way OpenAI
 does (and, like OpenAI, echoes the offending key in its error, so tests can check clients never
-repeat it), and can be told to answer the next K requests with 503 to exercise client retries.
+repeat it), and can be told to answer the next K requests with 503 to exercise client retries, or to
+ignore ``n`` and answer every request with one choice, as ``transformers serve`` does (``ignores_n``).
 
     with serve_completions(model_dir, api_key="sk-test") as server:
         OpenAISampler(model_dir, base_url=server.base_url, api_key="sk-test").generate(...)
@@ -56,9 +57,10 @@ class ChatRequest(_Sampling):
 
 @dataclass
 class ServerState:
-    """What a test can steer and observe: injected failures and the requests seen."""
+    """What a test can steer and observe: injected failures, whether ``n`` is ignored, and the requests seen."""
 
     fail_next: int = 0
+    ignores_n: bool = False
     requests_seen: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -103,7 +105,8 @@ def create_app(
                 sampler.formatter = Formatter(sampler.tokenizer, {"format": "chat", "system": system},
                                               model_config=sampler.model.config, generation_config=sampler.model.generation_config)
             try:
-                out = sampler.generate(prompts, body.n, params, prompt_ids=[0] * len(prompts))
+                n = 1 if state.ignores_n else body.n  # like transformers serve: one choice whatever n is
+                out = sampler.generate(prompts, n, params, prompt_ids=[0] * len(prompts))
             finally:
                 sampler.formatter = base
         texts, counts, reasons = [], [], []
@@ -172,7 +175,12 @@ def free_port() -> int:
 
 @contextmanager
 def serve_completions(
-    model_dir: str | Path, *, api_key: str | None = None, model_name: str | None = None, startup_timeout: float = 20.0
+    model_dir: str | Path,
+    *,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    ignores_n: bool = False,
+    startup_timeout: float = 20.0,
 ) -> Iterator[RunningServer]:
     """Run the server in a thread on a free loopback port until the block ends."""
     name = model_name or str(model_dir)
@@ -180,7 +188,7 @@ def serve_completions(
         "raw": TransformersSampler(str(model_dir), device="cpu", progress=False, prompt={"format": "raw"}),
         "chat": TransformersSampler(str(model_dir), device="cpu", progress=False),  # the template, when it has one
     }
-    state = ServerState()
+    state = ServerState(ignores_n=ignores_n)
     config = uvicorn.Config(create_app(samplers, name, state, api_key), log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

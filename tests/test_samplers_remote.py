@@ -9,9 +9,14 @@ request building and output parsing run against ``FakeVLLMEngineDouble``, a stan
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
+import polars as pl
 import pytest
 from openai_compat_server import free_port, serve_completions
 
@@ -19,6 +24,7 @@ from alignment.models import build_tiny_gpt2
 from alignment.samplers import SamplingParams, make_sampler, row_seed
 from alignment.samplers.hf import TransformersSampler
 from alignment.samplers.openai import (
+    FewerChoices,
     OpenAISampler,
     RemoteSamplerError,
     build_requests,
@@ -344,3 +350,123 @@ def test_openai_sampler_chat_reports_finish_reasons_and_applies_stop_strings(mod
     assert got.finish_reasons[0] == want.finish_reasons[0]
     cut = remote(model_dir, server, prompt={"stop": ["1"]}).generate(PROMPTS, 3, PARAMS)
     assert all("1" not in t for row in cut.completions for t in row)
+
+
+# --- servers that ignore n (transformers serve answers one choice whatever n is) ----------------------
+
+
+def test_openai_requests_split_by_n_per_request_are_seeded_by_their_first_sample():
+    bodies = build_requests(["a", "b"], 4, PARAMS, "served", prompt_ids=[4, 9], per_request=3)
+    assert [(b["prompt"], b["n"], b["seed"]) for b in bodies] == [
+        ("a", 3, row_seed(7, 4, 0)), ("a", 1, row_seed(7, 4, 3)), ("b", 3, row_seed(7, 9, 0)), ("b", 1, row_seed(7, 9, 3)),
+    ]
+    assert [b["seed"] for b in build_requests(["a"], 3, PARAMS, "served", per_request=1)] == [row_seed(7, 0, k) for k in range(3)]
+
+
+def test_openai_response_with_fewer_choices_than_n_is_told_apart():
+    one = {"choices": [{"index": 0, "text": "x", "finish_reason": "stop"}], "usage": {"completion_tokens": 2}}
+    with pytest.raises(FewerChoices, match="1 choices for n=4"):
+        parse_response(one, 4)
+    with pytest.raises(ValueError) as err:
+        parse_response({"choices": []}, 2)
+    assert not isinstance(err.value, FewerChoices)
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [({"n_per_request": 0}, "n_per_request"), ({"n_per_request": "all"}, "n_per_request"),
+     ({"concurrency": True}, "concurrency"), ({"timeout": 0}, "timeout"), ({"extra_body": {"n": 2}}, "extra_body")],
+)
+def test_openai_option_values_are_checked_before_a_run(options, named):
+    from alignment.errors import ConfigError
+    from alignment.samplers import check_options
+
+    with pytest.raises(ConfigError) as err:
+        check_options("openai", {"base_url": "http://127.0.0.1:9/v1", **options})
+    assert f"grow.sampler_options.{named}" in str(err.value)
+    assert_one_sentence(str(err.value))
+    check_options("openai", {"base_url": "http://127.0.0.1:9/v1", "n_per_request": None, "concurrency": 2})
+
+
+@pytest.fixture(scope="module")
+def ignoring_server(model_dir):
+    with serve_completions(model_dir, api_key=API_KEY, ignores_n=True) as running:
+        yield running
+
+
+def per_sample_reference(reference, prompts, ids, n, params=PARAMS):
+    """What one request per sample gives: sample k of a prompt seeded row_seed(seed, prompt_id, k)."""
+    texts, counts = [], []
+    for prompt, pid in zip(prompts, ids, strict=True):
+        rows = [reference.generate([prompt], 1, SamplingParams(params.temperature, params.top_p, params.max_new_tokens,
+                                                               row_seed(params.seed, pid, k)), prompt_ids=[0]) for k in range(n)]
+        texts.append([r.completions[0][0] for r in rows])
+        counts.append([r.num_tokens[0][0] for r in rows])
+    return texts, counts
+
+
+def test_a_server_that_ignores_n_gets_one_request_per_sample(model_dir, server, ignoring_server, reference, caplog):
+    ids = [3, 8, 5]
+    sampler = remote(model_dir, ignoring_server, concurrency=2)
+    got = sampler.generate(PROMPTS, 4, PARAMS, prompt_ids=ids)
+    want_texts, want_counts = per_sample_reference(reference, PROMPTS, ids, 4)
+    assert got.completions == want_texts and [len(row) for row in got.completions] == [4, 4, 4]
+    assert got.num_tokens == want_counts and all(t > 0 for row in got.num_tokens for t in row)  # usage per sample
+    assert all(len(set(row)) > 1 for row in got.completions)  # each sample its own seed: distinct at temperature 1
+    assert sampler.ignores_n
+
+    # Remembered for the sampler's life: the next call asks one sample per request from the start, and
+    # the log says it once.
+    before = ignoring_server.state.requests_seen
+    again = sampler.generate(PROMPTS, 4, PARAMS, prompt_ids=ids)
+    assert ignoring_server.state.requests_seen - before == 3 * 4
+    assert again.completions == got.completions and again.num_tokens == got.num_tokens
+    other = SamplingParams(PARAMS.temperature, PARAMS.top_p, PARAMS.max_new_tokens, seed=8)
+    assert sampler.generate(PROMPTS, 4, other, prompt_ids=ids).completions != got.completions
+    said = [r for r in caplog.records if "ignores n" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING" and ignoring_server.base_url in said[0].getMessage()
+
+    # A fresh sampler with the same seed gives the same samples; n_per_request=1 gives them without the
+    # detour, on this server and on one that honours n.
+    assert remote(model_dir, ignoring_server).generate(PROMPTS, 4, PARAMS, prompt_ids=ids).completions == got.completions
+    for srv in (ignoring_server, server):
+        before = srv.state.requests_seen
+        forced = remote(model_dir, srv, n_per_request=1, concurrency=3).generate(PROMPTS, 4, PARAMS, prompt_ids=ids)
+        assert srv.state.requests_seen - before == 3 * 4
+        assert (forced.completions, forced.num_tokens, forced.finish_reasons) == (got.completions, got.num_tokens, got.finish_reasons)
+    assert len([r for r in caplog.records if "ignores n" in r.getMessage()]) == 2  # once more, by the fresh sampler
+
+
+def test_n_per_request_splits_a_prompt_into_seeded_requests(model_dir, server, reference):
+    before = server.state.requests_seen
+    got = remote(model_dir, server, n_per_request=3).generate(PROMPTS[:2], 4, PARAMS, prompt_ids=[3, 8])
+    assert server.state.requests_seen - before == 2 * 2
+    for prompt, pid, row in zip(PROMPTS[:2], [3, 8], got.completions, strict=True):
+        head = reference.generate([prompt], 3, SamplingParams(1.0, 0.95, 6, row_seed(7, pid, 0)), prompt_ids=[0])
+        tail = reference.generate([prompt], 1, SamplingParams(1.0, 0.95, 6, row_seed(7, pid, 3)), prompt_ids=[0])
+        assert row == head.completions[0] + tail.completions[0]
+
+
+def test_flywheel_run_grows_four_samples_per_prompt_from_a_server_that_ignores_n(tiny_model_dir, tmp_path):
+    """``flywheel run`` in a subprocess, Grow through the test server in its ignores-n mode."""
+    root = Path(__file__).resolve().parents[1]
+    sets = ["task.n_labelled=40", "task.n_prompts=24", "task.n_eval=16", "grow_steps=1", "grow.samples_per_prompt=4",
+            "improve.epochs=1", f"model.path={tiny_model_dir}", "warm_start.enabled=false", "grow.sampler=openai",
+            f"lake=file://{tmp_path / 'lake'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    with serve_completions(tiny_model_dir, ignores_n=True) as srv:
+        argv = [sys.executable, "-m", "flows.cli", "run", str(root / "recipes" / "arithmetic-rest.yaml"), "--run-name", "ignores-n"]
+        for s in [*sets, f"grow.sampler_options.base_url={srv.base_url}"]:
+            argv += ["--set", s]
+        proc = subprocess.run(argv, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+                              capture_output=True, text=True, timeout=600)
+        served = srv.state.requests_seen
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    scored = pl.read_parquet(list((tmp_path / "lake" / "scored" / "run=ignores-n" / "iteration=1").glob("*.parquet")))
+    grown = scored.filter(pl.col("sample_idx") >= 0)
+    per_prompt = grown.group_by("prompt_id").agg(pl.len().alias("n"), pl.col("sample_idx").sort().alias("idx"))
+    assert per_prompt.height == 24 and set(per_prompt["n"]) == {4}
+    assert all(idx.to_list() == [0, 1, 2, 3] for idx in per_prompt["idx"])
+    assert (grown["num_tokens"] > 0).all()  # each sample's own usage
+    assert 24 * 4 <= served <= 24 * 4 + 8  # one request per sample, after at most `concurrency` asking for n=4
+    log = (tmp_path / ".flywheel" / "logs" / "ignores-n.log").read_text()
+    assert log.count("ignores n") == 1 and "Traceback" not in proc.stderr

@@ -103,6 +103,12 @@ def check_options(backend: str, options: dict[str, Any]):
     missing = [n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY and p.default is p.empty and n not in options]
     if missing:
         raise ConfigError(f"The {backend!r} sampler needs {', '.join(map(repr, missing))} in grow.sampler_options.")
+    check_settings = getattr(cls, "check_settings", None)  # a backend's own checks of its option values
+    if check_settings is not None:
+        try:
+            check_settings(options)
+        except ValueError as exc:
+            raise ConfigError(f"The {backend!r} sampler's grow.sampler_options.{exc}") from None
     return cls
 
 

@@ -8,8 +8,14 @@ records the server's ``finish_reason`` (``stop`` or ``length``).
 
 One HTTP request per prompt asks for all ``n`` samples with the seed ``row_seed(seed, prompt_id, 0)``,
 so a prompt's samples depend only on ``(seed, prompt_id)`` (on servers that honour ``seed``, as
-vLLM does), not on batching or sharding. Up to ``concurrency`` requests are in flight at once;
-429, 408 and 5xx answers and connection errors are retried with exponential backoff.
+vLLM does), not on batching or sharding. ``n`` is optional in the OpenAI API and some servers ignore
+it (``transformers serve`` answers with one choice whatever ``n`` is): when a response holds fewer
+choices than asked, the sampler says so once in the log and, for the rest of its life, asks that
+server for one sample per request, sample ``k`` seeded ``row_seed(seed, prompt_id, k)``, so the
+samples still depend only on ``(seed, prompt_id, k)``. ``n_per_request`` caps the samples per request
+from the start (``1``: one request per sample, the same samples the fallback gives; a request for
+samples ``k..k+m-1`` is seeded ``row_seed(seed, prompt_id, k)``). Up to ``concurrency`` requests are
+in flight at once; 429, 408 and 5xx answers and connection errors are retried with exponential backoff.
 
 The API key is read at call time (``api_key=``, else the environment variable ``api_key_env``,
 ``OPENAI_API_KEY`` by default), sent only in the ``Authorization`` header, and never appears in logs
@@ -17,8 +23,8 @@ or error messages. A recipe names the variable, never the key.
 
 Token counts: the completions API reports only a total per request (``usage``), so a sample's
 count comes from its ``logprobs.tokens`` when the server returned them (ask with
-``extra_body={"logprobs": 0}`` on vLLM), else from ``usage.completion_tokens`` when ``n == 1``,
-else it is 0.
+``extra_body={"logprobs": 0}`` on vLLM), else from ``usage.completion_tokens`` when the request asked
+for one sample (so with one request per sample every count is known), else it is 0.
 
 Talks plain HTTP through httpx; the ``openai`` package is not needed.
 """
@@ -29,7 +35,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,6 +52,10 @@ _CORE_KEYS = frozenset({"model", "prompt", "n", "seed", "temperature", "top_p", 
 
 class RemoteSamplerError(RuntimeError):
     """The server could not be reached or refused the work; the message says what to do."""
+
+
+class FewerChoices(ValueError):
+    """A response holds fewer choices than the ``n`` asked for: the server ignores ``n``."""
 
 
 def completions_url(base_url: str, chat: bool = False) -> str:
@@ -66,19 +76,28 @@ def build_request(
     *,
     messages: list[dict[str, str]] | None = None,
     stop: Sequence[str] = (),
+    first: int = 0,
 ) -> dict[str, Any]:
-    """The JSON body of one request: ``n`` samples of ``prompt`` (or of chat ``messages``), seeded by its id."""
+    """The JSON body of one request: ``n`` samples of ``prompt`` (or of chat ``messages``) from sample
+    index ``first`` on, seeded by the prompt's id and ``first``."""
     body: dict[str, Any] = {
         "model": model,
         **({"messages": messages} if messages is not None else {"prompt": prompt}),
         "n": n,
-        "seed": row_seed(params.seed, prompt_id, 0),
+        "seed": row_seed(params.seed, prompt_id, first),
         "temperature": params.temperature,
         "top_p": params.top_p,
         "max_tokens": params.max_new_tokens,
         **({"stop": list(stop)} if stop else {}),
     }
     return body | (extra_body or {})
+
+
+def request_plan(n: int, per_request: int | None = None) -> list[tuple[int, int]]:
+    """``(first sample index, samples)`` of each request for one prompt's ``n`` samples, at most
+    ``per_request`` in each (``None``: all ``n`` in one request)."""
+    per = n if per_request is None else max(1, min(per_request, n))
+    return [(k, min(per, n - k)) for k in range(0, n, per)]
 
 
 def build_requests(
@@ -90,8 +109,10 @@ def build_requests(
     extra_body: dict[str, Any] | None = None,
     *,
     formatter: Any = None,
+    per_request: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One request body per prompt, in prompt order; ``prompt_ids`` default to positions.
+    """The request bodies for ``n`` samples of every prompt, in prompt order (each prompt's split by
+    ``request_plan``); ``prompt_ids`` default to positions.
 
     With a chat ``formatter`` (``alignment.prompting.Formatter``) each body carries its messages.
     """
@@ -99,8 +120,9 @@ def build_requests(
     chat = formatter is not None and formatter.chat
     stop = formatter.fmt.stop if formatter is not None else ()
     return [
-        build_request(p, i, n, params, model, extra_body, messages=formatter.messages(p) if chat else None, stop=stop)
+        build_request(p, i, m, params, model, extra_body, messages=formatter.messages(p) if chat else None, stop=stop, first=k)
         for p, i in zip(prompts, ids, strict=True)
+        for k, m in request_plan(n, per_request)
     ]
 
 
@@ -116,13 +138,14 @@ def _text(choice: Any) -> str | None:
 def parse_response(body: Any, n: int) -> tuple[list[str], list[int], list[str]]:
     """``(texts, token_counts, finish_reasons)`` of one completions or chat response, ordered by choice index.
 
-    Raises ``ValueError`` naming what is missing when ``body`` is not such a response.
+    Raises ``ValueError`` naming what is missing when ``body`` is not such a response, ``FewerChoices``
+    (a ``ValueError``) when it holds at least one but fewer than ``n`` choices.
     """
     choices = body.get("choices") if isinstance(body, dict) else None
     if not isinstance(choices, list) or not all(_text(c) is not None for c in choices):
         raise ValueError("no 'choices' list of objects with 'text' or 'message.content'")
     if len(choices) != n:
-        raise ValueError(f"{len(choices)} choices for n={n}")
+        raise (FewerChoices if 0 < len(choices) < n else ValueError)(f"{len(choices)} choices for n={n}")
     choices = sorted(choices, key=lambda c: c.get("index", 0))
     usage = body.get("usage") or {}
     reasons = ["length" if c.get("finish_reason") == "length" else "stop" for c in choices]
@@ -130,7 +153,7 @@ def parse_response(body: Any, n: int) -> tuple[list[str], list[int], list[str]]:
 
 
 def _token_count(choice: dict[str, Any], usage: dict[str, Any], n: int) -> int:
-    """Per-sample tokens from logprobs, else the request's usage when it holds one sample, else 0."""
+    """Per-sample tokens from logprobs, else the request's usage when it asked for one sample, else 0."""
     logprobs = choice.get("logprobs")
     if isinstance(logprobs, dict) and isinstance(logprobs.get("tokens"), list):
         return len(logprobs["tokens"])
@@ -182,21 +205,17 @@ class OpenAISampler:
         max_retries: int = 3,
         timeout: float = 60.0,
         retry_backoff: float = 0.5,
+        n_per_request: int | None = None,
         extra_body: dict[str, Any] | None = None,
         prompt: Any = None,
         progress: bool = True,
     ):
         """``model`` is the served model name (default ``model_path``, as ``vllm serve PATH`` names it);
-        ``extra_body`` adds server-specific fields (e.g. ``{"top_k": 50}``) to every request; ``prompt``
-        is the recipe's prompt format (``alignment.prompting.PromptFormat`` or its dict)."""
-        if concurrency < 1 or max_retries < 0 or timeout <= 0 or retry_backoff < 0:
-            raise ValueError(
-                "OpenAISampler needs concurrency >= 1, max_retries >= 0, timeout > 0 and retry_backoff >= 0 "
-                f"(got {concurrency}, {max_retries}, {timeout}, {retry_backoff})."
-            )
-        clash = sorted((_CORE_KEYS | {"messages", "stop"}) & set(extra_body or {}))
-        if clash:
-            raise ValueError(f"extra_body may not set {clash}: they come from SamplingParams, n and model.")
+        ``n_per_request`` caps the samples asked for in one request (default: all of a prompt's; ``1`` for
+        servers that ignore ``n``); ``extra_body`` adds server-specific fields (e.g. ``{"top_k": 50}``) to
+        every request; ``prompt`` is the recipe's prompt format (``alignment.prompting.PromptFormat`` or its dict)."""
+        self.check_settings({"concurrency": concurrency, "max_retries": max_retries, "timeout": timeout,
+                             "retry_backoff": retry_backoff, "n_per_request": n_per_request, "extra_body": extra_body})
         self.formatter = _formatter(model_path, prompt)
         self.url = completions_url(base_url, chat=self.formatter.chat)
         self.model = model or str(model_path)
@@ -206,59 +225,109 @@ class OpenAISampler:
         self.max_retries = max_retries
         self.timeout = timeout
         self.retry_backoff = retry_backoff
+        self.n_per_request = n_per_request
         self.extra_body = dict(extra_body or {})
         self.progress = progress
+        self.ignores_n = False  # set, once and for good, by the first response with fewer choices than asked
+        self._ignores_n_lock = threading.Lock()
+
+    @staticmethod
+    def check_settings(options: dict[str, Any]) -> None:
+        """Raise a one-sentence ``ValueError`` for an option value the sampler cannot work with (no I/O)."""
+        for name, low in (("concurrency", 1), ("max_retries", 0), ("n_per_request", 1)):
+            value = options.get(name)
+            if name not in options or (name == "n_per_request" and value is None):
+                continue
+            if type(value) is not int or value < low:
+                raise ValueError(f"{name} must be a whole number >= {low} (got {value!r}).")
+        for name, positive in (("timeout", True), ("retry_backoff", False)):
+            value = options.get(name)
+            if name in options and (type(value) not in (int, float) or value < 0 or (positive and value == 0)):
+                raise ValueError(f"{name} must be a number {'>' if positive else '>='} 0 (got {value!r}).")
+        extra = options.get("extra_body") or {}
+        if not isinstance(extra, dict):
+            raise ValueError(f"extra_body must be a mapping of request fields to values (got {extra!r}).")
+        clash = sorted((_CORE_KEYS | {"messages", "stop"}) & set(extra))
+        if clash:
+            raise ValueError(f"extra_body may not set {clash}: they come from SamplingParams, n and model.")
 
     def generate(
         self, prompts: Sequence[str], n: int, params: SamplingParams, prompt_ids: Sequence[int] | None = None
     ) -> Generation:
         """``n`` samples per prompt, in prompt order; ``prompt_ids`` (default: positions) key the seeds."""
-        requests = build_requests(prompts, n, params, self.model, prompt_ids, self.extra_body, formatter=self.formatter)
-        if not requests:
+        ids = request_ids(prompts, n, prompt_ids)
+        if not prompts:
             return Generation(completions=[], num_tokens=[])
+        chat, stop = self.formatter.chat, self.formatter.fmt.stop
+
+        def body_for(row: int, first: int, count: int) -> dict[str, Any]:
+            messages = self.formatter.messages(prompts[row]) if chat else None
+            return build_request(prompts[row], ids[row], count, params, self.model, self.extra_body,
+                                 messages=messages, stop=stop, first=first)
+
+        per = 1 if self.ignores_n else self.n_per_request
+        jobs = [(row, first, count) for row in range(len(prompts)) for first, count in request_plan(n, per)]
         key = self.api_key if self.api_key is not None else os.environ.get(self.api_key_env)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         with httpx.Client(headers=headers, timeout=self.timeout, limits=limits) as client:
-            results = self._run_all(client, requests, n, key)
-        texts, reasons = [], []
-        for row_texts, _, row_reasons in results:
-            cut = [self.formatter.cut_text(t, r) for t, r in zip(row_texts, row_reasons, strict=True)]
+            results = self._run_all(client, body_for, jobs, key, total=len(prompts) * n)
+        rows: list[list[tuple[str, int, str]]] = [[] for _ in prompts]
+        for job in sorted(results):  # a prompt's jobs in sample order
+            rows[job[0]].extend(zip(*results[job], strict=True))
+        texts, counts, reasons = [], [], []
+        for samples in rows:
+            cut = [self.formatter.cut_text(t, r) for t, _, r in samples]
             texts.append([t for t, _ in cut])
+            counts.append([c for _, c, _ in samples])
             reasons.append([r for _, r in cut])
-        return Generation(completions=texts, num_tokens=[r[1] for r in results], finish_reasons=reasons)
+        return Generation(completions=texts, num_tokens=counts, finish_reasons=reasons)
 
     def _run_all(
-        self, client: httpx.Client, requests: list[dict[str, Any]], n: int, key: str | None
-    ) -> list[tuple[list[str], list[int], list[str]]]:
-        """Send every request with at most ``concurrency`` in flight; the first failure stops the rest."""
+        self, client: httpx.Client, body_for, jobs: list[tuple[int, int, int]], key: str | None, total: int
+    ) -> dict[tuple[int, int, int], tuple[list[str], list[int], list[str]]]:
+        """Send every job ``(row, first sample, samples)`` with at most ``concurrency`` in flight; a job the
+        server answers with fewer choices than asked comes back as one job per sample. The first failure
+        (the earliest job among those failed) stops the rest."""
         stop = threading.Event()
-        bar = tqdm(total=len(requests), desc="sampling", unit="prompt", disable=None if self.progress else True, leave=False)
-        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-sampler") as pool:
-            futures = [pool.submit(self._complete, client, body, i, n, key, stop) for i, body in enumerate(requests)]
-            for future in futures:
-                future.add_done_callback(lambda _: bar.update())
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = _first_failure(futures, done)
-            if failed is not None:
-                stop.set()
-                pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-        if failed is not None:
-            raise failed
-        return [f.result() for f in futures]
+        results: dict[tuple[int, int, int], tuple[list[str], list[int], list[str]]] = {}
+        bar = tqdm(total=total, desc="sampling", unit="sample", disable=None if self.progress else True, leave=False)
+        try:
+            with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-sampler") as pool:
+                pending = {pool.submit(self._complete, client, body_for, job, key, stop): job for job in jobs}
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    failed = sorted((pending[f], f.exception()) for f in done if f.exception() is not None)
+                    if failed:
+                        stop.set()
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise failed[0][1]
+                    for future in done:
+                        row, first, count = job = pending.pop(future)
+                        if future.result() is None:  # the server ignores n: one request per sample
+                            for k in range(first, first + count):
+                                pending[pool.submit(self._complete, client, body_for, (row, k, 1), key, stop)] = (row, k, 1)
+                        else:
+                            results[job] = future.result()
+                            bar.update(count)
+        finally:
+            bar.close()
+        return results
 
     def _complete(
         self,
         client: httpx.Client,
-        body: dict[str, Any],
-        index: int,
-        n: int,
+        body_for,
+        job: tuple[int, int, int],
         key: str | None,
         stop: threading.Event,
-    ) -> tuple[list[str], list[int], list[str]]:
-        """POST one request, retrying transient failures, and parse its choices."""
-        response = self._post_with_retries(client, body, key, stop)
+    ) -> tuple[list[str], list[int], list[str]] | None:
+        """POST one job's request, retrying transient failures, and parse its choices; ``None`` when the
+        server turned out to ignore ``n`` (the job is then asked again one sample at a time)."""
+        row, first, count = job
+        if count > 1 and self.ignores_n:
+            return None
+        response = self._post_with_retries(client, body_for(row, first, count), key, stop)
         status = response.status_code
         if status in (401, 403):
             hint = "the API key it was sent" if key else "the request because no API key was sent"
@@ -268,17 +337,31 @@ class OpenAISampler:
             )
         if status >= 400:
             raise RemoteSamplerError(
-                f"The server at {self.url} rejected the request for prompt {index} "
+                f"The server at {self.url} rejected the request for prompt {row} "
                 f"(HTTP {status}: {_error_detail(response, key)}): check the model name {self.model!r} and the "
                 "sampling parameters."
             )
         try:
-            return parse_response(response.json(), n)
+            return parse_response(response.json(), count)
+        except FewerChoices as exc:
+            self._note_ignores_n(str(exc))
+            return None
         except ValueError as exc:
             raise RemoteSamplerError(
                 f"The server at {self.url} sent something other than a completions response for prompt "
-                f"{index} ({exc}): check that base_url points at an OpenAI-compatible /v1 endpoint."
+                f"{row} ({exc}): check that base_url points at an OpenAI-compatible /v1 endpoint."
             ) from None
+
+    def _note_ignores_n(self, what: str) -> None:
+        """Remember that this server ignores ``n``, and say so in the log the first time."""
+        with self._ignores_n_lock:
+            if self.ignores_n:
+                return
+            self.ignores_n = True
+        logger.warning(
+            "The server at %s ignores n (it sent %s): each sample is now its own request, seeded by its prompt id "
+            "and sample index; grow.sampler_options.n_per_request: 1 asks that way from the start.", self.url, what,
+        )
 
     def _post_with_retries(
         self, client: httpx.Client, body: dict[str, Any], key: str | None, stop: threading.Event
@@ -352,11 +435,3 @@ def _formatter(model_path: str, prompt: Any):
 
         return Formatter(load_tokenizer(model_path), fmt)
     return _ChatOnly(fmt) if fmt.format == "chat" else _TextOnly(fmt)
-
-
-def _first_failure(futures: list[Future], done: set[Future]) -> BaseException | None:
-    """The exception of the earliest-submitted failed future among ``done``, if any."""
-    for future in futures:
-        if future in done and future.exception() is not None:
-            return future.exception()
-    return None
