@@ -286,7 +286,8 @@ def _format(err: ValidationError) -> str:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides; values are parsed as YAML scalars (``3``, ``true``, ``null``)."""
+    """Apply ``dotted.key=value`` overrides; values are parsed as YAML scalars (``3``, ``true``, ``null``), and
+    a value that is not YAML (``* * * * *``: ``*`` is a YAML alias) is the text itself, for the key's type check."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -297,7 +298,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"Override {item!r}: {p!r} is not a section.")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
     return data
 
 

@@ -120,6 +120,7 @@ CASES = [
     Case("number-true", ["improve.lr=true"], ["improve.lr"]),
     Case("number-word", ["improve.lr=abc"], ["improve.lr"]),
     Case("number-nan", ["grow.temperature=.nan"], ["grow.temperature"]),
+    Case("number-not-yaml", ["grow.temperature=*"], ["grow.temperature", "expected a number", "'*'"]),  # `*`: a YAML alias
     Case("switch-number", ["filter.dedupe=1"], ["filter.dedupe"]),
     Case("string-list", ["task.prompt_column=[a, b]"], ["task.prompt_column"]),
     Case("not-allowed", ["filter.kind=best"], ["filter.kind", "'rest'"]),
@@ -178,6 +179,8 @@ CASES = [
     Case("sampler-unknown-option", ["grow.sampler_options.bogus=1"], ["bogus"]),
     Case("sampler-api-key", ["grow.sampler_options.api_key=sk-not-a-real-key"], ["api_key"]),
     Case("sampler-missing-option", ["grow.sampler=openai"], ["needs 'base_url'"]),
+    Case("sampler-n-per-request", ["grow.sampler=openai", f"grow.sampler_options.base_url=http://127.0.0.1:{CLOSED}/v1",
+                                   "grow.sampler_options.n_per_request=0"], ["grow.sampler_options.n_per_request", ">= 1"]),
 ]
 
 
@@ -300,3 +303,37 @@ def test_make_compare_refuses_bad_input_before_its_first_run(tmp_path, args, nam
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("flywheel:") and all(n in lines[0] for n in names), proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_serve_takes_a_cron_typed_unquoted(api, tmp_path):
+    """``flywheel serve RECIPE --set "orchestration.schedule=* * * * *"``, the way anyone types a cron (each ``*``
+    is a YAML alias), serves the deployment on that schedule: a value that is not YAML is taken as text."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from tests.prefect_fixtures import stop_process
+
+    # The runner polls once, at its start, before any minute of the schedule is due: it runs no flow.
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "prefect"), "OMP_NUM_THREADS": "1",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "3600"}
+    argv = [sys.executable, "-m", "flows.cli", "serve", str(RECIPE), "--set", "orchestration.schedule=* * * * *",
+            "--set", "name=every-minute"]
+    log = tmp_path / "serve.log"
+    with log.open("wb") as fh:
+        serve = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    with get_client(sync_client=True) as client:
+        try:
+            while True:
+                assert serve.poll() is None, f"flywheel serve exited {serve.returncode}:\n{log.read_text()[-3000:]}"
+                try:
+                    deployment = client.read_deployment_by_name("rest/every-minute")
+                    break
+                except ObjectNotFound:
+                    assert time.monotonic() < deadline, log.read_text()[-3000:]
+                    time.sleep(1)
+        finally:
+            stop_process(serve)
+        client.delete_deployment(deployment.id)  # and the runs its schedule created
+    assert deployment.schedules[0].schedule.cron == "* * * * *"
+    assert "Traceback" not in log.read_text()
