@@ -38,6 +38,7 @@ test-stack: $(STAMP)
 
 test-all: $(STAMP)
 	$(MAKE) test-stack
+	$(PIP) -e ".[dev,serving]"  # transformers serve, for tests/test_transformers_serve.py
 	$(BIN)/python -m pytest -m "not stack" -q
 
 bench: $(STAMP)
