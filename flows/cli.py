@@ -298,6 +298,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flywheel", description="Self-improvement loops for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def lake_option(p: argparse.ArgumentParser, says: str = "The lake: file://PATH or s3://BUCKET/PREFIX.") -> None:
+        p.add_argument("--lake", default="file://./lake", help=says)  # sql, runs and report read the recipes' default lake
+
     p = sub.add_parser("run", help="Run one flywheel run from a recipe.")
     p.add_argument("recipe", help="Recipe YAML file, e.g. recipes/arithmetic-rest.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -314,12 +318,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("sql", help="SQL over the lake's stage tables (scored, filtered, eval, ... and drops).")
     p.add_argument("query", help='e.g. "SELECT run, iteration, avg(reward) FROM scored GROUP BY run, iteration"')
-    p.add_argument("--lake", default="file://./lake", help="The lake: file://PATH or s3://BUCKET/PREFIX.")
+    lake_option(p)
     p.add_argument("--format", choices=["table", "json", "csv", "parquet"], default="table", help="Output format.")
     p.add_argument("--out", default=None, help="Write the result to this file instead of stdout.")
     p.set_defaults(func=cmd_sql)
     p = sub.add_parser("runs", help="List the runs in a lake: status, iterations, champion, start time.")
-    p.add_argument("--lake", default="file://./lake", help="The lake: file://PATH or s3://BUCKET/PREFIX.")
+    lake_option(p)
     p.add_argument("--json", action="store_true", help="Print JSON for scripts.")
     p.set_defaults(func=cmd_runs)
     p = sub.add_parser("serve", help="Serve recipes as Prefect deployments (schedules, runs from the UI or API).")
@@ -339,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_stack)
     p = sub.add_parser("report", help="Write one self-contained HTML report of a run (plots inline).")
     p.add_argument("run", help="The run's name.")
-    p.add_argument("--lake", default="file://./lake", help="The run's lake (file://PATH or s3://BUCKET/PREFIX).")
+    lake_option(p, "The run's lake (file://PATH or s3://BUCKET/PREFIX).")
     p.add_argument("--out", default=None, help="Where to write the HTML (default RUN-report.html).")
     p.set_defaults(func=cmd_report)
     for key, value in QUIET_ENV.items():
