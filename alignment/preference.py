@@ -15,71 +15,23 @@ ratios or clipping, as in the RLOO paper).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 import torch
 
 from alignment.logprobs import batch_logps, sequence_logps
-from alignment.loss_table import LossSpec, loss_spec
-from alignment.losses import GroupInputs, LossInputs, compute_loss
+from alignment.losses import GroupInputs, LossInputs, with_nll
 from alignment.models import load_policy
-from alignment.lora import add_lora, save_merged
+from alignment.lora import save_merged
 from alignment.prompting import PromptFormat, formatter_for
-from alignment.training import collate, encode_pairs, train_loop
+from alignment.train_settings import PreferenceConfig
+from alignment.training import collate, encode_pairs, train_loop, with_lora
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
 REWARD_COLUMNS = ("chosen_reward", "rejected_reward")
 GROUP_COLUMNS = ("prompt_id", "prompt", "completion", "reward")
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True)
-class PreferenceConfig:
-    """How to train on preferences. Hyperparameters of the loss go in ``beta`` and ``hparams``."""
-
-    loss: str = "dpo"  # a key of alignment.loss_table.LOSSES
-    beta: float | None = None  # the loss's beta; None keeps its declared default
-    hparams: dict[str, float] = field(default_factory=dict)  # other loss hyperparameters, e.g. {"gamma": 0.5}
-    nll_alpha: float = 0.0  # weight of the chosen response's per-token NLL added to a pairwise loss
-    epochs: int = 1
-    lr: float = 1e-6
-    batch_size: int = 16  # pairs per step; for rloo, prompts (groups of samples) per step
-    micro_batch_size: int | None = None  # pairs (groups) per forward pass; gradients accumulate to batch_size
-    gradient_checkpointing: bool = False
-    group_by_length: bool = False
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    dtype: str = "float32"  # compute dtype: bfloat16 (CPU or GPU) or float16 (GPU) autocast over float32 weights
-    prompt: PromptFormat = field(default_factory=PromptFormat)  # how prompts are tokenised (alignment.prompting)
-    ref_batch_size: int = 64  # batch size of the no-grad log-prob passes
-    lora_r: int = 0  # LoRA rank; 0 trains all weights
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: tuple[str, ...] = ()  # () means c_attn for GPT-2, every linear layer otherwise
-
-    def __post_init__(self) -> None:
-        self.spec.check(self.loss_hparams(), self.nll_alpha)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}.")
-        for name in ("epochs", "batch_size", "ref_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.lora_r < 0:
-            raise ValueError(f"lora_r must be 0 (LoRA off) or a positive rank, got {self.lora_r}.")
-
-    @property
-    def spec(self) -> LossSpec:
-        """The loss's declaration (alignment.loss_table); an unknown name is a ValueError."""
-        return loss_spec(self.loss)
-
-    def loss_hparams(self) -> dict[str, float]:
-        """The hyperparameters passed to the loss: ``hparams`` with ``beta`` when set."""
-        return {**self.hparams, **({} if self.beta is None else {"beta": self.beta})}
 
 
 def pair_logps(
@@ -108,7 +60,7 @@ def add_reference_logps(
 def reference_logps_for(
     pairs: pl.DataFrame, cfg: PreferenceConfig, reference: Callable[[], str | Path], *, trust_remote_code: bool = False
 ) -> pl.DataFrame:
-    """``pairs`` with the reference policy's log-probs when ``cfg.loss`` reads them; as given otherwise.
+    """``pairs`` with the reference policy's log-probs when ``cfg``'s loss reads them; as given otherwise.
 
     ``reference`` returns the reference model's directory; it is called only when the log-probs are
     needed, so a reference-free loss never fetches or loads a second model.
@@ -129,7 +81,7 @@ def fit(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
-    """Train with ``cfg.loss`` on ``data``: pairs for a pairwise loss (``train_preference``), the scored
+    """Train with ``cfg``'s loss on ``data``: pairs for a pairwise loss (``train_preference``), the scored
     samples for a group loss (``train_rloo``). ``cfg.spec.trains_on`` names which."""
     train = train_rloo if cfg.spec.kind == "group" else train_preference
     return train(model_path, out_dir, data, cfg, trust_remote_code=trust_remote_code, progress=progress, on_step=on_step)
@@ -145,7 +97,7 @@ def train_preference(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, float]:
-    """Train the model at ``model_path`` on ``pairs`` with the pairwise loss ``cfg.loss``; save it to ``out_dir``.
+    """Train the model at ``model_path`` on ``pairs`` with ``cfg``'s pairwise loss; save it to ``out_dir``.
 
     ``pairs`` needs ``prompt, chosen, rejected``; ``ref_chosen_logp, ref_rejected_logp`` are used when
     present (else computed from the starting model); ``chosen_reward, rejected_reward`` when the loss
@@ -155,7 +107,7 @@ def train_preference(
     """
     spec = cfg.spec
     if spec.kind != "pairwise":
-        raise ValueError(f"loss {cfg.loss!r} trains on groups of samples, not pairs: call train_rloo instead.")
+        raise ValueError(f"loss {spec.name!r} trains on groups of samples, not pairs: call train_rloo instead.")
     _require_columns(pairs, PAIR_COLUMNS + (REWARD_COLUMNS if spec.needs_rewards else ()), "pairs")
     model, tokenizer = _load_trainable(model_path, cfg, trust_remote_code)
     if not set(REF_COLUMNS) <= set(pairs.columns):
@@ -170,6 +122,8 @@ def train_preference(
     if spec.needs_rewards:
         stored |= dict(zip(("chosen_rewards", "rejected_rewards"), (_column(pairs, c) for c in REWARD_COLUMNS)))
 
+    loss = _objective(cfg)
+
     def step_loss(idx: list[int]) -> torch.Tensor:
         # One batch: the chosen rows followed by the rejected rows (batch_logps skips their padding).
         batch = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], fmt.pad_id)
@@ -179,11 +133,11 @@ def train_preference(
             chosen_logps, rejected_logps, chosen_lengths=chosen_len, rejected_lengths=rejected_len,
             **{name: values[idx].to(model.device) for name, values in stored.items()},
         )  # fmt: skip
-        return compute_loss(cfg.loss, inputs, nll_alpha=cfg.nll_alpha, **cfg.loss_hparams()).mean()
+        return loss(inputs).mean()
 
     lengths = [len(chosen[i][0]) + len(rejected[i][0]) for i in range(len(pairs))]
     losses = train_loop(model, [[i] for i in range(len(pairs))], step_loss, cfg, lengths=lengths,
-                        desc=f"training ({cfg.loss})", progress=progress, on_step=on_step)
+                        desc=f"training ({spec.name})", progress=progress, on_step=on_step)
     after_chosen, after_rejected = pair_logps(model, tokenizer, pairs, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
     save_merged(model, tokenizer, out_dir)
     chosen_change, rejected_change = after_chosen - ref_chosen, after_rejected - ref_rejected
@@ -215,7 +169,7 @@ def train_rloo(
     beat their baseline (should rise) and of those below it (should fall).
     """
     if cfg.spec.kind != "group":
-        raise ValueError(f"train_rloo trains a group loss such as 'rloo'; {cfg.loss!r} trains on pairs: call train_preference.")
+        raise ValueError(f"train_rloo trains a group loss such as 'rloo'; {cfg.spec.name!r} trains on pairs: call train_preference.")
     _require_columns(samples, GROUP_COLUMNS, "samples")
     if samples.group_by("prompt_id").len()["len"].min() < 2:
         raise ValueError("rloo needs at least 2 samples per prompt_id for its leave-one-out baseline.")
@@ -227,14 +181,15 @@ def train_rloo(
     rewards = _column(samples, "reward")
     group_ids = torch.tensor(samples["prompt_id"].rank("dense").to_list(), dtype=torch.long)
     groups = samples.with_row_index("_row").group_by("prompt_id", maintain_order=True).agg("_row")["_row"].to_list()
+    loss = _objective(cfg)
 
     def step_loss(idx: list[int]) -> torch.Tensor:
         batch = collate([examples[i] for i in idx], fmt.pad_id)
         logps, _ = batch_logps(model, {k: v.to(model.device) for k, v in batch.items()})
         inputs = GroupInputs(logps, rewards[idx].to(model.device), group_ids[idx].to(model.device))
-        return compute_loss(cfg.loss, inputs, **cfg.loss_hparams()).mean()
+        return loss(inputs).mean()
 
-    losses = train_loop(model, groups, step_loss, cfg, desc=f"training ({cfg.loss})", progress=progress, on_step=on_step)
+    losses = train_loop(model, groups, step_loss, cfg, desc=f"training ({cfg.spec.name})", progress=progress, on_step=on_step)
     after, _ = sequence_logps(model, tokenizer, prompts, completions, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
     save_merged(model, tokenizer, out_dir)
     # The sign of the RLOO advantage is the sign of r_i minus its group's mean reward.
@@ -254,6 +209,13 @@ def train_rloo(
 # --- Plumbing shared by both trainers --------------------------------------------------------
 
 
+def _objective(cfg: PreferenceConfig) -> Callable[[LossInputs | GroupInputs], torch.Tensor]:
+    """Per-example losses of one batch under ``cfg``'s loss, with its NLL term. The loss and its
+    hyperparameters were checked against the loss table when ``cfg.objective`` was built, not per batch."""
+    fn, hparams, nll_alpha = cfg.spec.fn, cfg.objective.loss_hparams(), cfg.objective.nll_weight
+    return lambda batch: with_nll(fn(batch, **hparams), batch, nll_alpha)
+
+
 def _load_trainable(model_path: str | Path, cfg: PreferenceConfig, trust_remote_code: bool):
     """Load the policy with dropout off and, when ``cfg.lora_r > 0``, LoRA adapters on it."""
     torch.manual_seed(cfg.seed)
@@ -261,9 +223,7 @@ def _load_trainable(model_path: str | Path, cfg: PreferenceConfig, trust_remote_
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    if cfg.lora_r:
-        model = add_lora(model, cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target_modules)
-    return model, tokenizer
+    return with_lora(model, cfg), tokenizer
 
 
 def _require_columns(frame: pl.DataFrame, columns: Sequence[str], what: str) -> None:

@@ -23,34 +23,17 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
 
 import polars as pl
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForSequenceClassification
 
 from alignment.models import default_device, load_tokenizer
 from alignment.rewards import RewardError, RewardFn, score
 from alignment.prompting import Formatter
+from alignment.train_settings import RewardModelConfig
 from alignment.training import autocast, encode_pairs, train_loop
-
-class RewardModelConfig(BaseModel):
-    """How to fit a Bradley–Terry reward model to preference pairs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    epochs: int = Field(3, ge=1, description="Passes over the preference pairs.")
-    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate: 1e-3 suits the tiny model, ~1e-5 a 1B+ one.")
-    batch_size: int = Field(32, ge=1, description="Pairs per optimiser step; each pair runs two sequences.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(10, ge=0, description="Steps of linear learning-rate warm-up from ~0 to lr.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="'bfloat16' trains under bf16 autocast on CUDA; ignored on CPU."
-    )
-    seed: int = Field(0, description="Seeds the new head's initialisation and the pair order.")
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -107,7 +90,8 @@ def train_reward_model(
         return bradley_terry_loss(r_w, r_l).mean()
 
     # The one training loop of flywheel (alignment.training.train_loop); only the objective is the reward model's.
-    losses = train_loop(model, [[i] for i in range(pairs.height)], step_loss, cfg, desc="reward model",
+    lengths = [len(chosen[i]) + len(rejected[i]) for i in range(pairs.height)]
+    losses = train_loop(model, [[i] for i in range(pairs.height)], step_loss, cfg, lengths=lengths, desc="reward model",
                         progress=progress, on_step=on_step)
     steps_per_epoch = math.ceil(pairs.height / cfg.batch_size)
     model.eval()

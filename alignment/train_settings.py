@@ -1,18 +1,35 @@
-"""How each fine-tuning stage trains: the recipe's ``warm_start``, ``improve`` and ``preference`` sections
-(alignment/recipe.py holds the experiment itself).
+"""How each fine-tuning stage trains, as one hierarchy: the recipe's training sections (``warm_start``,
+``improve``, ``preference``) and the trainer configs they become (alignment/recipe.py holds the
+experiment itself).
 
-The preference loss names and their hyperparameters come from ``alignment.loss_table``, which imports
-no torch, so a recipe loads in milliseconds.
+    TrainSettings             epochs, lr, batch sizes, warm-up, gradient checkpointing, LoRA rank
+    ├── WarmStart             the recipe's warm_start
+    ├── ImproveConfig         the recipe's improve
+    ├── PreferenceSettings    the recipe's preference: pairing, and the loss (LossSettings)
+    └── TrainConfig           what alignment.training.train_loop reads: + seed, dtype, prompt format, AdamW, LoRA
+        ├── PreferenceConfig  + the loss (its LossSettings) and the no-grad batch size
+        └── RewardModelConfig
+
+``trainer_config(recipe, stage, seed)`` is the one conversion from a recipe to a trainer config: a
+setting that applies to every training stage is a field of ``TrainConfig`` filled in there, once. A
+loss and its hyperparameters are checked once, against ``alignment.loss_table``, when their
+``LossSettings`` are built (a recipe loads); training never checks them again.
+
+Nothing here imports torch, so a recipe loads in milliseconds.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from alignment import loss_table as _loss_table
+from alignment.prompting import PromptFormat
 from alignment.strict import Strict
+
+if TYPE_CHECKING:
+    from alignment.recipe import Recipe
 
 
 class TrainSettings(Strict):
@@ -49,8 +66,8 @@ class ImproveConfig(TrainSettings):
 LOSS_NAMES = Literal[_loss_table.LOSS_NAMES]  # type: ignore[valid-type]
 
 
-class PreferenceSettings(TrainSettings):
-    """Iterative DPO: how pairs are made and which preference loss trains on them."""
+class LossSettings(Strict):
+    """A loss of the loss table and its hyperparameters, checked against the loss's declaration when built."""
 
     loss: LOSS_NAMES = Field("dpo", description="Preference loss (alignment.loss_table.LOSSES).")
     beta: float | None = Field(
@@ -62,6 +79,34 @@ class PreferenceSettings(TrainSettings):
         0.0, ge=0, description="Weight of an NLL term on the chosen response (pairwise losses, except those "
         f"with their own: {', '.join(n for n, s in _loss_table.LOSSES.items() if s.has_nll)})."
     )
+
+    @model_validator(mode="after")
+    def _fits_the_loss(self) -> LossSettings:
+        self.spec.check(self.loss_hparams(), self.nll_weight)
+        return self
+
+    @property
+    def spec(self) -> _loss_table.LossSpec:
+        """The loss's declaration: what it trains on, what it needs, its hyperparameters."""
+        return _loss_table.LOSSES[self.loss]
+
+    def loss_hparams(self) -> dict[str, float]:
+        """The loss function's keyword arguments: ``hparams``, and ``beta`` when set and the loss takes one.
+
+        A beta is left out for a loss without one, so ``--set preference.loss=orpo`` needs no other edit.
+        """
+        takes_beta = self.beta is not None and "beta" in self.spec.hparams
+        return {**self.hparams, **({"beta": self.beta} if takes_beta else {})}
+
+    @property
+    def nll_weight(self) -> float:
+        """``nll_alpha`` for a loss that takes the NLL term (``spec.takes_nll``), else 0 (left out like beta)."""
+        return self.nll_alpha if self.spec.takes_nll else 0.0
+
+
+class PreferenceSettings(LossSettings, TrainSettings):
+    """Iterative DPO: how pairs are made and which preference loss trains on them."""
+
     pairing: Literal["best_vs_worst", "best_vs_random", "all_pairs"] = Field(
         "best_vs_worst", description="How pairs are drawn from the N scored samples of a prompt."
     )
@@ -74,36 +119,65 @@ class PreferenceSettings(TrainSettings):
     )
 
 
-    @model_validator(mode="after")
-    def _loss_settings(self) -> PreferenceSettings:
-        spec = self.spec
-        try:
-            spec.check(self.loss_hparams(), self.nll_alpha if spec.takes_nll else 0.0)
-        except ValueError as exc:
-            raise ValueError(str(exc)) from None
-        return self
+# --- The trainer configs -------------------------------------------------------------------------
+
+
+class TrainConfig(TrainSettings):
+    """What ``alignment.training.train_loop`` trains with: one stage's settings, and the settings every stage
+    takes from the rest of the recipe (seed, compute dtype, prompt format) or keeps at their defaults (AdamW's
+    weight decay and clipping, LoRA's scale, dropout and modules). SFT trains with it as it is."""
+
+    model_config = ConfigDict(frozen=True)
+
+    seed: int = Field(0, description="Seeds the shuffles and any new weights (LoRA adapters, a reward model's head).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Compute dtype: bfloat16 (CPU or GPU) or float16 (GPU) autocast over float32 weights.",
+    )
+    prompt: PromptFormat = Field(default_factory=PromptFormat, description="How prompts become tokens (alignment.prompting).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scale numerator (the update is scaled by alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA adapters' input.")
+    lora_target_modules: tuple[str, ...] = Field(
+        (), description="Modules that get LoRA adapters; () = c_attn for GPT-2, every linear layer otherwise.",
+    )
+
+
+class PreferenceConfig(TrainConfig):
+    """Preference training (alignment.preference): a pairwise loss on pairs, a group loss on scored samples;
+    ``batch_size`` counts pairs, or prompts (groups of samples) for a group loss."""
+
+    objective: LossSettings = Field(
+        default_factory=LossSettings, description="The loss and its hyperparameters, checked when they were built.",
+    )
+    ref_batch_size: int = Field(64, ge=1, description="Sequences per no-grad log-prob pass (reference, before, after).")
 
     @property
     def spec(self) -> _loss_table.LossSpec:
-        """The loss's declaration: what it trains on, what it needs, its hyperparameters."""
-        return _loss_table.LOSSES[self.loss]
-
-    def loss_hparams(self) -> dict[str, float]:
-        """The loss's hyperparameters: ``hparams``, and ``beta`` when set and the loss takes one."""
-        takes_beta = self.beta is not None and "beta" in self.spec.hparams
-        return {**self.hparams, **({"beta": self.beta} if takes_beta else {})}
+        return self.objective.spec
 
 
-def preference_config(p: PreferenceSettings, seed: int, *, dtype: str = "float32", prompt: dict | None = None):
-    """The trainer's config for these settings: beta and the NLL term go only to losses that take them."""
-    from alignment.preference import PreferenceConfig
-    from alignment.prompting import PromptFormat
+class RewardModelConfig(TrainConfig):
+    """A Bradley–Terry reward model's training (alignment.reward_model): ``batch_size`` counts pairs. It trains
+    every weight and reads prompts as it scores them (the tokenizer's own format), so ``prompt`` is unused."""
 
-    spec = p.spec
-    return PreferenceConfig(
-        loss=p.loss, beta=p.beta if "beta" in spec.hparams else None, hparams=dict(p.hparams),
-        nll_alpha=p.nll_alpha if spec.takes_nll else 0.0, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
-        warmup_steps=p.warmup_steps, seed=seed, lora_r=p.lora_r, micro_batch_size=p.micro_batch_size,
-        gradient_checkpointing=p.gradient_checkpointing, group_by_length=p.group_by_length,
-        dtype=dtype, prompt=PromptFormat.of(prompt),
-    )
+    @model_validator(mode="after")
+    def _all_weights(self) -> RewardModelConfig:
+        if self.lora_r:
+            raise ValueError("lora_r: a reward model trains all its weights (its new score head too); set it to 0")
+        return self
+
+
+TrainStage = Literal["warm_start", "improve", "preference"]
+
+
+def trainer_config(recipe: Recipe, stage: TrainStage, seed: int) -> TrainConfig:
+    """The trainer config of one training stage: the recipe's ``stage`` section, the settings every stage
+    takes from the rest of the recipe (the compute dtype, the prompt format), and the stage's ``seed``
+    (``Recipe.seed_for``). A loss section's ``LossSettings`` pass on as they were checked when it loaded."""
+    section: TrainSettings = getattr(recipe, stage)
+    settings = section.model_dump(include=set(TrainSettings.model_fields))
+    shared = {"seed": seed, "dtype": recipe.model.dtype, "prompt": PromptFormat.of(recipe.prompt_format())}
+    if isinstance(section, LossSettings):
+        return PreferenceConfig(**settings, **shared, objective=section)
+    return TrainConfig(**settings, **shared)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,25 +24,7 @@ from tqdm.auto import tqdm
 from alignment.lora import add_lora, save_merged
 from alignment.models import load_policy
 from alignment.prompting import IGNORE, Formatter, PromptFormat, formatter_for
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How one fine-tuning stage trains; SFT, preference training and reward models share these settings."""
-
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 32  # examples (or pairs, or groups) per optimiser step
-    micro_batch_size: int | None = None  # per forward pass; gradients accumulate up to batch_size (None: no accumulation)
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    max_grad_norm: float = 1.0
-    dtype: str = "float32"  # compute dtype: float32, or bfloat16/float16 under autocast over float32 weights
-    gradient_checkpointing: bool = False
-    group_by_length: bool = False  # batches of similar lengths (less padding); changes the order, not the data
-    seed: int = 0
-    lora_r: int = 0  # LoRA rank; 0 trains all weights
-    prompt: PromptFormat = field(default_factory=PromptFormat)
+from alignment.train_settings import TrainConfig
 
 
 def encode_pairs(
@@ -82,11 +63,18 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=low or torch.bfloat16, enabled=enabled)
 
 
+def with_lora(model, cfg: TrainConfig):
+    """``model`` with ``cfg``'s LoRA adapters on it when ``cfg.lora_r > 0``, else ``model`` itself."""
+    if not cfg.lora_r:
+        return model
+    return add_lora(model, cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target_modules)
+
+
 def train_loop(
     model,
     units: Sequence[list[int]],
     step_loss: Callable[[list[int]], torch.Tensor],
-    cfg,
+    cfg: TrainConfig,
     *,
     lengths: Sequence[int] | None = None,
     desc: str = "training",
@@ -104,10 +92,10 @@ def train_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    if getattr(cfg, "gradient_checkpointing", False):
+    if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    micro = max(1, min(getattr(cfg, "micro_batch_size", None) or cfg.batch_size, cfg.batch_size))
+    micro = max(1, min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size))
     rng = random.Random(cfg.seed)
     total = math.ceil(len(units) / cfg.batch_size) * cfg.epochs
     bar = tqdm(total=total, desc=desc, unit="step", disable=None if progress else True, leave=False)  # bars only on a terminal
@@ -117,7 +105,7 @@ def train_loop(
         order = list(range(len(units)))
         rng.shuffle(order)
         steps = [order[s : s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
-        if getattr(cfg, "group_by_length", False) and lengths is not None:
+        if cfg.group_by_length and lengths is not None:
             ranked = sorted(order, key=lambda u: lengths[u])
             steps = [ranked[s : s + cfg.batch_size] for s in range(0, len(ranked), cfg.batch_size)]
             rng.shuffle(steps)
@@ -161,8 +149,7 @@ def sft(
         raise ValueError("Nothing to train on: the filtered dataset is empty.")
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(model_path, trust_remote_code=trust_remote_code)
-    if cfg.lora_r:
-        model = add_lora(model, cfg.lora_r)
+    model = with_lora(model, cfg)
     fmt = formatter_for(model, tokenizer, cfg.prompt)
     examples = encode_pairs(tokenizer, prompts, completions, fmt, finished)
 

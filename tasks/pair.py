@@ -11,10 +11,10 @@ import polars as pl
 from alignment.filters import pair_decisions
 from alignment.pairs import make_pairs
 from alignment.preference import reference_logps_for
+from alignment.train_settings import trainer_config
 from tasks.context import RunRef, flywheel_task, log
 from tasks.placement import run_once
 from tasks.results import Selection
-from tasks.train import preference_settings
 
 
 @flywheel_task(name="pair", retries=1, retry_delay_seconds=[5])
@@ -37,7 +37,8 @@ def write_pairs(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str
     if not ref.recipe.filter.keep_truncated and "finish_reason" in scored.columns:
         scored = scored.filter(pl.col("finish_reason") != "length")  # a cut-off answer is never a chosen one
     pairs = make_pairs(scored, cfg.pairing, cfg.min_margin, seed=ref.recipe.seed_for("pair", iteration))
-    pairs = reference_logps_for(pairs, preference_settings(ref), lambda: ref.local_model(reference_uri),
+    train_cfg = trainer_config(ref.recipe, "preference", ref.recipe.seed_for("preference", iteration))
+    pairs = reference_logps_for(pairs, train_cfg, lambda: ref.local_model(reference_uri),
                                 trust_remote_code=ref.recipe.model.trust_remote_code)
     config = {"pairing": cfg.pairing, "min_margin": cfg.min_margin, "reference": reference_uri,
               "reference_logps": "ref_chosen_logp" in pairs.columns}

@@ -11,20 +11,10 @@ from pathlib import Path
 
 import polars as pl
 
-from alignment.training import TrainConfig, sft
+from alignment.train_settings import trainer_config
+from alignment.training import sft
 from tasks.context import RunRef, flywheel_task, log
 from tasks.placement import run_once
-
-
-def _train_config(ref: RunRef, settings: str, seed: int) -> TrainConfig:
-    from alignment.prompting import PromptFormat
-
-    s = getattr(ref.recipe, settings)  # warm_start or improve
-    return TrainConfig(
-        epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, warmup_steps=s.warmup_steps, seed=seed, lora_r=s.lora_r,
-        micro_batch_size=s.micro_batch_size, gradient_checkpointing=s.gradient_checkpointing,
-        group_by_length=s.group_by_length, dtype=ref.recipe.model.dtype, prompt=PromptFormat.of(ref.recipe.prompt_format()),
-    )
 
 
 def _fit(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: str, seed: int) -> str:
@@ -42,7 +32,7 @@ def fit_sft(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: 
         finished = (data["finish_reason"] != "length").to_list() if "finish_reason" in data.columns else None
         metrics = sft(
             ref.local_model(start_uri), tmp, data["prompt"].to_list(), data["completion"].to_list(),
-            _train_config(ref, settings, seed), finished=finished, trust_remote_code=ref.recipe.model.trust_remote_code,
+            trainer_config(ref.recipe, settings, seed), finished=finished, trust_remote_code=ref.recipe.model.trust_remote_code,
         )
         extra = {"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics}
         lake.put_dir(tmp, out_uri, extra=extra, cache_root=Path(ref.cache_dir) / "models")
@@ -69,13 +59,6 @@ def train_metrics(ref: RunRef, model_uri: str) -> dict[str, float]:
     return raw.get("metrics", {})
 
 
-def preference_settings(ref: RunRef, seed: int = 0):
-    """The run's preference trainer config (loss, its hyperparameters, dtype, prompt format)."""
-    from alignment.train_settings import preference_config
-
-    return preference_config(ref.recipe.preference, seed, dtype=ref.recipe.model.dtype, prompt=ref.recipe.prompt_format())
-
-
 @flywheel_task(name="train-preference")
 def train_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str, iteration: int) -> str | None:
     """One iterative-DPO training step with the recipe's preference loss, on the table the loss trains on
@@ -93,7 +76,7 @@ def fit_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str,
     from alignment.preference import fit
 
     lake = ref.open_lake()
-    cfg = preference_settings(ref, ref.recipe.seed_for("preference", iteration))
+    cfg = trainer_config(ref.recipe, "preference", ref.recipe.seed_for("preference", iteration))
     if cfg.spec.trains_on == "pairs":
         data_uri, data = pairs_uri, lake.read(pairs_uri)
     else:  # the policy's own scored samples, grouped by prompt (demonstrations carry no reward)
@@ -103,5 +86,5 @@ def fit_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str,
         metrics = fit(ref.local_model(start_uri), tmp, data, cfg, trust_remote_code=ref.recipe.model.trust_remote_code)
         lake.put_dir(tmp, out_uri, extra={"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics},
                      cache_root=Path(ref.cache_dir) / "models")
-    log().info("trained %s with %s on %d rows: loss %.4f", ref.policy_version(out_uri), cfg.loss, data.height, metrics["train_loss"])
+    log().info("trained %s with %s on %d rows: loss %.4f", ref.policy_version(out_uri), cfg.spec.name, data.height, metrics["train_loss"])
     return out_uri

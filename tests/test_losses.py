@@ -16,6 +16,7 @@ from alignment.loss_table import LOSSES, HParam, LossSpec
 from alignment.losses import GroupInputs, LossInputs, compute_loss
 from alignment.models import build_tiny_gpt2, load_policy
 from alignment.preference import PreferenceConfig, train_preference, train_rloo
+from alignment.train_settings import LossSettings
 from alignment.training import collate, encode_pairs
 
 PAIRWISE = sorted(name for name, spec in LOSSES.items() if spec.kind == "pairwise")
@@ -244,7 +245,7 @@ def test_hparam_table_matches_the_maths_defaults_and_bad_names_are_loud():
     with pytest.raises(ValueError, match="ref_chosen_logps"):
         compute_loss("dpo", LossInputs(t(-1.0), t(-2.0)))
     with pytest.raises(ValueError, match="no hyperparameter beta"):
-        PreferenceConfig(loss="orpo", beta=0.1)
+        LossSettings(loss="orpo", hparams={"beta": 0.1})
 
 
 def test_every_loss_function_is_declared_once_and_every_declaration_has_a_function():
@@ -273,7 +274,18 @@ def test_the_table_answers_what_the_code_asks():
     with pytest.raises(ValueError, match="beta must be > 0"):
         compute_loss("dpo", BATCH, beta=0.0)
     with pytest.raises(ValueError, match="eta must be > 0"):
-        PreferenceConfig(loss="rebel", hparams={"eta": -1.0})
+        LossSettings(loss="rebel", hparams={"eta": -1.0})
+
+
+def test_beta_and_the_nll_term_reach_only_the_losses_that_take_them():
+    """One rule, applied where the settings are checked and where the loss is called: a recipe's ``beta``
+    and ``nll_alpha`` are left out for a loss without them, so switching ``preference.loss`` needs no other edit."""
+    dpo = LossSettings(loss="dpo", beta=0.3, nll_alpha=1.0, hparams={})
+    assert (dpo.loss_hparams(), dpo.nll_weight) == ({"beta": 0.3}, 1.0)
+    orpo = LossSettings(loss="orpo", beta=0.3, nll_alpha=1.0, hparams={"lam": 0.2})
+    assert (orpo.loss_hparams(), orpo.nll_weight) == ({"lam": 0.2}, 0.0)
+    assert LossSettings(loss="rloo", beta=0.3).loss_hparams() == {}
+    assert LossSettings(loss="simpo").loss_hparams() == {}  # the declared defaults apply
 
 
 def test_a_recipe_loads_and_validates_its_loss_without_importing_torch():
@@ -337,7 +349,8 @@ def _margins(path) -> torch.Tensor:
 @pytest.mark.parametrize("lora_r", [0, 4])
 def test_train_preference_raises_the_chosen_vs_rejected_margin(tiny, tmp_path, lora_r):
     first: list[float] = []
-    cfg = PreferenceConfig(loss="dpo", beta=0.5, lr=1e-2, epochs=3, batch_size=4, lora_r=lora_r)
+    cfg = PreferenceConfig(objective=LossSettings(loss="dpo", beta=0.5), lr=1e-2, epochs=3, batch_size=4, warmup_steps=0,
+                           lora_r=lora_r)
     metrics = train_preference(tiny, tmp_path, PAIRS, cfg, progress=False, on_step=lambda s, v: first.append(v))
     # Policy = reference at the first step (dropout off): the DPO loss is exactly log 2.
     assert math.isclose(first[0], math.log(2), abs_tol=1e-5)
@@ -352,7 +365,7 @@ def test_train_preference_raises_the_chosen_vs_rejected_margin(tiny, tmp_path, l
 def test_train_rloo_raises_samples_above_their_baseline(tiny, tmp_path):
     samples = pl.DataFrame({"prompt_id": [0, 0, 1, 1], "prompt": ["1+2=", "1+2=", "3+4=", "3+4="],
                             "completion": ["3", "5", "7", "1"], "reward": [1.0, 0.0, 1.0, 0.0]})  # fmt: skip
-    cfg = PreferenceConfig(loss="rloo", lr=1e-2, epochs=3, batch_size=2)
+    cfg = PreferenceConfig(objective=LossSettings(loss="rloo"), lr=1e-2, epochs=3, batch_size=2, warmup_steps=0)
     metrics = train_rloo(tiny, tmp_path, samples, cfg, progress=False)
     assert metrics["logp_change_above_baseline"] > 0 > metrics["logp_change_below_baseline"]
 
