@@ -260,3 +260,40 @@ def test_every_seed_comes_from_the_recipe_s_one_derivation():
     lines = [line for d in ("alignment", "tasks", "flows") for p in sorted((ROOT / d).rglob("*.py")) if p.name != "recipe.py"
              for line in p.read_text().splitlines() if re.search(r"recipe\.seed\b(?!_for)", line)]
     assert all('"seed": ref.recipe.seed,' in line for line in lines), lines  # the samples' manifest records it
+
+
+# -- training sections -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["warm_start", "improve", "preference"])
+def test_each_training_section_becomes_its_trainer_config_in_one_conversion(stage):
+    """``trainer_config`` carries every setting of a stage's section by name, adds what every stage takes from
+    the rest of the recipe, and hands a loss section's checked loss settings on as they are."""
+    from alignment.prompting import PromptFormat
+    from alignment.train_settings import PreferenceConfig, TrainConfig, TrainSettings, trainer_config
+
+    path = ROOT / "recipes" / ("arithmetic-dpo.yaml" if stage == "preference" else "arithmetic-rest.yaml")
+    recipe = load_recipe(path, [f"{stage}.micro_batch_size=4", f"{stage}.lora_r=2", f"{stage}.group_by_length=true",
+                                "model.dtype=bfloat16", "prompt.system=Add.", "prompt.stop=[';']"])
+    section = getattr(recipe, stage)
+    cfg = trainer_config(recipe, stage, seed=41)
+    assert type(cfg) is (PreferenceConfig if stage == "preference" else TrainConfig)
+    assert {name: getattr(cfg, name) for name in TrainSettings.model_fields} == section.model_dump(include=set(TrainSettings.model_fields))
+    assert (cfg.seed, cfg.dtype, cfg.prompt) == (41, "bfloat16", PromptFormat(system="Add.", stop=(";",)))
+    if stage == "preference":
+        assert cfg.objective is recipe.preference and cfg.spec.name == "dpo"
+    with pytest.raises(ValueError, match="frozen"):
+        cfg.lr = 1.0
+
+
+def test_lr_is_declared_once_for_every_trainer():
+    """The recipe's sections and the trainers' configs are one hierarchy: a setting is declared once."""
+    from alignment.reward_model import RewardModelConfig
+    from alignment.train_settings import ImproveConfig, PreferenceConfig, PreferenceSettings, TrainSettings, WarmStart
+    from alignment.training import TrainConfig
+
+    for cls in (WarmStart, ImproveConfig, PreferenceSettings, TrainConfig, PreferenceConfig, RewardModelConfig):
+        assert issubclass(cls, TrainSettings), cls
+    declared = [p for d in ("alignment", "tasks", "flows") for p in sorted((ROOT / d).rglob("*.py"))
+                if re.search(r"^\s+lr\s*:", p.read_text(), re.M)]
+    assert [p.relative_to(ROOT).as_posix() for p in declared] == ["alignment/train_settings.py"]
