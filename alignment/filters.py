@@ -55,10 +55,13 @@ def at_least(scored: pl.DataFrame, threshold: float) -> pl.DataFrame:
     return scored.filter(keep).with_columns(pl.lit(float(threshold)).alias("threshold"))
 
 
-def quantile(scored: pl.DataFrame, q: float) -> pl.DataFrame:
-    """Keep rows whose reward is at or above the ``q``-quantile of all rewards (scale-free)."""
-    tau = float(scored["reward"].quantile(q, interpolation="linear") or 0.0) if scored.height else 0.0
-    return at_least(scored, tau)
+def quantile_threshold(scored: pl.DataFrame, q: float) -> float:
+    """The quantile filter's threshold: the ``q``-quantile (linear) of all rewards, 0 when there are none.
+
+    It is scale-free, so it suits rewards on an arbitrary scale (a reward model's); ``at_least`` keeps the
+    rows at or above it.
+    """
+    return float(scored["reward"].quantile(q, interpolation="linear") or 0.0) if scored.height else 0.0
 
 
 def top_k(scored: pl.DataFrame, k: int) -> pl.DataFrame:

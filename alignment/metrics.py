@@ -7,13 +7,14 @@ log them per Improve step to MLflow and ``summary.json`` (``tasks/step_metrics.p
 ``promotion_checks`` is the champion gate's guard against reward hacking (reward over-optimisation,
 Gao et al. arXiv 2210.10760: a policy can raise the reward it trains on while the verifier stalls).
 
-"Grown" and "kept" samples are the policy's own (``sample_idx >= 0``): the labelled data D that
-Algorithm 1 adds to every D_g would otherwise dilute every figure with the same rows each iteration.
+"Grown" and "kept" samples are the policy's own (``is_policy_sample``: ``sample_idx >= 0``): the
+labelled data D that Algorithm 1 adds to every D_g would otherwise dilute every figure with the same
+rows each iteration.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 
@@ -21,22 +22,35 @@ CORRECT = 1.0  # a reward of at least 1 is a correct answer (alignment.evaluatio
 QUANTILES = (("p10", 0.1), ("p50", 0.5), ("p90", 0.9))
 
 
+def is_policy_sample() -> pl.Expr:
+    """True on the policy's own samples, false on labelled demonstrations (``sample_idx`` −1)."""
+    return pl.col("sample_idx") >= 0
+
+
 def own(frame: pl.DataFrame) -> pl.DataFrame:
     """The policy's own samples: labelled demonstrations (``sample_idx`` −1) left out."""
-    return frame.filter(pl.col("sample_idx") >= 0) if "sample_idx" in frame.columns else frame
+    return frame.filter(is_policy_sample()) if "sample_idx" in frame.columns else frame
 
 
 def _num(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def describe(values: pl.Series, *, interpolation: Literal["linear", "nearest"] = "linear") -> dict[str, Any]:
+    """``count``, ``mean``, ``std`` (sample std, ddof 1), ``min``, ``p10``, ``p50``, ``p90``, ``max`` and
+    ``positive`` (the share above 0) of the non-null values; each figure is ``None`` without values (``std``
+    also with one). ``interpolation="nearest"`` makes every quantile a value that occurs."""
+    r = values.drop_nulls().cast(pl.Float64)
+    quantiles = {name: _num(r.quantile(q, interpolation=interpolation)) if r.len() else None for name, q in QUANTILES}
+    return {"count": r.len(), "mean": _num(r.mean()), "std": _num(r.std()), "min": _num(r.min()), **quantiles,
+            "max": _num(r.max()), "positive": _num((r > 0).mean()) if r.len() else None}
+
+
 def reward_stats(frame: pl.DataFrame, prefix: str) -> dict[str, float | None]:
-    """``{prefix}_reward_mean``, ``_std`` (sample std, ddof 1), ``_p10``, ``_p50``, ``_p90`` (linear) over non-null rewards."""
-    r = own(frame)["reward"].drop_nulls().cast(pl.Float64)
-    out = {f"{prefix}_reward_mean": _num(r.mean()), f"{prefix}_reward_std": _num(r.std())}
-    for name, q in QUANTILES:
-        out[f"{prefix}_reward_{name}"] = _num(r.quantile(q, interpolation="linear")) if r.len() else None
-    return out
+    """``{prefix}_reward_mean``, ``_std`` (sample std, ddof 1), ``_p10``, ``_p50``, ``_p90`` (linear) over the
+    non-null rewards of the policy's own samples."""
+    d = describe(own(frame)["reward"])
+    return {f"{prefix}_reward_{k}": d[k] for k in ("mean", "std", *(name for name, _ in QUANTILES))}
 
 
 def kept_fraction(grown: pl.DataFrame, kept: pl.DataFrame) -> float | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import polars as pl
 
+from alignment.metrics import describe
 from tasks.lake import MANIFEST, MODELS, TABLES, Address, Lake, StageNotFound
 from tasks.lake import normalize_uri
 
@@ -51,11 +52,11 @@ def _selected(a: Address, selection: dict[str, Any]) -> bool:
 
 
 def reward_stats(rewards: pl.Series, bins: int = 10) -> dict[str, Any]:
-    """Mean, spread, quantiles and a fixed-width histogram of a reward column."""
-    r = rewards.drop_nulls()
-    if r.len() == 0:
+    """Mean, spread, quantiles (values that occur) and a fixed-width histogram of a reward column."""
+    d = describe(rewards, interpolation="nearest")
+    if d["count"] == 0:
         return {"count": 0}
-    lo, hi = float(r.min()), float(r.max())
+    r, lo, hi = rewards.drop_nulls(), d["min"], d["max"]
     width = (hi - lo) / bins if hi > lo else 1.0
     idx = ((r - lo) / width).floor().clip(0, bins - 1).cast(pl.Int64) if hi > lo else pl.Series([0] * r.len())
     counts = idx.value_counts().sort(idx.name)
@@ -63,8 +64,7 @@ def reward_stats(rewards: pl.Series, bins: int = 10) -> dict[str, Any]:
     for b, c in counts.iter_rows():
         hist[int(b)] = int(c)
     return {
-        "count": r.len(), "mean": float(r.mean()), "std": float(r.std() or 0.0), "min": lo, "max": hi,
-        "p50": float(r.quantile(0.5)), "p90": float(r.quantile(0.9)),
+        "count": d["count"], "mean": d["mean"], "std": d["std"] or 0.0, "min": lo, "max": hi, "p50": d["p50"], "p90": d["p90"],
         "histogram": {"edges": [lo + i * width for i in range(bins + 1)] if hi > lo else [lo, hi], "counts": hist if hi > lo else [r.len()]},
     }
 

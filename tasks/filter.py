@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import polars as pl
-
 from alignment import filters
+from alignment.metrics import own
 from alignment.recipe import FilterConfig
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.placement import run_once, run_stage
@@ -27,12 +26,12 @@ def compute_thresholds(ref: RunRef, scored_uri: str) -> list[float | None]:
     steps = ref.recipe.improve.steps
     scored = ref.open_lake().read(scored_uri)
     if cfg.kind == "rest":
-        own = scored.filter(pl.col("sample_idx") >= 0)["reward"]
-        return filters.rest_thresholds(float(own.mean() or 0.0), float(scored["reward"].max() or 0.0), steps)
+        policy_mean = own(scored)["reward"].mean()
+        return filters.rest_thresholds(float(policy_mean or 0.0), float(scored["reward"].max() or 0.0), steps)
     if cfg.kind == "fixed":
         return [cfg.threshold] * steps
     if cfg.kind == "quantile":
-        return [float(scored["reward"].quantile(cfg.quantile, interpolation="linear"))] * steps
+        return [filters.quantile_threshold(scored, cfg.quantile)] * steps
     return [None] * steps
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import polars as pl
 from prefect import unmapped
 
+from alignment.metrics import is_policy_sample
 from alignment.rewards import resolve_reward_spec, with_timeout
 from alignment.rewards import score as call_reward
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
@@ -34,7 +35,7 @@ def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: 
     with MODEL_LOAD_LOCK:  # a reward model loads like a policy: one at a time per process
         reward = with_timeout(resolve_reward_spec(ref.recipe.reward), ref.recipe.reward_timeout_s)
     # Labelled demonstrations without a reference are not the reward's to judge: their reward stays null.
-    judged = samples.with_row_index("_row").filter(~(pl.col("reference").is_null() & (pl.col("sample_idx") < 0)))
+    judged = samples.with_row_index("_row").filter(is_policy_sample() | pl.col("reference").is_not_null())
     rewards = call_reward(reward, judged["prompt"].to_list(), judged["completion"].to_list(), judged["reference"].to_list())
     values: list[float | None] = [None] * samples.height
     for row, r in zip(judged["_row"].to_list(), rewards, strict=True):

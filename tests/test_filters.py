@@ -82,16 +82,41 @@ def test_fixed_keeps_the_input_columns_untouched():
 def test_quantile_threshold_is_the_linear_quantile_of_all_rewards():
     # Sorted rewards: 0, 0, 0, 0.25, 0.5, 0.75, 0.75, 1, 1. Linear interpolation at position 8q:
     # q=0.5 -> 0.5 exactly; q=0.6 -> position 4.8 -> 0.5 + 0.8 * (0.75 - 0.5) = 0.7.
-    kept = filters.quantile(frame(), 0.6)
+    assert filters.quantile_threshold(frame(), 0.6) == pytest.approx(0.7)
+    assert [filters.quantile_threshold(frame(), q) for q in (0.0, 0.5, 1.0)] == [0.0, 0.5, 1.0]
+    kept = filters.at_least(frame(), filters.quantile_threshold(frame(), 0.6))
     assert rows(kept.drop("threshold")) == [(1, "y", 1, 0.75), (0, "a", 0, 1.0), (0, "a", 2, 1.0), (1, "z", 2, 0.75)]
     assert kept["threshold"].to_list() == pytest.approx([0.7] * 4)
-    assert rows(filters.quantile(frame(), 0.5)) == rows(filters.at_least(frame(), 0.5))
-    assert filters.quantile(frame(), 0.0).height == len(ROWS)
-    assert rows(filters.quantile(frame(), 1.0)) == [(0, "a", 0, 1.0, 1.0), (0, "a", 2, 1.0, 1.0)]
+    assert filters.at_least(frame(), filters.quantile_threshold(frame(), 0.0)).height == len(ROWS)
 
 
-def test_quantile_of_an_empty_frame_is_empty():
-    assert filters.quantile(frame([]), 0.5).height == 0
+def test_quantile_threshold_without_rewards_is_zero():
+    assert filters.quantile_threshold(frame([]), 0.5) == 0.0
+    assert filters.quantile_threshold(frame([(0, "a", -1, None)]), 0.5) == 0.0  # a demonstration has no reward
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        # V_pi is the mean of the policy's own rewards (0, 0.5, 1 -> 0.5; the demonstration's 0 is left
+        # out), R_max the best of all: tau_i = 0.5 + i/3 * (1 - 0.5).
+        (["filter.kind=rest"], [0.5 + 0.5 / 3, 0.5 + 1.0 / 3]),
+        (["filter.kind=quantile", "filter.quantile=0.5"], [0.25, 0.25]),  # over all rewards: 0, 0, 0.5, 1
+        (["filter.kind=fixed", "filter.threshold=0.7"], [0.7, 0.7]),
+        (["filter.kind=top_k", "filter.k=1"], [None, None]),
+    ],
+)
+def test_each_filter_kind_derives_its_thresholds_from_the_committed_scored_stage(tmp_path, settings, expected):
+    from alignment.recipe import load_recipe
+    from tasks.context import RunRef
+    from tasks.filter import compute_thresholds
+    from tasks.lake import Lake
+
+    recipe = load_recipe("recipes/arithmetic-rest.yaml", ["improve.steps=2", *settings])
+    ref = RunRef(run="thresholds", lake=f"file://{tmp_path}/lake", recipe=recipe, cache_dir=str(tmp_path / "cache"))
+    scored = frame([(0, "a", 0, 0.0), (0, "b", 1, 0.5), (1, "c", 0, 1.0), (1, "d", -1, 0.0)])
+    Lake(ref.lake).write_stage(ref.stage_uri(1, "scored"), [scored])
+    assert compute_thresholds(ref, ref.stage_uri(1, "scored")) == pytest.approx(expected)
 
 
 def test_top_k_keeps_the_best_k_per_prompt_ties_broken_by_sample_index():

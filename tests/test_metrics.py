@@ -50,6 +50,28 @@ def test_reward_stats_of_no_rows_are_null():
     assert set(metrics.reward_stats(frame([]), "kept").values()) == {None}
 
 
+def test_policy_samples_are_those_with_a_sample_index():
+    assert frame(GROWN).select(metrics.is_policy_sample())["sample_idx"].to_list() == [True] * 8 + [False] * 2
+    assert metrics.own(frame(GROWN)).height == 8
+    assert metrics.own(evals([(0, 1.0)])).height == 1  # an eval frame has no demonstrations
+
+
+def test_describe_every_non_null_value():
+    rewards = frame(GROWN)["reward"]  # all ten rows: the labelled 1.0 counts, the null does not
+    assert metrics.describe(rewards) == {
+        # sorted: 0 0 0 0 .25 .5 1 1 1 (sum 3.75, squares 3.3125); quantiles at positions 0.8, 4 and 7.2
+        "count": 9, "mean": pytest.approx(3.75 / 9), "std": pytest.approx(math.sqrt((3.3125 - 3.75**2 / 9) / 8)),
+        "min": 0.0, "p10": 0.0, "p50": 0.25, "p90": 1.0, "max": 1.0, "positive": pytest.approx(5 / 9),
+    }
+    # the median of 0 .25 .5 1 is at position 1.5: linear halfway, nearest a value that occurs
+    assert metrics.describe(pl.Series([0.0, 0.25, 0.5, 1.0]))["p50"] == 0.375
+    assert metrics.describe(pl.Series([0.0, 0.25, 0.5, 1.0]), interpolation="nearest")["p50"] == 0.5
+    one = metrics.describe(pl.Series([2.0]))
+    assert one["count"] == 1 and one["std"] is None and one["p90"] == one["min"] == one["max"] == 2.0
+    assert metrics.describe(pl.Series([None], dtype=pl.Float64)) == {"count": 0} | dict.fromkeys(
+        ("mean", "std", "min", "p10", "p50", "p90", "max", "positive"))
+
+
 def test_kept_fraction_and_prompt_coverage_count_own_samples_only():
     assert metrics.kept_fraction(frame(GROWN), frame(KEPT)) == 2 / 8
     # prompt 1 is kept only through its demonstration: not covered by the policy's own samples

@@ -99,7 +99,7 @@ def test_quantile_filter_over_reward_model_scores_keeps_the_expected_fraction(tr
     top = set(sorted(range(n), key=lambda i: rm_scores[i])[n - expected :])
     for a, b in ((1.0, 0.0), (0.01, 0.0), (250.0, -3e3)):  # an RM's scale is arbitrary: any a*r + b with a > 0
         frame = scored.with_columns(reward=pl.Series([a * r + b for r in rm_scores]))
-        kept = filters.quantile(frame.with_row_index("row"), q)
+        kept = filters.at_least(frame.with_row_index("row"), filters.quantile_threshold(frame, q))
         assert kept.height == expected == 10
         assert set(kept["row"].to_list()) == top
 

@@ -23,8 +23,8 @@ from tasks.lake.manifest import (
 )
 from tasks.lake.paths import MANIFEST, MODELS, NAME_RULE, PARTITION_KEYS, TABLES, Address, BadName, check_name, parse
 from tasks.lake.runs import (
-    LEASE_FILE, RUN_FILE, RunBusy, RunChanged, RunLease, check_names, default_run_name, guard_run, precheck_run,
-    release,
+    LEASE_FILE, RUN_FILE, RunBusy, RunChanged, RunLease, check_names, default_run_name, flatten, guard_run,
+    precheck_run, release,
 )
 from tasks.lake.storage import LakeURIError, LocalStore, Store, check_writable, normalize_uri, open_store
 from tasks.lake.store import Lake
@@ -35,7 +35,7 @@ __all__ = [
     "LEASE_FILE", "MANIFEST", "MODELS", "NAME_RULE", "PARTITION_KEYS", "RUN_FILE", "TABLES", "Address", "BadName",
     "CorruptPart", "Lake", "LakeURIError", "LocalStore", "Manifest", "RunBusy", "RunChanged", "RunLease",
     "StageChanged", "StageNotFound", "Store", "check_name", "check_names", "check_writable", "code_version",
-    "config_hash", "default_run_name", "guard_run", "normalize_uri", "open_store", "parse", "precheck_run",
+    "config_hash", "default_run_name", "flatten", "guard_run", "normalize_uri", "open_store", "parse", "precheck_run",
     "release", "sha256_file", *_S3_NAMES,
 ]
 

@@ -44,11 +44,11 @@ RUN_FILE = "run.json"
 LEASE_FILE = "lease.json"
 TTL_S = 60.0
 
-# Keys that may change when a run is resumed: how long it goes on, how it is scheduled and where its
-# services are; none changes what a committed stage holds.
+# Keys that may change when a run is resumed: how long it goes on, how it is scheduled, where its
+# services are and on how many devices it trains; none changes what a committed stage holds.
 RESUMABLE = (
     "grow_steps", "eval.patience", "orchestration", "mlflow.tracking_uri", "grow.batch_size",
-    "eval.batch_size", "grow.shards", "lake", "s3", "reward_timeout_s",
+    "eval.batch_size", "grow.shards", "lake", "s3", "reward_timeout_s", "distributed",
 )
 # Recipe values that are secrets are kept out of the lake: only whether they changed matters.
 _SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password")
@@ -142,17 +142,20 @@ def _file_sha256(path: str) -> str | None:
     return sha256_file(p) if p.is_file() else None
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict) and node:
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested document (a recipe's dump, a run's identity) as ``{"dotted.key": leaf}``, the keys
+    ``--set`` takes. An empty mapping is a leaf of its own, so ``{}`` and a missing section differ."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    a, b = _flatten(before), _flatten(after)
+    a, b = flatten(before), flatten(after)
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
     # input_files.task.prompts -> "task.prompts (file contents)"
     return [f"{k.removeprefix('input_files.')} (file contents)" if k.startswith("input_files.") else k for k in keys]

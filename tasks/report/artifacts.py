@@ -22,7 +22,9 @@ from typing import Any
 
 import polars as pl
 
+from alignment.metrics import describe, is_policy_sample, own
 from tasks.context import RunRef, flywheel_task, log
+from tasks.report import plots
 
 SAMPLE_COLUMNS = ["prompt_id", "sample_idx", "prompt", "completion", "reference", "reward"]
 PAIR_COLUMNS = ["prompt_id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward"]
@@ -66,13 +68,12 @@ def publish_iteration(ref: RunRef, iteration: int, scored_uri: str, kept_uri: st
 
 # -- the table --------------------------------------------------------------------------------
 def _stats(stage: str, rewards: pl.Series) -> dict[str, Any]:
-    r = rewards.drop_nulls().cast(pl.Float64)
-    if r.len() == 0:
+    d = describe(rewards)
+    if d["count"] == 0:
         return {"stage": stage, "rows": 0, "mean": None, "std": None, "min": None, "p50": None, "max": None, "positive": None}
     return {
-        "stage": stage, "rows": r.len(), "mean": round(float(r.mean()), 4), "std": round(float(r.std() or 0.0), 4),
-        "min": float(r.min()), "p50": float(r.quantile(0.5, interpolation="linear")), "max": float(r.max()),
-        "positive": round(float((r > 0).mean()), 4),
+        "stage": stage, "rows": d["count"], "mean": round(d["mean"], 4), "std": round(d["std"] or 0.0, 4),
+        "min": d["min"], "p50": d["p50"], "max": d["max"], "positive": round(d["positive"], 4),
     }
 
 
@@ -80,7 +81,7 @@ def reward_table(ref: RunRef, iteration: int, scored: pl.DataFrame, kept: pl.Dat
     """One row per stage: everything scored, the policy's own samples, what was kept, held-out eval."""
     rows = [_stats("scored", scored["reward"])]
     if "sample_idx" in scored.columns:
-        rows.append(_stats("scored (policy samples)", scored.filter(pl.col("sample_idx") >= 0)["reward"]))
+        rows.append(_stats("scored (policy samples)", own(scored)["reward"]))
     name = ref.open_lake().address(kept_uri).label
     if "reward" in kept.columns:
         rows.append(_stats(name, kept["reward"]))
@@ -119,7 +120,7 @@ def samples_markdown(scored: pl.DataFrame, kept: pl.DataFrame, kept_label: str, 
         shown = kept.select([c for c in PAIR_COLUMNS if c in kept.columns])
     else:
         used = kept.select("prompt_id", "sample_idx")
-        own_first = kept.sort(pl.col("sample_idx") < 0, "prompt_id", "sample_idx")  # labelled rows (-1) last
+        own_first = kept.sort(~is_policy_sample(), "prompt_id", "sample_idx")  # labelled rows (-1) last
         shown = own_first.select([c for c in SAMPLE_COLUMNS if c in kept.columns])
     dropped = scored.join(used.cast({"sample_idx": scored["sample_idx"].dtype}), on=["prompt_id", "sample_idx"], how="anti")
     dropped = dropped.sort("reward", "prompt_id", "sample_idx", descending=[True, False, False])
@@ -147,38 +148,16 @@ def log_plots(ref: RunRef, iteration: int) -> None:
         client.log_figure(ref.mlflow_run_id, figure, path)
 
 
-def _figure(title: str, xlabel: str, ylabel: str):
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; and a Figure without pyplot keeps no global state between threads
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    return fig, ax
-
-
 def reward_figure(ref: RunRef, last: int):
     """The reward of the policy's own samples, one step histogram per iteration committed so far."""
     lake = ref.open_lake()
-    per_iteration = {}
-    for g in range(1, last + 1):
-        uri = ref.stage_uri(g, "scored")
-        if lake.is_done(uri):
-            frame = lake.read(uri)
-            per_iteration[g] = frame.filter(pl.col("sample_idx") >= 0)["reward"].drop_nulls().to_numpy()
-    fig, ax = _figure(f"Reward of sampled completions per iteration ({ref.run})", "reward", "share of samples")
-    values = [v for v in per_iteration.values() if len(v)]
-    if values:
-        lo, hi = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
-        bins = 20 if hi > lo else 1
-        for g, v in per_iteration.items():
-            if len(v):
-                weights = [1.0 / len(v)] * len(v)
-                ax.hist(v, bins=bins, range=(lo, hi if hi > lo else lo + 1), weights=weights, histtype="step",
-                        linewidth=1.5, label=f"iteration {g} (mean {v.mean():.3f})")
+    scored = {g: ref.stage_uri(g, "scored") for g in range(1, last + 1)}
+    per_iteration = {g: plots.own_rewards(lake.read(uri)) for g, uri in scored.items() if lake.is_done(uri)}
+    fig, ax = plots.figure(7, 4, title=f"Reward of sampled completions per iteration ({ref.run})", xlabel="reward",
+                           ylabel="share of samples", grid=True, constrained=True)
+    series = {f"iteration {g} (mean {v.mean():.3f})": v for g, v in per_iteration.items() if len(v)}
+    if series:
+        plots.histograms(ax, series, shares=True, common_range=True, histtype="step", linewidth=1.5)
         ax.legend(loc="best", fontsize="small")
     return fig
 
@@ -187,16 +166,11 @@ def heldout_figure(ref: RunRef):
     """Held-out reward and accuracy after the warm start and every Improve step, from ``summary.json``."""
     lake = ref.open_lake()
     uri = f"{lake.run_uri(ref.run)}/summary.json"
-    summary = lake.get_json(uri) if lake.store.exists(uri) else {}
-    points = []
-    if summary.get("baseline"):
-        points.append(("0", summary["baseline"]))
-    points += [(f"{r['iteration']}.{r['step']}", r) for r in summary.get("iterations", []) if r.get("eval_reward") is not None]
-    fig, ax = _figure(f"Held-out reward per Improve step ({ref.run})", "iteration.step", "held-out score")
+    points = plots.steps(lake.get_json(uri) if lake.store.exists(uri) else {})
+    fig, ax = plots.figure(7, 4, title=f"Held-out reward per Improve step ({ref.run})", xlabel="iteration.step",
+                           ylabel="held-out score", grid=True, constrained=True)
     if points:
-        xs = list(range(len(points)))
-        ax.plot(xs, [p["eval_reward"] for _, p in points], marker="o", label="reward")
-        ax.plot(xs, [p.get("eval_accuracy") for _, p in points], marker="x", linestyle="--", label="accuracy (reward ≥ 1)")
-        ax.set_xticks(xs, [label for label, _ in points])
+        plots.lines(ax, points, {"eval_reward": "reward", "eval_accuracy": "accuracy (reward ≥ 1)"},
+                    {"eval_accuracy": {"marker": "x", "linestyle": "--"}})
         ax.legend(loc="best", fontsize="small")
     return fig

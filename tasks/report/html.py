@@ -20,6 +20,9 @@ from typing import Any
 
 import polars as pl
 
+from alignment.metrics import own
+from tasks.report import plots
+
 SECTIONS = {
     "heldout": "Held-out reward and accuracy",
     "filter": "Selection fraction and threshold",
@@ -40,74 +43,39 @@ def _png(fig) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _figure(width: float = 6.0, height: float = 3.0):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height))
-
-
-def _rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """Baseline (step label ``0``) and every trained step, as ``{"label", ...row}``."""
-    out = []
-    if b := doc.get("baseline"):
-        out.append({"label": "0", "promoted": True, **b})
-    for r in doc.get("iterations", []):
-        if r.get("eval_reward") is not None:
-            out.append({"label": f"{r['iteration']}.{r['step']}", **r})
-    return out
-
-
-def _series(rows, key):
-    return [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
-
-
 def _line_plot(rows, keys: dict[str, str], ylabel: str, *, mark_champion: bool = False) -> str:
-    fig = _figure()
-    ax = fig.subplots()
-    x = list(range(len(rows)))
-    for key, label in keys.items():
-        ax.plot(x, _series(rows, key), marker="o", label=label)
+    fig, ax = plots.figure(xlabel="iteration.step", ylabel=ylabel, grid=True)
+    plots.lines(ax, rows, keys)
     if mark_champion:
         promoted = [i for i, r in enumerate(rows) if r.get("promoted")]
         ax.scatter(promoted, [rows[i].get("eval_reward") for i in promoted], s=160, facecolors="none",
                    edgecolors="gold", linewidths=2, label="promoted (champion)", zorder=3)
-    ax.set_xticks(x, [r["label"] for r in rows])
-    ax.set_xlabel("iteration.step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
 
 
 def _bar_plot(rows, keys: list[str], ylabel: str) -> str:
-    fig = _figure()
-    ax = fig.subplots()
+    fig, ax = plots.figure(xlabel="iteration.step", ylabel=ylabel)
     bottom = [0.0] * len(rows)
     for key in keys:
         values = [r.get(key) or 0.0 for r in rows]
         ax.bar([r["label"] for r in rows], values, bottom=bottom, label=key.removeprefix("seconds_"))
         bottom = [a + b for a, b in zip(bottom, values, strict=True)]
-    ax.set_xlabel("iteration.step")
-    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     return _png(fig)
 
 
 def _histograms(frames: dict[int, tuple[pl.DataFrame, pl.DataFrame | None]]) -> list[str]:
+    """Per iteration: the rewards of the policy's own samples, grown and kept."""
     images = []
     for g, (grown, kept) in sorted(frames.items()):
-        fig = _figure(5.0, 2.6)
-        ax = fig.subplots()
-        r = grown.filter(pl.col("sample_idx") >= 0)["reward"].drop_nulls().to_list()
-        ax.hist(r, bins=20, alpha=0.6, label=f"grown ({len(r)})")
+        fig, ax = plots.figure(5.0, 2.6, title=f"iteration {g}", xlabel="reward")
+        r = plots.own_rewards(grown)
+        series = {f"grown ({len(r)})": r}
         if kept is not None and "reward" in kept.columns:
-            k = kept.filter(pl.col("sample_idx") >= 0)["reward"].drop_nulls().to_list()
-            ax.hist(k, bins=20, alpha=0.6, label=f"kept ({len(k)})")
-        ax.set_title(f"iteration {g}")
-        ax.set_xlabel("reward")
+            k = plots.own_rewards(kept)
+            series[f"kept ({len(k)})"] = k
+        plots.histograms(ax, series, alpha=0.6)
         ax.legend(fontsize=8)
         images.append(_png(fig))
     return images
@@ -146,10 +114,9 @@ def _samples_section(lake, run: str, frames, last) -> str:
     scored, kept = frames[g]
     # Each row's fate as the filter recorded it (the decisions stage), for the policy's own samples.
     fates = lake.read(lake.stage_uri(run, g, "decisions", i)).filter(pl.col("decision") == "dropped")
-    dropped = scored.filter(pl.col("sample_idx") >= 0).join(fates.select("prompt_id", "sample_idx", "reason"),
-                                                             on=["prompt_id", "sample_idx"])
+    dropped = own(scored).join(fates.select("prompt_id", "sample_idx", "reason"), on=["prompt_id", "sample_idx"])
     cols = ["prompt", "completion", "reference", "reward"]
-    own_kept = kept.filter(pl.col("sample_idx") >= 0).head(SAMPLES_SHOWN)
+    own_kept = own(kept).head(SAMPLES_SHOWN)
     # a few of each reason, so every reason the filter used is seen
     shown = pl.concat([dropped.filter(pl.col("reason") == r).head(2)
                        for r in ("truncated", "duplicate", "below_threshold", "not_top_k")])
@@ -161,7 +128,7 @@ def _samples_section(lake, run: str, frames, last) -> str:
 def build_report(lake, run: str) -> str:
     """The report of ``run`` in ``lake`` (a ``tasks.lake.Lake``), as one HTML string."""
     doc = lake.get_json(f"{lake.run_uri(run)}/summary.json")
-    rows = _rows(doc)
+    rows = plots.steps(doc)
     steps = [r for r in rows if r["label"] != "0"]
     frames, last = _load(lake, run, doc)
     body: dict[str, str] = {}

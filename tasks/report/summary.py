@@ -1,8 +1,10 @@
 """``{lake}/runs/{run}/summary.json``: the per-step record dashboards and scripts read, updated as the run goes.
 
-When the run ends (``Summary.stop``, the last line of both flows) it also ends the MLflow parent and
-iteration runs as FINISHED and publishes the run's summary as a Prefect markdown artifact on the flow
-run (key ``{run}-summary``): the per-step table, the champion, the MLflow run and the lake.
+When the run ends (``Summary.stop``, the last line of both flows) it records why, logs the HTML report
+on the parent MLflow run and publishes the run's summary as a Prefect markdown artifact on the flow
+run (key ``{run}-summary``): the per-step table, the champion, the MLflow run and the lake. It does not
+end the MLflow runs: ``tasks.tracking.registry.tracked``, around the whole flow, ends the parent and
+iteration runs with the flow's outcome (FINISHED, FAILED or KILLED).
 """
 
 from __future__ import annotations

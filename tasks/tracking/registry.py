@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from alignment.errors import UserError
 from alignment.metrics import blocked_by, promotion_checks
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
+from tasks.lake import flatten
 from tasks.results import Registration
 from tasks.tracking.probe import check_tracking
 
@@ -73,15 +74,6 @@ def _find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) ->
     return runs[0].info.run_id if runs else None
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
-    else:
-        out[prefix] = str(value)[:500]
-    return out
-
-
 @flywheel_task(name="start-tracking", **MLFLOW_RETRIES)
 def start_tracking(ref: RunRef) -> str:
     """The parent MLflow run of this flywheel run (found again on resume); the recipe as params."""
@@ -93,8 +85,8 @@ def start_tracking(ref: RunRef) -> str:
         _reopen(client, run_id)
     else:
         run_id = client.create_run(experiment_id, run_name=ref.run, tags={**tags, "flywheel.lake": ref.lake}).info.run_id
-        params = _flatten("", ref.recipe.model_dump(mode="json"), {})
-        items = list(params.items())
+        # one parameter per recipe key (an empty section is no parameter), values cut to 500 characters
+        items = [(k, str(v)[:500]) for k, v in flatten(ref.recipe.model_dump(mode="json")).items() if v != {}]
         for i in range(0, len(items), 90):
             mlflow.tracking.MlflowClient().log_batch(
                 run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 90]]
