@@ -11,7 +11,7 @@ Bradley–Terry model (the reward-model loss of DPO, arXiv 2305.18290, Eq. 2):
 (the same MLE as Xiong et al., arXiv 2312.11456). A trained model is a reward like any other:
 ``RewardModel(path)(prompts, completions, references) -> list[float]``. Its scale is arbitrary
 (BT is invariant to adding a constant), so filter its scores with scale-free rules such as
-``filters.quantile`` rather than fixed thresholds.
+``filter.kind: quantile`` (``filters.quantile_threshold``) rather than fixed thresholds.
 
 Ensembles of rewards (pessimism by ensemble) and reward specs (``rm:PATH``) live in
 ``alignment.rewards``, which imports no model library; a spec loads this module only for ``rm:``.
