@@ -15,3 +15,9 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A recipe value that passed validation but cannot work with what it points at (a model, a tokenizer)."""
+
+
+class RunFailure(RuntimeError):
+    """Something failed while the run was working that the user can act on (a training rank that died, a
+    service that went away): the CLI prints its message as one ``flywheel:`` sentence with exit code 1
+    and no traceback, and the run stays resumable."""

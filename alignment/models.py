@@ -8,6 +8,8 @@ with ``load_policy(path)`` exactly as it would load any Hugging Face checkpoint 
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -135,4 +137,8 @@ def check_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The GPU when there is one (a distributed rank's own, ``LOCAL_RANK``), else the CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{rank}" if rank is not None else "cuda"

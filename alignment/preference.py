@@ -23,10 +23,9 @@ import torch
 from alignment.logprobs import batch_logps, sequence_logps
 from alignment.losses import GroupInputs, LossInputs, with_nll
 from alignment.models import load_policy
-from alignment.lora import save_merged
 from alignment.prompting import PromptFormat, formatter_for
 from alignment.train_settings import PreferenceConfig
-from alignment.training import collate, encode_pairs, train_loop, with_lora
+from alignment.training import collate, encode_pairs, save_trained, train_loop, with_lora
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp")
@@ -139,7 +138,7 @@ def train_preference(
     losses = train_loop(model, [[i] for i in range(len(pairs))], step_loss, cfg, lengths=lengths,
                         desc=f"training ({spec.name})", progress=progress, on_step=on_step)
     after_chosen, after_rejected = pair_logps(model, tokenizer, pairs, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
-    save_merged(model, tokenizer, out_dir)
+    save_trained(model, tokenizer, out_dir, cfg, rebuild=lambda: _rebuild(model_path, cfg, trust_remote_code))
     chosen_change, rejected_change = after_chosen - ref_chosen, after_rejected - ref_rejected
     return {
         "train_loss": _last_epoch_mean(losses, cfg.epochs),
@@ -191,7 +190,7 @@ def train_rloo(
 
     losses = train_loop(model, groups, step_loss, cfg, desc=f"training ({cfg.spec.name})", progress=progress, on_step=on_step)
     after, _ = sequence_logps(model, tokenizer, prompts, completions, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
-    save_merged(model, tokenizer, out_dir)
+    save_trained(model, tokenizer, out_dir, cfg, rebuild=lambda: _rebuild(model_path, cfg, trust_remote_code))
     # The sign of the RLOO advantage is the sign of r_i minus its group's mean reward.
     group_mean = torch.tensor(samples.select(pl.col("reward").mean().over("prompt_id")).to_series().to_list())
     advantage = rewards - group_mean
@@ -214,6 +213,11 @@ def _objective(cfg: PreferenceConfig) -> Callable[[LossInputs | GroupInputs], to
     hyperparameters were checked against the loss table when ``cfg.objective`` was built, not per batch."""
     fn, hparams, nll_alpha = cfg.spec.fn, cfg.objective.loss_hparams(), cfg.objective.nll_weight
     return lambda batch: with_nll(fn(batch, **hparams), batch, nll_alpha)
+
+
+def _rebuild(model_path: str | Path, cfg: PreferenceConfig, trust_remote_code: bool):
+    """A fresh CPU copy of the starting model with ``cfg``'s adapters: what rank 0 loads FSDP's gathered weights into."""
+    return with_lora(load_policy(model_path, trust_remote_code=trust_remote_code, device="cpu")[0], cfg)
 
 
 def _load_trainable(model_path: str | Path, cfg: PreferenceConfig, trust_remote_code: bool):

@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from alignment.errors import UserError
 from alignment.run_settings import MlflowConfig, OrchestrationConfig, S3Config, Stage  # noqa: F401  (re-exported)
 from alignment.strict import Strict
-from alignment.train_settings import ImproveConfig, PreferenceSettings, WarmStart
+from alignment.train_settings import DistributedConfig, ImproveConfig, PreferenceSettings, WarmStart
 
 
 class TaskConfig(Strict):
@@ -219,6 +219,9 @@ class Recipe(Strict):
     preference: PreferenceSettings = Field(
         default_factory=lambda: PreferenceSettings(epochs=2, lr=5e-4, batch_size=16),
         description="Iterative DPO: pairing and preference loss.",
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Training on several devices (every training stage).",
     )
     grow_steps: int = Field(3, ge=0, description="G, Grow steps (iterations; T for iterative DPO); 0 = warm start only.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")

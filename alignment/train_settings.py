@@ -6,7 +6,8 @@ experiment itself).
     ├── WarmStart             the recipe's warm_start
     ├── ImproveConfig         the recipe's improve
     ├── PreferenceSettings    the recipe's preference: pairing, and the loss (LossSettings)
-    └── TrainConfig           what alignment.training.train_loop reads: + seed, dtype, prompt format, AdamW, LoRA
+    └── TrainConfig           what alignment.training.train_loop reads: + seed, dtype, prompt format, AdamW, LoRA,
+                              and the data-parallel strategy (the recipe's distributed section, DistributedConfig)
         ├── PreferenceConfig  + the loss (its LossSettings) and the no-grad batch size
         └── RewardModelConfig
 
@@ -119,6 +120,39 @@ class PreferenceSettings(LossSettings, TrainSettings):
     )
 
 
+class DistributedConfig(Strict):
+    """Training on several devices: every training stage, and the no-grad log-prob passes inside them, run as
+    ``processes × nodes`` ranks (tasks.launch, alignment.distributed). NCCL on CUDA, gloo on CPU."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = Field(
+        "none", description="none: one process (the default); ddp: a whole copy of the model per rank, gradients "
+        "averaged; fsdp: FSDP2, parameters, gradients and optimizer state sharded per decoder layer (full fine-tuning "
+        "of models one device cannot hold).",
+    )
+    processes: int = Field(1, ge=1, description="Ranks per node: one per GPU on a GPU node; CPU processes with gloo.")
+    nodes: int = Field(1, ge=1, description="Nodes (several need launcher: ray).")
+    launcher: Literal["torchrun", "ray"] = Field(
+        "torchrun", description="torchrun: the ranks on this node; ray: Ray Train workers on the run's Ray cluster "
+        "(orchestration.ray_address, RAY_ADDRESS, or the cluster of orchestration.runner: ray).",
+    )
+    timeout_s: float = Field(
+        300.0, gt=0, description="A collective that waits longer than this (a rank died or hangs) fails the stage.",
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.processes * self.nodes if self.strategy != "none" else 1
+
+    @model_validator(mode="after")
+    def _launchable(self) -> DistributedConfig:
+        if self.nodes > 1 and self.launcher == "torchrun":
+            raise ValueError(
+                f"distributed.nodes is {self.nodes} with launcher torchrun, which starts the ranks of one node; "
+                "set distributed.launcher: ray to train across nodes"
+            )
+        return self
+
+
 # --- The trainer configs -------------------------------------------------------------------------
 
 
@@ -140,6 +174,9 @@ class TrainConfig(TrainSettings):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA adapters' input.")
     lora_target_modules: tuple[str, ...] = Field(
         (), description="Modules that get LoRA adapters; () = c_attn for GPT-2, every linear layer otherwise.",
+    )
+    strategy: Literal["none", "ddp", "fsdp"] = Field(
+        "none", description="Data parallelism across the ranks of a launch (distributed.strategy); none outside one.",
     )
 
 
@@ -177,7 +214,8 @@ def trainer_config(recipe: Recipe, stage: TrainStage, seed: int) -> TrainConfig:
     (``Recipe.seed_for``). A loss section's ``LossSettings`` pass on as they were checked when it loaded."""
     section: TrainSettings = getattr(recipe, stage)
     settings = section.model_dump(include=set(TrainSettings.model_fields))
-    shared = {"seed": seed, "dtype": recipe.model.dtype, "prompt": PromptFormat.of(recipe.prompt_format())}
+    shared = {"seed": seed, "dtype": recipe.model.dtype, "prompt": PromptFormat.of(recipe.prompt_format()),
+              "strategy": recipe.distributed.strategy}
     if isinstance(section, LossSettings):
         return PreferenceConfig(**settings, **shared, objective=section)
     return TrainConfig(**settings, **shared)

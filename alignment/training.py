@@ -13,6 +13,7 @@ the text it is sampled with.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from alignment import distributed
 from alignment.lora import add_lora, save_merged
 from alignment.models import load_policy
 from alignment.prompting import IGNORE, Formatter, PromptFormat, formatter_for
@@ -70,6 +72,23 @@ def with_lora(model, cfg: TrainConfig):
     return add_lora(model, cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_target_modules)
 
 
+def save_trained(model, tokenizer, out_dir: str | Path, cfg: TrainConfig, *, rebuild: Callable[[], torch.nn.Module]) -> None:
+    """Save the trained model as one plain Hugging Face folder (LoRA merged), from rank 0 only.
+
+    Under FSDP every rank takes part in gathering the full state dict; rank 0 then loads it into a fresh,
+    unsharded copy of the model (``rebuild()``: the starting model with the same adapters) and saves that,
+    so the folder is exactly what a one-process run writes.
+    """
+    w = distributed.world(cfg.strategy)
+    state = distributed.full_state_dict(model, w) if w.sharded else None
+    if w.main:
+        if state is not None:
+            model = rebuild()
+            model.load_state_dict(state)
+        save_merged(model, tokenizer, out_dir)
+    w.barrier()
+
+
 def train_loop(
     model,
     units: Sequence[list[int]],
@@ -88,7 +107,14 @@ def train_loop(
     into micro-batches of ``cfg.micro_batch_size`` units whose gradients accumulate (each weighted by
     its share of the step). With ``cfg.group_by_length`` (and ``lengths`` per unit) each step holds
     units of similar length. Returns the loss of every optimiser step.
+
+    Under a launch with ``cfg.strategy`` ``ddp`` or ``fsdp`` (``alignment.distributed``), every rank
+    runs this same loop: the order is the same in all, each step's units are split across the ranks
+    so the global batch is still ``batch_size``, each micro-batch is weighted by its share of the
+    whole step, and the returned losses are the global ones.
     """
+    w = distributed.world(cfg.strategy)
+    model = distributed.prepare(model, w, cfg.dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -98,7 +124,9 @@ def train_loop(
     micro = max(1, min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size))
     rng = random.Random(cfg.seed)
     total = math.ceil(len(units) / cfg.batch_size) * cfg.epochs
-    bar = tqdm(total=total, desc=desc, unit="step", disable=None if progress else True, leave=False)  # bars only on a terminal
+    shown = progress and w.main
+    bar = tqdm(total=total, desc=desc, unit="step", disable=None if shown else True, leave=False)  # bars only on a terminal
+    precision = contextlib.nullcontext if distributed.uses_fsdp_precision(model, cfg.dtype) else (lambda: autocast(model.device, cfg.dtype))
     losses: list[float] = []
     model.train()
     for _ in range(cfg.epochs):
@@ -111,19 +139,26 @@ def train_loop(
             rng.shuffle(steps)
         for step_units in steps:
             step_total = 0.0
-            for m in range(0, len(step_units), micro):
-                chunk = step_units[m : m + micro]
-                with autocast(model.device, cfg.dtype):
-                    loss = step_loss([row for u in chunk for row in units[u]])
+            mine = w.share(step_units)
+            chunks = [mine[m : m + micro] for m in range(0, len(mine), micro)]
+            passes = w.passes(len(step_units), micro)
+            for k in range(passes):
+                # Past its own chunks a rank still joins FSDP's collectives: one pass with weight 0.
+                chunk = chunks[k] if k < len(chunks) else []
+                w.set_sync(model, k == passes - 1)
+                with precision():
+                    loss = step_loss([row for u in (chunk or step_units[:1]) for row in units[u]])
                 share = len(chunk) / len(step_units)
-                (loss * share).backward()
+                (loss * (share * w.size)).backward()  # the ranks' gradients are averaged: size * share sums them
                 step_total += loss.item() * share
+            w.average_gradients(params)
+            step_total = w.total(step_total)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_total)
-            if on_step is not None:
+            if on_step is not None and w.main:
                 on_step(len(losses), losses[-1])
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -159,7 +194,7 @@ def sft(
 
     units = [[i] for i in range(len(examples))]
     losses = train_loop(model, units, step_loss, cfg, lengths=[len(e[0]) for e in examples], progress=progress, on_step=on_step)
-    save_merged(model, tokenizer, out_dir)
+    save_trained(model, tokenizer, out_dir, cfg, rebuild=lambda: with_lora(load_policy(model_path, trust_remote_code=trust_remote_code, device="cpu")[0], cfg))
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     tail = losses[-steps_per_epoch:]
     return {"train_loss": sum(tail) / len(tail), "train_steps": float(len(losses)), "train_examples": float(len(examples))}

@@ -17,6 +17,7 @@ _ALSO = {
     "alignment.rewards": "RewardError",
     "tasks.lake": "StageNotFound",
     "tasks.lake.s3": "LakeAccessError",
+    "infra.stack": "StackInputError",
 }
 
 
@@ -27,11 +28,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def service_failure(exc: BaseException) -> str | None:
-    """One sentence for a service flywheel starts itself that did not come up (not the user's input:
-    the CLI exits 1 with it, without a traceback); None for anything else."""
+    """One sentence for a service flywheel starts itself that did not come up, or a ``RunFailure`` of the
+    run's work (not the user's input: the CLI exits 1 with it, without a traceback); None for anything else."""
+    from alignment.errors import RunFailure
     from flows.server import EmbeddedServerError, not_answering  # the standard library only
 
-    if isinstance(exc, EmbeddedServerError):
+    if isinstance(exc, (EmbeddedServerError, RunFailure)):
         return str(exc)
     if isinstance(exc, RuntimeError) and "attempting to connect to ephemeral Prefect API server" in str(exc):
         import os  # the server Prefect starts itself (a flow run outside ``flywheel run``)

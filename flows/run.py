@@ -71,13 +71,13 @@ def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
 
 
 class _NoUserErrorTracebacks(logging.Filter):
-    """Drop Prefect's log records that carry a ``UserError``: the CLI says it in one sentence instead."""
+    """Drop Prefect's log records that carry a ``UserError`` or ``RunFailure``: the CLI says it in one sentence instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from alignment.errors import UserError
+        from alignment.errors import RunFailure, UserError
 
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, UserError)
+        return not isinstance(exc, (UserError, RunFailure))
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Fine-tuning tasks: the behaviour-cloning warm start and ReST's Improve step (SFT).
+"""Fine-tuning tasks: the behaviour-cloning warm start, ReST's Improve step (SFT) and the preference losses of iterative DPO.
 
 Each writes its checkpoint to ``{lake}/models/{run}/iteration={g}/checkpoint/step={i}`` with a manifest, so a
 resumed run reuses a finished checkpoint instead of training it again.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import polars as pl
-
+from alignment import distributed
+from alignment.metrics import own
 from alignment.train_settings import trainer_config
 from alignment.training import sft
 from tasks.context import RunRef, flywheel_task, log
@@ -24,7 +24,7 @@ def _fit(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: str
 def fit_sft(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: str, seed: int) -> str:
     """SFT of ``start_uri`` on ``data_uri`` into the checkpoint ``out_uri``, with the recipe's ``settings``
     section (``warm_start`` or ``improve``): a GPU stage, which may run in its own process or on a GPU worker."""
-    lake = ref.open_lake()
+    lake, cfg = ref.open_lake(), trainer_config(ref.recipe, settings, seed)
     data = lake.read(data_uri)
     Path(ref.cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp:
@@ -32,12 +32,20 @@ def fit_sft(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: 
         finished = (data["finish_reason"] != "length").to_list() if "finish_reason" in data.columns else None
         metrics = sft(
             ref.local_model(start_uri), tmp, data["prompt"].to_list(), data["completion"].to_list(),
-            trainer_config(ref.recipe, settings, seed), finished=finished, trust_remote_code=ref.recipe.model.trust_remote_code,
+            cfg, finished=finished, trust_remote_code=ref.recipe.model.trust_remote_code,
         )
-        extra = {"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics}
-        lake.put_dir(tmp, out_uri, extra=extra, cache_root=Path(ref.cache_dir) / "models")
+        _commit(ref, tmp, out_uri, cfg.strategy, {"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics})
     log().info("trained %s on %d examples: loss %.4f", ref.policy_version(out_uri), data.height, metrics["train_loss"])
     return out_uri
+
+
+def _commit(ref: RunRef, folder: str, out_uri: str, strategy: str, extra: dict) -> None:
+    """Commit a trained checkpoint with how it was trained (world size, each rank's peak memory): from rank 0
+    only when the stage runs as several ranks (every rank calls this; it gathers the records)."""
+    extra["metrics"] |= distributed.records(strategy)
+    extra["distributed"] = {"strategy": strategy, "world_size": int(extra["metrics"]["world_size"])}
+    if distributed.world(strategy).main:
+        ref.open_lake().put_dir(folder, out_uri, extra=extra, cache_root=Path(ref.cache_dir) / "models")
 
 
 @flywheel_task(name="warm-start")
@@ -80,11 +88,10 @@ def fit_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str,
     if cfg.spec.trains_on == "pairs":
         data_uri, data = pairs_uri, lake.read(pairs_uri)
     else:  # the policy's own scored samples, grouped by prompt (demonstrations carry no reward)
-        data_uri, data = scored_uri, lake.read(scored_uri).filter(pl.col("sample_idx") >= 0)
+        data_uri, data = scored_uri, own(lake.read(scored_uri))
     Path(ref.cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp:
         metrics = fit(ref.local_model(start_uri), tmp, data, cfg, trust_remote_code=ref.recipe.model.trust_remote_code)
-        lake.put_dir(tmp, out_uri, extra={"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics},
-                     cache_root=Path(ref.cache_dir) / "models")
+        _commit(ref, tmp, out_uri, cfg.strategy, {"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics})
     log().info("trained %s with %s on %d rows: loss %.4f", ref.policy_version(out_uri), cfg.spec.name, data.height, metrics["train_loss"])
     return out_uri

@@ -1,0 +1,40 @@
+"""Training bodies that tests run as ranks (``tasks.launch.run_ranks``) and in one process, to compare them.
+
+Each body trains the tiny model with the one training loop and returns the per-step losses that rank 0
+saw; the trained weights land in ``out_dir`` as a plain Hugging Face folder. Module-level functions,
+so a rank imports them by name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+
+from alignment.preference import train_preference
+from alignment.train_settings import LossSettings, PreferenceConfig, TrainConfig
+from alignment.training import sft
+
+
+def sft_losses(model_dir: str, out_dir: str, prompts: list[str], completions: list[str], settings: dict) -> list[float]:
+    losses: list[float] = []
+    cfg = TrainConfig(**settings)
+    sft(model_dir, out_dir, prompts, completions, cfg, progress=False, on_step=lambda _, loss: losses.append(loss))
+    return losses
+
+
+def dpo_losses(model_dir: str, out_dir: str, pairs_path: str, settings: dict) -> list[float]:
+    losses: list[float] = []
+    cfg = PreferenceConfig(**settings, objective=LossSettings(loss="dpo", beta=0.1))
+    train_preference(model_dir, out_dir, pl.read_parquet(pairs_path), cfg, progress=False,
+                     on_step=lambda _, loss: losses.append(loss))
+    return losses
+
+
+def train_until_killed(model_dir: str, out_dir: str, prompts: list[str], completions: list[str], settings: dict) -> list[float]:
+    """SFT for as long as the settings say, after leaving this rank's pid where the test can find it (to kill it)."""
+    import torch.distributed as dist
+
+    Path(out_dir).parent.joinpath(f"rank{dist.get_rank()}.pid").write_text(str(os.getpid()))
+    return sft_losses(model_dir, out_dir, prompts, completions, settings)
