@@ -10,6 +10,9 @@
 stage has taken), then the per-step table and where the logs, lake, MLflow run and champion are.
 Prefect's per-task lines, MLflow's and Python's warnings go to ``.flywheel/logs/RUN.log`` instead
 (``--verbose`` prints them as well).
+
+Every command checks what it is given before it works: a mistake (an option's value, a lake, run,
+table or file that is not there, a query the engine refuses) is one ``flywheel:`` sentence and exit 2.
 """
 
 from __future__ import annotations
@@ -218,9 +221,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from flows.sql import QueryError, check_out, open_lake
+    from tasks.lake import RUN_FILE, check_name
+
+    check_name(args.run, "run name")
+    out = check_out(args.out or f"{args.run}-report.html")
+    lake = open_lake(args.lake)
+    run_uri = lake.run_uri(args.run)
+    if not lake.store.exists(f"{run_uri}/summary.json"):
+        known = lake.store.exists(f"{run_uri}/{RUN_FILE}")
+        raise QueryError(
+            f"Run {args.run!r} in {lake.uri} has no summary yet (it stopped before its baseline was registered); resume it first."
+            if known else f"No run {args.run!r} in {lake.uri}; `flywheel runs --lake {lake.uri}` lists its runs."
+        )
+    try:
+        lake.get_json(f"{run_uri}/summary.json")
+    except ValueError as exc:
+        raise QueryError(f"{run_uri}/summary.json is not valid JSON ({exc}); resume the run to write it again.") from None
     from tasks.report.html import write_report
 
-    print(write_report(args.lake, args.run, args.out))
+    print(write_report(lake.uri, args.run, out))
     return 0
 
 
@@ -233,20 +253,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from flows.sql import query, render, write
-    from tasks.lake import Lake
-    from tasks.lake import normalize_uri
+    from flows.sql import check_out, open_lake, query, render, write
 
-    write(render(query(Lake(normalize_uri(args.lake)), args.query), args.format), args.out)
+    out = check_out(args.out) if args.out else None
+    write(render(query(open_lake(args.lake), args.query), args.format), out)
     return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from flows.sql import runs
-    from tasks.lake import Lake
-    from tasks.lake import normalize_uri
+    from flows.sql import open_lake, runs
 
-    rows = runs(Lake(normalize_uri(args.lake)))
+    rows = runs(open_lake(args.lake))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -280,9 +297,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
             return 1 if done["still_listening"] else 0
         else:
             report = stack.status(".")
-    except stack.StackError as exc:
+    except stack.StackError as exc:  # a service that would not start or stop; StackInputError: the command's input
         print(f"flywheel: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, stack.StackInputError) else 1
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -295,8 +312,45 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return 0 if all(s["healthy"] for s in report.values()) else 1
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake in the arguments said like every other: one ``flywheel:`` sentence, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"flywheel: {message}; `{self.prog} --help` lists the arguments.\n")
+
+
+def whole(low: int, high: int | None = None):
+    """An argparse type: a whole number from ``low`` (to ``high``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {bounds}, got {text!r}")
+        return value
+
+    return parse
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+PORT = whole(1, 65535)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flywheel", description="Self-improvement loops for language models.")
+    parser = Parser(prog="flywheel", description="Self-improvement loops for language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def lake_option(p: argparse.ArgumentParser, says: str = "The lake: file://PATH or s3://BUCKET/PREFIX.") -> None:
@@ -313,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="Show counts, reward statistics and sample rows of any lake URI.")
     p.add_argument("uri", help="A lake, run, table or partition URI, e.g. file://./lake/runs/RUN, "
                                "file://./lake/scored/run=RUN/iteration=1 or s3://bucket/prefix/runs/RUN")
-    p.add_argument("--limit", type=int, default=5, help="Sample rows to show per stage.")
+    p.add_argument("--limit", type=whole(0), default=5, help="Sample rows to show per stage.")
     p.add_argument("--json", action="store_true", help="Print JSON for scripts.")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("sql", help="SQL over the lake's stage tables (scored, filtered, eval, ... and drops).")
@@ -330,15 +384,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipes", nargs="*", help="Recipe YAML files (default: every recipes/*.yaml).")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="Override a key in every recipe, e.g. --set mlflow.tracking_uri=http://127.0.0.1:5000")
-    p.add_argument("--limit", type=int, default=None, help="Most flow runs this process executes at once.")
+    p.add_argument("--limit", type=whole(1), default=None, help="Most flow runs this process executes at once.")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("stack", help="Start, stop or check the local Prefect, MLflow and S3 servers (127.0.0.1).")
     p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--prefect-port", type=int, default=4200, help="Prefect server and UI port.")
-    p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port.")
-    p.add_argument("--s3-port", type=int, default=8333, help="SeaweedFS S3 port.")
+    p.add_argument("--prefect-port", type=PORT, default=4200, help="Prefect server and UI port.")
+    p.add_argument("--mlflow-port", type=PORT, default=5000, help="MLflow server port.")
+    p.add_argument("--s3-port", type=PORT, default=8333, help="SeaweedFS S3 port.")
     p.add_argument("--no-ui", action="store_true", help="Start the Prefect server without its UI.")
-    p.add_argument("--timeout", type=float, default=180.0, help="Seconds to wait for each service to answer.")
+    p.add_argument("--timeout", type=seconds, default=180.0, help="Seconds to wait for each service to answer.")
     p.add_argument("--json", action="store_true", help="Print JSON for scripts.")
     p.set_defaults(func=cmd_stack)
     p = sub.add_parser("report", help="Write one self-contained HTML report of a run (plots inline).")

@@ -35,31 +35,42 @@ def build_deployments(recipes: Sequence[Recipe]):
 
     from flows.run import flow_for
 
-    seen: set[str] = set()
+    check_deployable(recipes)
     deployments = []
+    for recipe in recipes:
+        flow = flow_for(recipe)
+        deployments.append(flow.to_deployment(
+            name=recipe.name,
+            cron=recipe.orchestration.schedule,
+            parameters={"recipe": recipe.model_dump(mode="json")},
+            description=f"{flow.description}\n\nRecipe {recipe.name!r} ({recipe.algorithm}); edit any field for one run.",
+            tags=["flywheel", recipe.algorithm],
+            enforce_parameter_schema=True,
+            # Import the flow by module (the package is installed), so runs work from any directory.
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ))
+    return deployments
+
+
+def check_deployable(recipes: Sequence[Recipe]) -> None:
+    """What deploying the recipes needs, checked without a server or a model library: unique names, and
+    schedules Prefect's ``CronSchedule`` (what ``to_deployment`` builds) accepts."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    seen: set[str] = set()
     for recipe in recipes:
         if recipe.name in seen:
             raise RecipeError(f"Two recipes are named {recipe.name!r}: deployment names must be unique; rename one.")
         seen.add(recipe.name)
-        flow = flow_for(recipe)
+        cron = recipe.orchestration.schedule
         try:
-            deployment = flow.to_deployment(
-                name=recipe.name,
-                cron=recipe.orchestration.schedule,
-                parameters={"recipe": recipe.model_dump(mode="json")},
-                description=f"{flow.description}\n\nRecipe {recipe.name!r} ({recipe.algorithm}); edit any field for one run.",
-                tags=["flywheel", recipe.algorithm],
-                enforce_parameter_schema=True,
-                # Import the flow by module (the package is installed), so runs work from any directory.
-                entrypoint_type=EntrypointType.MODULE_PATH,
-            )
-        except ValueError as exc:  # Prefect's CronSchedule refuses the expression
+            if cron:
+                CronSchedule(cron=cron)
+        except ValueError:
             raise RecipeError(
-                f"Recipe {recipe.name!r}: orchestration.schedule {recipe.orchestration.schedule!r} is not a valid "
-                "cron expression; use five fields (minute hour day month weekday), e.g. '0 3 * * *'."
-            ) from exc
-        deployments.append(deployment)
-    return deployments
+                f"Recipe {recipe.name!r}: orchestration.schedule {cron!r} is not a valid cron expression; "
+                "use five fields (minute hour day month weekday), e.g. '0 3 * * *'."
+            ) from None
 
 
 def default_recipe_files(directory: str | Path = "recipes") -> list[Path]:
@@ -78,11 +89,16 @@ def use_prefect_server() -> str:
     """
     from prefect.settings import PREFECT_API_URL
 
+    from infra.stack import client_env, http_ok
+
     url = PREFECT_API_URL.value()
     if url:
+        if not http_ok(f"{url.rstrip('/')}/health", timeout=5.0):
+            raise RecipeError(
+                f"The Prefect server at PREFECT_API_URL={url} does not answer: start it (flywheel stack up, or "
+                "prefect server start), or point PREFECT_API_URL at one that runs."
+            )
         return url
-    from infra.stack import client_env
-
     env = client_env(".")
     if not env:
         raise RecipeError(
@@ -94,13 +110,22 @@ def use_prefect_server() -> str:
     return env["PREFECT_API_URL"]
 
 
+def load_recipes(recipe_files: Sequence[str | Path], overrides: Sequence[str]) -> list[Recipe]:
+    """The recipes to serve (every ``recipes/*.yaml`` when none are named), each with the overrides."""
+    files = list(recipe_files) or default_recipe_files()
+    for path in files:
+        if Path(path).is_dir():
+            raise RecipeError(f"Recipe {path} is a folder; pass YAML recipe files, e.g. {Path(path) / '*.yaml'}.")
+    return [load_recipe(path, list(overrides)) for path in files]
+
+
 def serve(recipe_files: Sequence[str | Path] = (), overrides: Sequence[str] = (), *, limit: int | None = None) -> None:
     """Build the deployments and serve them until interrupted (Ctrl+C pauses their schedules)."""
     from prefect import serve as prefect_serve
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    files = list(recipe_files) or default_recipe_files()
-    recipes = [load_recipe(path, list(overrides)) for path in files]
+    recipes = load_recipes(recipe_files, overrides)
+    check_deployable(recipes)  # cheap, before the server is looked for and the flows load
     url = use_prefect_server()
     with temporary_settings({PREFECT_API_URL: url}):
         deployments = build_deployments(recipes)

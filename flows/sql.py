@@ -24,19 +24,61 @@ import io
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from alignment.errors import UserError
 from tasks.lake import TABLES, Lake
-from tasks.lake import LEASE_FILE, RUN_FILE
+from tasks.lake import LEASE_FILE, RUN_FILE, normalize_uri
 
 FORMATS = ("table", "json", "csv", "parquet")
 
 
 class QueryError(UserError):
-    """A query the lake's tables cannot answer."""
+    """A query the lake's tables cannot answer, a lake that is not there, or an output that cannot be written."""
+
+
+def open_lake(uri: str) -> Lake:
+    """The lake at ``uri``, for reading: one sentence when there is none there.
+
+    A ``file://`` lake is a folder holding ``runs/`` (every run records itself there first); an ``s3://``
+    lake's bucket, endpoint and credentials are checked by one request.
+    """
+    if uri.startswith("s3://") and not uri[len("s3://"):].strip("/"):
+        raise QueryError(f"The lake URI {uri!r} names no bucket: use s3://BUCKET/PREFIX.")
+    lake = Lake(normalize_uri(uri))
+    folder = lake.store.local_path(lake.uri)
+    if folder is None:
+        lake.store.exists(f"{lake.uri}/{RUN_FILE}")  # a missing bucket, a refused key, a stopped server: one sentence
+        return lake
+    if not folder.is_dir():
+        said = "is not a folder" if folder.exists() else "does not exist"
+        raise QueryError(f"No lake at {lake.uri}: {folder} {said}; pass --lake with the lake a run wrote (the recipe's lake).")
+    if not (folder / "runs").is_dir():
+        raise QueryError(
+            f"No lake at {lake.uri}: the folder holds no runs/ (each run records itself there); "
+            "pass --lake with the lake a run wrote (the recipe's lake)."
+        )
+    return lake
+
+
+def check_out(path: str | Path, option: str = "--out") -> Path:
+    """``path`` as a file this process can write (its folder is made if missing), checked before any work."""
+    out = Path(path)
+    if out.is_dir():
+        raise QueryError(f"{option} {path} is a folder; give a file name.")
+    existed = out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "ab"):
+            pass
+    except OSError as exc:
+        raise QueryError(f"{option} {path} cannot be written ({exc.strerror or exc}); choose a path in a folder you can write.") from None
+    if not existed:
+        out.unlink()
+    return out
 
 
 def committed_stages(lake: Lake) -> list[dict[str, Any]]:
@@ -80,6 +122,8 @@ def _readable(uri: str) -> str:
 
 def query(lake: Lake, sql: str) -> pl.DataFrame:
     """Run ``sql`` over the lake's tables; a query they cannot answer is one sentence."""
+    if not sql.strip():
+        raise QueryError('The query is empty; give one SELECT, e.g. "SELECT run, count(*) FROM scored GROUP BY run".')
     available = tables(lake)
     ctx = pl.SQLContext(available, eager=False)
     try:

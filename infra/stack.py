@@ -48,6 +48,10 @@ class StackError(RuntimeError):
     """A service could not be started or stopped; the message names it and its log."""
 
 
+class StackInputError(StackError):
+    """The command cannot work with what it was given (ports, the stack's own files); nothing was started."""
+
+
 @dataclass(frozen=True)
 class Stack:
     """Paths of one stack, rooted at a project directory."""
@@ -67,7 +71,16 @@ class Stack:
 
     def read_state(self) -> dict[str, Any]:
         path = self.dir / "state.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        try:
+            state = json.loads(path.read_text()) if path.exists() else {}
+        except (ValueError, OSError) as exc:
+            raise StackInputError(
+                f"{path} cannot be read ({type(exc).__name__}: {exc}); stop any stack servers still running "
+                "and delete the file."
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, dict) and isinstance(v.get("pid"), int) for v in state.values()):
+            raise StackInputError(f"{path} is not a stack's state (service -> pid and port); stop leftover servers and delete it.")
+        return state
 
     def write_state(self, state: dict[str, Any]) -> None:
         (self.dir / "state.json").write_text(json.dumps(state, indent=2))
@@ -227,10 +240,14 @@ def up(root: str | Path = ".", ports: dict[str, int] | None = None, *, ui: bool 
     """Start the services that are not running; return ``status()``. A failure stops what this call started."""
     stack = Stack.at(root)
     ports = {**DEFAULT_PORTS, **(ports or {})}
+    shared = sorted({p for p in ports.values() if list(ports.values()).count(p) > 1})
+    if shared:
+        names = [n for n in SERVICES if ports[n] in shared]
+        raise StackInputError(f"Port {shared[0]} is given to {' and '.join(names)}: each service needs its own port.")
     state = {k: v for k, v in stack.read_state().items() if pid_alive(v.get("pid", -1), k)}
     for name in SERVICES:
         if name not in state and not port_is_free(ports[name]):
-            raise StackError(f"Port {ports[name]} for {name} is taken by another process: stop it or pass --{name}-port.")
+            raise StackInputError(f"Port {ports[name]} for {name} is taken by another process: stop it or pass --{name}-port.")
     keys = stack.credentials()
     started: list[str] = []
     try:
