@@ -10,7 +10,10 @@ is the uniform entry point a trainer picks by name, built here by ``entry_point`
   of the chosen and rejected responses under the policy and (``spec.needs_reference``) the
   reference model, completion token counts, and (``spec.needs_rewards``) scalar rewards;
 - group losses (``spec.kind == "group"``, RLOO) read a ``GroupInputs`` of N samples per prompt with
-  their rewards and prompt group ids.
+  their rewards and prompt group ids;
+- token-level group losses (``spec.reads == "tokens"``, GRPO) read a ``TokenInputs``: per-token
+  log-probs ``[B, T]`` under the policy, the sampling policy π_old and the reference, each sample's
+  advantage and the completion mask, and return the batch's loss (a scalar) rather than one per example.
 
 ``compute_loss(name, batch, nll_alpha=..., **hparams)`` fills in the declared defaults, rejects
 unknown names and out-of-range hyperparameters, and adds the optional NLL term on the chosen response.
@@ -33,7 +36,8 @@ from torch import Tensor
 
 from alignment.loss_table import LOSSES, LossSpec, check_loss, loss_spec
 
-__all__ = ["LOSSES", "GroupInputs", "LossInputs", "LossSpec", "check_loss", "compute_loss", "entry_point", "nll", "with_nll"]
+__all__ = ["LOSSES", "GroupInputs", "LossInputs", "LossSpec", "TokenInputs", "check_loss", "compute_loss", "entry_point", "nll",
+           "with_nll"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,19 @@ class GroupInputs:
     logps: Tensor
     rewards: Tensor
     group_ids: Tensor
+
+
+@dataclass(frozen=True)
+class TokenInputs:
+    """A group's completions token by token, ``[B, T]``: ``logps`` under the policy (differentiable),
+    ``old_logps`` under the policy that sampled them, ``ref_logps`` under the reference (None when the
+    loss's reference weight is 0), ``mask`` 1 on completion tokens; and ``advantages`` ``[B]``."""
+
+    logps: Tensor
+    old_logps: Tensor
+    ref_logps: Tensor | None
+    advantages: Tensor
+    mask: Tensor
 
 
 # --- The GPO family, f(β·h) for a convex f (GPO, Tang et al., arXiv 2402.05749) -------------------
@@ -370,6 +387,8 @@ _READERS: dict[str, Callable[[LossInputs], tuple[Tensor, Tensor]]] = {
 def entry_point(spec: LossSpec) -> Callable[..., Tensor]:
     """``fn(batch, **hparams)`` for a declared loss: its maths function on what ``spec.reads`` from the batch."""
     maths = _MATHS[spec.function]
+    if spec.reads == "tokens":
+        return lambda b, **hp: maths(b.logps, b.old_logps, b.ref_logps, b.advantages, b.mask, **hp)
     if spec.kind == "group":
         return lambda g, **hp: maths(g.logps, g.rewards, g.group_ids, **hp)
     read = _READERS[spec.reads]
@@ -381,7 +400,7 @@ def entry_point(spec: LossSpec) -> Callable[..., Tensor]:
 # The maths functions the table may name. A loss function added here without a LossSpec in
 # alignment.loss_table (or a LossSpec naming a function not here) fails at import.
 _MATHS: dict[str, Callable[..., Tensor]] = {
-    f.__name__: f for f in (dpo, hinge, ipo, exponential, truncated_quadratic, savage, simpo, orpo, kto, rebel, rloo)
+    f.__name__: f for f in (dpo, hinge, ipo, exponential, truncated_quadratic, savage, simpo, orpo, kto, rebel, rloo, grpo)
 }
 _undeclared = set(_MATHS) - {spec.function for spec in LOSSES.values()}
 _unknown = {spec.name: spec.function for spec in LOSSES.values() if spec.function not in _MATHS}
@@ -401,11 +420,13 @@ def with_nll(losses: Tensor, batch: LossInputs, alpha: float) -> Tensor:
     return losses + alpha * nll(batch) if alpha else losses
 
 
-def compute_loss(name: str, batch: LossInputs | GroupInputs, *, nll_alpha: float = 0.0, **hparams: float) -> Tensor:
-    """Per-example losses of loss ``name`` with its declared defaults, plus ``nll_alpha``·NLL."""
+def compute_loss(name: str, batch: LossInputs | GroupInputs | TokenInputs, *, nll_alpha: float = 0.0,
+                 **hparams: float | str | None) -> Tensor:
+    """Per-example losses of loss ``name`` with its declared defaults, plus ``nll_alpha``·NLL (a token-level
+    loss: the batch's loss)."""
     spec = loss_spec(name)
     spec.check(hparams, nll_alpha)
-    expected = GroupInputs if spec.kind == "group" else LossInputs
+    expected = TokenInputs if spec.reads == "tokens" else GroupInputs if spec.kind == "group" else LossInputs
     if not isinstance(batch, expected):
         raise TypeError(f"Loss {name!r} takes {expected.__name__}, got {type(batch).__name__}.")
     return with_nll(spec.fn(batch, **{**spec.defaults(), **hparams}), batch, nll_alpha)

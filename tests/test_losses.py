@@ -81,7 +81,7 @@ def test_loss_values_match_hand_computation(name):
 
 
 def test_every_loss_has_a_numeric_test():
-    assert set(EXPECTED) | {"rloo"} == set(LOSSES)
+    assert set(EXPECTED) | {"rloo", "grpo"} == set(LOSSES)  # grpo's are in test_grpo_loss.py
 
 
 def test_kto_reference_point_is_the_clamped_detached_mean_logratio():
@@ -250,8 +250,7 @@ def test_hparam_table_matches_the_maths_defaults_and_bad_names_are_loud():
 
 def test_every_loss_function_is_declared_once_and_every_declaration_has_a_function():
     """A maths function in alignment.losses (public, tensors in, a Tensor out) needs a LossSpec, and back."""
-    # grpo waits for a LossSpec: the table's hyperparameters are floats and its loss_agg is a string.
-    helpers = {"nll", "with_nll", "compute_loss", "entry_point", "group_advantages", "grpo"}
+    helpers = {"nll", "with_nll", "compute_loss", "entry_point", "group_advantages"}
     maths = {
         name for name, f in vars(L).items()
         if inspect.isfunction(f) and f.__module__ == L.__name__ and not name.startswith("_") and name not in helpers
@@ -260,15 +259,15 @@ def test_every_loss_function_is_declared_once_and_every_declaration_has_a_functi
     assert maths == {spec.function for spec in LOSSES.values()} == set(L._MATHS)
     assert all(name == spec.name for name, spec in LOSSES.items())
     for spec in LOSSES.values():
-        assert spec.kind == ("group" if spec.reads == "group" else "pairwise")
-        assert spec.fn is not None and (spec.reads == "group" or spec.reads in L._READERS)
+        assert spec.kind == ("group" if spec.reads in ("group", "tokens") else "pairwise")
+        assert spec.fn is not None and (spec.kind == "group" or spec.reads in L._READERS)
 
 
 def test_the_table_answers_what_the_code_asks():
-    assert [n for n, s in LOSSES.items() if s.kind == "group"] == ["rloo"]
+    assert [n for n, s in LOSSES.items() if s.kind == "group"] == ["rloo", "grpo"]
     assert sorted(n for n, s in LOSSES.items() if not s.needs_reference) == ["orpo", "rloo", "simpo"]
     assert sorted(n for n, s in LOSSES.items() if s.needs_rewards) == ["rebel", "rloo"]
-    assert sorted(n for n, s in LOSSES.items() if not s.takes_nll) == ["orpo", "rloo"]
+    assert sorted(n for n, s in LOSSES.items() if not s.takes_nll) == ["grpo", "orpo", "rloo"]
     assert LOSSES["simpo"].defaults() == {"beta": 2.0, "gamma": 1.0}
     assert HParam(0.1, gt=0).problem(0.0) == "must be > 0" and HParam(1.0, ge=0).problem(0.0) is None
     assert isinstance(LOSSES["dpo"], LossSpec)
