@@ -3,7 +3,7 @@
 A recipe is YAML validated by these pydantic models. Every model forbids unknown keys (a typo is
 an error naming the key), every field has a description (Prefect renders them as the UI form),
 and ``--set dotted.key=value`` overrides are parsed as YAML scalars and validated the same way.
-How each fine-tuning stage trains (``warm_start``, ``improve``, ``preference``) is in
+How each fine-tuning stage trains (``warm_start``, ``improve``, ``preference``, ``grpo``) is in
 alignment/train_settings.py; where a run keeps its records and how it is orchestrated (``mlflow``,
 ``s3``, ``orchestration``) in alignment/run_settings.py.
 """
@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from alignment.errors import UserError
 from alignment.run_settings import MlflowConfig, OrchestrationConfig, S3Config, Stage  # noqa: F401  (re-exported)
 from alignment.strict import Strict
-from alignment.train_settings import DistributedConfig, ImproveConfig, PreferenceSettings, WarmStart
+from alignment.train_settings import DistributedConfig, GRPOSettings, ImproveConfig, PreferenceSettings, WarmStart
 
 
 class TaskConfig(Strict):
@@ -149,7 +149,11 @@ class FilterConfig(Strict):
 
 
 RewardSpec = str | list[Any] | dict[str, Any]
-SeedStream = Literal["task", "base", "warm_start", "grow", "improve", "preference", "pair"]
+SeedStream = Literal["task", "base", "warm_start", "grow", "improve", "preference", "pair", "grpo"]
+Algorithm = Literal["rest", "iterative_dpo", "grpo"]
+# The section each loop trains with; a loop's own section set on another loop's recipe would be ignored.
+LOOP_SECTIONS: dict[str, str] = {"rest": "improve", "iterative_dpo": "preference", "grpo": "grpo"}
+OWN_SECTIONS = ("grpo",)
 
 
 class EvalConfig(Strict):
@@ -195,7 +199,7 @@ class Recipe(Strict):
     """A flywheel run: task, model, loop and where its data and models go."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Recipe name (default model name).")
-    algorithm: Literal["rest", "iterative_dpo"] = Field("rest", description="Which loop to run.")
+    algorithm: Algorithm = Field("rest", description="Which loop to run: ReST, iterative DPO or GRPO.")
     seed: int = Field(0, description="Seed for data splits, model init, sampling and training.")
     task: TaskConfig = Field(default_factory=TaskConfig, description="Prompts, references and labelled data.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The initial policy.")
@@ -220,6 +224,10 @@ class Recipe(Strict):
         default_factory=lambda: PreferenceSettings(epochs=2, lr=5e-4, batch_size=16),
         description="Iterative DPO: pairing and preference loss.",
     )
+    grpo: GRPOSettings = Field(
+        default_factory=lambda: GRPOSettings(epochs=1, lr=1e-3, batch_size=16),
+        description="GRPO: steps per iteration, prompts per step, the clipped objective and its reference.",
+    )
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig, description="Training on several devices (every training stage).",
     )
@@ -243,6 +251,22 @@ class Recipe(Strict):
             raise ValueError(f"use file://PATH or s3://BUCKET/PREFIX; {scheme}:// is not supported")
         return lake
 
+    @model_validator(mode="after")
+    def _loop_settings(self) -> Recipe:
+        loop = getattr(self, LOOP_SECTIONS[self.algorithm])
+        for section in OWN_SECTIONS:
+            if getattr(self, section) is not loop and getattr(self, section) != Recipe.model_fields[section].default_factory():
+                raise ValueError(f"{section}.* keys apply to algorithm: {section}, and this recipe runs {self.algorithm}; "
+                                 f"remove them or set algorithm: {section}")
+        if isinstance(loop, GRPOSettings):
+            if self.grow.samples_per_prompt < 2:
+                raise ValueError(f"grow.samples_per_prompt is {self.grow.samples_per_prompt}, and GRPO compares each "
+                                 "sample with the others of its group: set it to 2 or more (G, e.g. 8)")
+            if self.grow.include_labelled:
+                raise ValueError("grow.include_labelled adds the labelled demonstrations to the samples, which GRPO does not "
+                                 "train on (they are not the policy's): set grow.include_labelled: false")
+        return self
+
     @property
     def model_name(self) -> str:
         return self.mlflow.model_name or self.name
@@ -259,7 +283,8 @@ class Recipe(Strict):
         itself; ``grow`` (Grow step g's samples), ``improve`` (step i of Grow step g) and
         ``preference`` (iteration t's training shuffles) sit in ``seed * 1000 + ...``, one seed per
         iteration (and per Improve step, up to nine a Grow step); ``pair`` (which sample a random
-        pairing draws) is ``seed + t``.
+        pairing draws) is ``seed + t``; ``grpo`` (step i of iteration g: its batch of prompts, its
+        samples and the order of its updates) is ``(seed * 1000 + g) * 1000 + i``.
         These are the formulas the first runs used: a seeded run keeps writing the data it always has.
         """
         s = self.seed
@@ -269,6 +294,7 @@ class Recipe(Strict):
             "improve": s * 1000 + iteration * 10 + step,
             "preference": s * 1000 + iteration,
             "pair": s + iteration,
+            "grpo": (s * 1000 + iteration) * 1000 + step,
         }[stream]
 
 

@@ -6,12 +6,14 @@ experiment itself).
     ├── WarmStart             the recipe's warm_start
     ├── ImproveConfig         the recipe's improve
     ├── PreferenceSettings    the recipe's preference: pairing, and the loss (LossSettings)
+    ├── GRPOSettings          the recipe's grpo: steps, prompts per step, reference, and the grpo loss (LossSettings)
     └── TrainConfig           what alignment.training.train_loop reads: + seed, dtype, prompt format, AdamW, LoRA,
                               and the data-parallel strategy (the recipe's distributed section, DistributedConfig)
         ├── PreferenceConfig  + the loss (its LossSettings) and the no-grad batch size
         └── RewardModelConfig
 
-``trainer_config(recipe, stage, seed)`` is the one conversion from a recipe to a trainer config: a
+``trainer_config(recipe, stage, seed)`` is the one conversion from a recipe to a trainer config (a loss
+section, ``preference`` or ``grpo``, becomes a ``PreferenceConfig``): a
 setting that applies to every training stage is a field of ``TrainConfig`` filled in there, once. A
 loss and its hyperparameters are checked once, against ``alignment.loss_table``, when their
 ``LossSettings`` are built (a recipe loads); training never checks them again.
@@ -119,6 +121,55 @@ class PreferenceSettings(LossSettings, TrainSettings):
         "previous", description="Warm-start each iteration from the previous iterate or from the initial policy."
     )
 
+    @model_validator(mode="after")
+    def _trains_on_pairs_or_samples(self) -> PreferenceSettings:
+        if self.spec.trains_on == "groups":
+            raise ValueError(f"loss {self.loss!r} trains in its own loop: set algorithm: {self.loss} and its settings "
+                             f"in the {self.loss} section")
+        return self
+
+
+_GRPO = _loss_table.LOSSES["grpo"].hparams  # the loss's declared defaults and ranges: declared once, in the table
+
+
+class GRPOSettings(LossSettings, TrainSettings):
+    """GRPO (DeepSeekMath, arXiv 2402.03300, Algorithm 1): M steps per iteration, each sampling a batch of
+    prompts, G completions per prompt (``grow.samples_per_prompt``), and μ epochs (``epochs``) of updates of
+    the clipped objective on them, ``batch_size`` prompt groups per update. The loss's hyperparameters are
+    checked against its declaration in alignment.loss_table when the recipe loads."""
+
+    loss: Literal["grpo"] = Field("grpo", description="The group-relative clipped objective (alignment.loss_table).")
+    steps_per_iteration: int = Field(4, ge=1, description="M, steps per iteration (each: sample, score, update).")
+    prompts_per_step: int = Field(64, ge=1, description="The batch D_b: prompts sampled (without replacement) per step.")
+    reference: Literal["initial", "iteration"] = Field(
+        "iteration", description="pi_ref: reset to the policy at the start of every iteration (Algorithm 1), or the "
+        "initial (warm-started) policy throughout.",
+    )
+    epsilon: float = Field(_GRPO["epsilon"].default, description=_GRPO["epsilon"].help + " (> 0).")
+    epsilon_high: float | None = Field(_GRPO["epsilon_high"].default, description=_GRPO["epsilon_high"].help + ".")
+    beta: float = Field(_GRPO["beta"].default, description=_GRPO["beta"].help + " (>= 0).")
+    loss_agg: str = Field(_GRPO["loss_agg"].default, description=_GRPO["loss_agg"].help + ".")
+    scale_rewards: Literal["group", "none"] = Field(
+        "group", description="Advantages (r - group mean) divided by the group's reward std (group), or not (none: "
+        "Dr. GRPO, arXiv 2503.20783).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_fields(cls, data):
+        if isinstance(data, dict) and data.get("hparams"):
+            raise ValueError(f"grpo's hyperparameters are keys of the section ({', '.join(_GRPO)}), not grpo.hparams")
+        return data
+
+    def loss_hparams(self) -> dict[str, float | str | None]:
+        """The loss function's keyword arguments: the section's own keys of the same names."""
+        return {name: getattr(self, name) for name in _GRPO}
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a step computes the reference's log-probs (beta > 0)."""
+        return self.spec.uses_reference(self.loss_hparams())
+
 
 class DistributedConfig(Strict):
     """Training on several devices: every training stage, and the no-grad log-prob passes inside them, run as
@@ -205,7 +256,7 @@ class RewardModelConfig(TrainConfig):
         return self
 
 
-TrainStage = Literal["warm_start", "improve", "preference"]
+TrainStage = Literal["warm_start", "improve", "preference", "grpo"]
 
 
 def trainer_config(recipe: Recipe, stage: TrainStage, seed: int) -> TrainConfig:
