@@ -76,11 +76,12 @@ class Loop:
         ref, clock = self.ref, self.clock
         eval_uri = ref.stage_uri(iteration, "eval", step)
         extra = step_metrics(ref, scored, selection.uri, eval_uri, self.champion_eval, clock.seconds)
+        trained = train_metrics(ref, candidate)
         reg = clock("register", register, ref, candidate, metrics, iteration, step, [selection.uri, eval_uri],
-                    parent_version=self.versions[start], step_metrics={**logged, **train_metrics(ref, candidate), **extra})
+                    parent_version=self.versions[start], step_metrics={**logged, **trained, **extra})
         log_step_metrics(ref, iteration, step, {"seconds_register": clock.seconds["seconds_register"]})
         self.versions[candidate] = reg.model_version
-        self.summary.step(iteration, step, selection, metrics, reg, **row, **extra,
+        self.summary.step(iteration, step, selection, metrics, reg, **row, **extra, **trained_on(ref, trained),
                           seconds_register=clock.seconds["seconds_register"])
         publish_iteration(ref, iteration, scored, selection.uri)
         self.champion_eval = eval_uri if reg.promoted else self.champion_eval
@@ -89,6 +90,14 @@ class Loop:
     def skip(self, iteration: int, step: int, selection: Selection, reason: str, **row: Any) -> None:
         """Record a step that trained nothing (``selection`` holds no rows to train on) in the summary."""
         self.summary.step(iteration, step, selection, None, None, **row, skipped=reason)
+
+
+def trained_on(ref: RunRef, trained: dict[str, float]) -> dict[str, Any]:
+    """How a step's training ran, for its summary row: the world size, the strategy and each rank's peak memory."""
+    world = int(trained.get("world_size", 1))
+    peaks = [trained[f"peak_memory_mib_rank{r}"] for r in range(world) if f"peak_memory_mib_rank{r}" in trained]
+    return {"world_size": world, "strategy": ref.recipe.distributed.strategy if world > 1 else "none",
+            "train_peak_memory_mib": peaks}
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from alignment.arithmetic import TaskData
+from alignment.errors import ConfigError
 from alignment.recipe import Recipe
 from alignment.task_files import InputError, load_task
 
@@ -32,20 +33,100 @@ def check_inputs(recipe: Recipe) -> TaskData:
     check_reward_spec(recipe.reward)
     if recipe.eval.reward is not None:
         check_reward_spec(recipe.eval.reward)
+    check_distributed(recipe)
     data = load_task(recipe.task, recipe.seed_for("task"))
     check_rewards(recipe, data)
     return data
 
 
 def check_model(recipe: Recipe, data: TaskData) -> None:
-    """The half that loads transformers: the sampler takes its options, and every prompt leaves room
-    for ``max_new_tokens`` in the model's context (the built-in model is built to measure it)."""
+    """The half that loads transformers: the sampler takes its options, every prompt leaves room for
+    ``max_new_tokens`` in the model's context (the built-in model is built to measure it), and the
+    model can be trained the way ``distributed`` asks."""
     _check_sampler(recipe)
     if recipe.model.path:
         check_lengths(recipe, recipe.model.path, data)
+        check_devices(recipe, recipe.model.path)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        check_lengths(recipe, build_base(recipe, texts_of([data.prompts, data.eval, data.labelled], recipe), tmp), data)
+        base = build_base(recipe, texts_of([data.prompts, data.eval, data.labelled], recipe), tmp)
+        check_lengths(recipe, base, data)
+        check_devices(recipe, base)
+
+
+TRAINING_SECTIONS = {"rest": ("warm_start", "improve"), "iterative_dpo": ("warm_start", "preference"), "grpo": ("warm_start", "grpo")}
+
+
+def check_distributed(recipe: Recipe) -> None:
+    """Without a model library: every training step can give each rank a unit, and ``launcher: ray`` has a
+    cluster to run on."""
+    d = recipe.distributed
+    if d.world_size == 1:
+        return
+    for name in TRAINING_SECTIONS.get(recipe.algorithm, ()):
+        section = getattr(recipe, name, None)
+        if section is None or (name == "warm_start" and not recipe.warm_start.enabled):
+            continue
+        if d.world_size > section.batch_size:
+            raise ConfigError(
+                f"distributed asks for {d.world_size} ranks but {name}.batch_size is {section.batch_size}, so some rank "
+                f"would never train; use at most {section.batch_size} ranks or raise {name}.batch_size to at least {d.world_size}."
+            )
+    if d.launcher == "ray":
+        _check_ray(recipe)
+
+
+def _check_ray(recipe: Recipe) -> None:
+    import importlib.util
+    import os
+    import socket
+
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("distributed.launcher is 'ray' but Ray is not installed: pip install -e '.[ray]'.")
+    address = recipe.orchestration.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        if recipe.orchestration.runner == "ray":
+            return  # the run starts its own local cluster (prefect-ray), which Ray Train then uses
+        raise ConfigError(
+            "distributed.launcher is 'ray' but the run has no Ray cluster: set orchestration.ray_address (or RAY_ADDRESS), "
+            "or orchestration.runner: ray to start a local one."
+        )
+    if address == "auto":
+        return  # the node's own cluster, found by Ray itself
+    host, _, port = address.removeprefix("ray://").partition(":")
+    try:
+        socket.create_connection((host, int(port or 10001)), timeout=3).close()
+    except (OSError, ValueError):
+        raise ConfigError(
+            f"distributed.launcher is 'ray' but no Ray cluster answers at {address}; start it (ray start --head) or fix "
+            "orchestration.ray_address."
+        ) from None
+
+
+def check_devices(recipe: Recipe, model_dir: str) -> None:
+    """One sentence before training when the node has fewer GPUs than ranks, or FSDP finds no decoder layers to shard."""
+    d = recipe.distributed
+    if d.world_size == 1:
+        return
+    import torch
+
+    if torch.cuda.is_available() and d.launcher == "torchrun" and torch.cuda.device_count() < d.processes:
+        raise ConfigError(
+            f"distributed.processes is {d.processes} but this node has {torch.cuda.device_count()} GPU(s); use one "
+            "process per GPU."
+        )
+    if d.strategy == "fsdp":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from alignment.distributed import LayersNotFound, decoder_layers
+
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=recipe.model.trust_remote_code, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        try:
+            decoder_layers(model)
+        except LayersNotFound as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _check_sampler(recipe: Recipe) -> None:
@@ -101,10 +182,10 @@ def check_lengths(recipe: Recipe, model_dir: str, data: TaskData) -> None:
 def check_model_dir(path: str) -> None:
     p = Path(path)
     if not (p / "config.json").exists():
-        raise InputError(f"model.path {path} is not a model directory (no config.json); point it at a save_pretrained folder.")
+        raise ConfigError(f"model.path {path} is not a model directory (no config.json); point it at a save_pretrained folder.")
     weights = [*p.glob("*.safetensors"), *p.glob("*.bin"), *p.glob("*.safetensors.index.json")]
     if not weights:
-        raise InputError(f"model.path {path} has a config.json but no weights (*.safetensors or *.bin); save the model with save_pretrained.")
+        raise ConfigError(f"model.path {path} has a config.json but no weights (*.safetensors or *.bin); save the model with save_pretrained.")
 
 
 def texts_of(frames: list[pl.DataFrame], recipe: Recipe) -> list[str]:

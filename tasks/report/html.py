@@ -54,15 +54,25 @@ def _line_plot(rows, keys: dict[str, str], ylabel: str, *, mark_champion: bool =
     return _png(fig)
 
 
-def _bar_plot(rows, keys: list[str], ylabel: str) -> str:
+def _bar_plot(rows, keys: list[str], ylabel: str, names: dict[str, str] | None = None) -> str:
     fig, ax = plots.figure(xlabel="iteration.step", ylabel=ylabel)
     bottom = [0.0] * len(rows)
     for key in keys:
         values = [r.get(key) or 0.0 for r in rows]
-        ax.bar([r["label"] for r in rows], values, bottom=bottom, label=key.removeprefix("seconds_"))
+        ax.bar([r["label"] for r in rows], values, bottom=bottom, label=(names or {}).get(key, key.removeprefix("seconds_")))
         bottom = [a + b for a, b in zip(bottom, values, strict=True)]
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def _training_world(steps: list[dict[str, Any]]) -> str:
+    """The stage-time chart's name for training: how many ranks trained, with which strategy, and their peak memory."""
+    ranked = [r for r in steps if (r.get("world_size") or 1) > 1]
+    if not ranked:
+        return "train"
+    last = ranked[-1]
+    peaks = ", ".join(f"{p:,.0f}" for p in last.get("train_peak_memory_mib") or [])
+    return f"train ({last['world_size']} ranks, {last.get('strategy')}; peak MiB per rank {peaks})"
 
 
 def _histograms(frames: dict[int, tuple[pl.DataFrame, pl.DataFrame | None]]) -> list[str]:
@@ -142,7 +152,7 @@ def build_report(lake, run: str) -> str:
     body["histograms"] = "".join(_histograms(frames)) or "<p>No scored stage.</p>"
     stage_keys = [f"seconds_{s}" for s in STAGES if any(r.get(f"seconds_{s}") for r in steps)]
     body["throughput"] = (_line_plot(steps, {"grow_samples_per_s": "samples/s", "grow_tokens_per_s": "tokens/s"}, "per second")
-                          + _bar_plot(steps, stage_keys, "seconds"))
+                          + _bar_plot(steps, stage_keys, "seconds", {"seconds_train": _training_world(steps)}))
     checks = sorted({c for r in steps for c in (r.get("promotion") or {})})
     body["promotion"] = _table(
         ["step", "version", "promoted", *checks],

@@ -1,0 +1,155 @@
+"""``flywheel run`` with its training on two processes (FSDP2, gloo on CPU), as a user runs it.
+
+The run is a subprocess; a watcher reads ``/proc`` while it goes and records the training ranks it
+sees (processes running ``-m tasks.launch`` that are not torchrun's own agent). Slow tier: the demo
+recipe at full size beside a one-process run of it (the lake and MLflow must hold the same things),
+and a rank killed mid-step, then the run resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.lake import Lake
+from tests.flywheel_helpers import FAST, RECIPE, ROOT, run_dir, versions_of
+
+FSDP = ["distributed.strategy=fsdp", "distributed.processes=2"]
+
+
+def rank_pids() -> list[int]:
+    """The training ranks alive now: the ``python -m tasks.launch`` children of torchrun's agent."""
+    procs: dict[int, tuple[int, list[bytes]]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        procs[int(proc.name)] = (ppid, args)
+    agents = {pid for pid, (_, args) in procs.items() if b"torch.distributed.run" in args}
+    return [pid for pid, (ppid, args) in procs.items() if ppid in agents and b"tasks.launch" in args]
+
+
+class Watch(threading.Thread):
+    """The most training ranks seen alive at once while the run goes."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.most, self.seen, self.stopped = 0, set(), False
+
+    def run(self) -> None:
+        while not self.stopped:
+            pids = rank_pids()
+            self.most = max(self.most, len(pids))
+            self.seen.update(pids)
+            time.sleep(0.2)
+
+
+def start(cwd: Path, run: str, *sets: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(RECIPE), "--run-name", run, *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc.returncode, out, err
+
+
+def summary(cwd: Path, run: str) -> dict:
+    return json.loads((run_dir(cwd / "lake", run) / "summary.json").read_text())
+
+
+def committed(cwd: Path, run: str) -> list[tuple]:
+    return sorted((a.stage, a.iteration, a.step) for a in Lake(str(cwd / "lake")).committed(run))
+
+
+def test_a_run_trains_on_two_processes(workdir):
+    watch = Watch()
+    watch.start()
+    code, out, err = finish(start(workdir, "fsdp", *FAST, *FSDP))
+    watch.stopped = True
+    assert code == 0, err[-3000:]
+    assert "Traceback" not in err
+    assert watch.most == 2, f"saw {watch.most} training ranks at once"
+    assert rank_pids() == []  # none left behind
+    doc = summary(workdir, "fsdp")
+    trained = [r for r in doc["iterations"] if r.get("model_version")]
+    assert trained and all(r["world_size"] == 2 and r["strategy"] == "fsdp" for r in trained)
+    assert all(len(r["train_peak_memory_mib"]) == 2 for r in trained)
+    from tests.flywheel_helpers import client_for
+
+    client = client_for(workdir)
+    version = versions_of(workdir)[-1]
+    metrics = client.get_run(version.run_id).data.metrics
+    assert metrics["world_size"] == 2 and metrics["peak_memory_mib_rank1"] > 0
+    experiment = client.get_run(version.run_id).info.experiment_id
+    parents = client.search_runs([experiment], filter_string="params.`distributed.strategy` = 'fsdp'")
+    assert parents and parents[0].data.params["distributed.processes"] == "2"  # the recipe's section, as params
+
+
+@pytest.mark.slow
+def test_the_demo_on_two_processes_writes_what_one_process_writes_and_still_learns(tmp_path):
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    one_dir.mkdir()
+    two_dir.mkdir()
+    one = start(one_dir, "demo")
+    code, _, err = finish(one)
+    assert code == 0, err[-3000:]
+    watch = Watch()
+    watch.start()
+    code, _, err = finish(start(two_dir, "demo", *FSDP))
+    watch.stopped = True
+    assert code == 0, err[-3000:]
+    assert watch.most == 2
+    assert committed(two_dir, "demo") == committed(one_dir, "demo")
+    steps = lambda d: sorted((v.tags["flywheel.iteration"], v.tags["flywheel.step"]) for v in versions_of(d))  # noqa: E731
+    assert steps(two_dir) == steps(one_dir)  # one model version per step, as one process registers
+    doc = summary(two_dir, "demo")
+    best = max(r["eval_accuracy"] for r in doc["iterations"] if r.get("eval_accuracy") is not None)
+    assert best - doc["baseline"]["eval_accuracy"] >= 0.30, (doc["baseline"], best)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_run_in_one_sentence_and_the_run_resumes(workdir):
+    proc = start(workdir, "killed", *FAST, *FSDP, "distributed.timeout_s=60")
+    # Kill rank 1 once the first Improve step trains (its filtered data is committed and ranks are up).
+    filtered = run_dir(workdir / "lake", "killed") / "stages" / "filtered"
+    deadline, victim = time.monotonic() + 600, None
+    while victim is None and time.monotonic() < deadline and proc.poll() is None:
+        pids = rank_pids()
+        if filtered.exists() and len(pids) == 2:
+            time.sleep(1.5)  # into training: model loaded, steps running
+            victim = max(pids)
+            os.kill(victim, signal.SIGKILL)
+        time.sleep(0.1)
+    assert victim is not None, "never saw the Improve step's ranks"
+    killed_at = time.monotonic()
+    code, out, err = finish(proc)
+    assert time.monotonic() - killed_at < 60
+    assert code == 1, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("flywheel:")]
+    assert len(lines) == 1 and "was killed by SIGKILL" in lines[0] and "committed nothing" in lines[0], err[-3000:]
+    assert "Traceback" not in err and "Traceback" not in out
+    assert rank_pids() == []
+    assert ("checkpoint", 1, 1) not in committed(workdir, "killed")
+    code, _, err = finish(start(workdir, "killed", *FAST, *FSDP, "distributed.timeout_s=60"))
+    assert code == 0, err[-3000:]
+    assert ("checkpoint", 1, 1) in committed(workdir, "killed")
+    assert summary(workdir, "killed")["stopped"].startswith("completed")
