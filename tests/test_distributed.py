@@ -143,3 +143,26 @@ def test_a_killed_rank_ends_the_stage_with_one_sentence(ranks_env, tiny_model_di
     pids = [int((out.parent / f"rank{r}.pid").read_text()) for r in (0, 1)]
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower(), pid
+
+
+@pytest.mark.slow
+def test_ray_train_gives_torchrun_s_losses(ranks_env, tiny_model_dir, data):
+    """``launcher: ray``: the same body as Ray Train workers on a local 2-CPU Ray cluster, the same losses."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
+    prompts, completions = data
+    settings = {**SETTINGS, "strategy": "fsdp"}
+    by_torchrun = run_ranks(_world("fsdp"), "dist", "train", bodies.sft_losses, str(tiny_model_dir),
+                            str(ranks_env / "torchrun"), prompts, completions, settings)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}})
+    try:
+        world = _world("fsdp")
+        world.distributed.launcher = "ray"
+        by_ray = run_ranks(world, "dist", "train", bodies.sft_losses, str(tiny_model_dir), str(ranks_env / "ray"),
+                           prompts, completions, settings)
+    finally:
+        ray.shutdown()
+    assert by_ray == pytest.approx(by_torchrun, rel=1e-6), (by_ray, by_torchrun)
+    _assert_same((by_torchrun, ranks_env / "torchrun"), (by_ray, ranks_env / "ray"), Path(tiny_model_dir))

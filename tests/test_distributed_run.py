@@ -153,3 +153,34 @@ def test_a_killed_rank_fails_the_run_in_one_sentence_and_the_run_resumes(workdir
     assert code == 0, err[-3000:]
     assert ("checkpoint", 1, 1) in committed(workdir, "killed")
     assert summary(workdir, "killed")["stopped"].startswith("completed")
+
+
+@pytest.mark.parametrize("sets, says", [
+    (["distributed.strategy=fsdp", "distributed.processes=64"], "64 ranks but warm_start.batch_size is 16"),
+    (["distributed.strategy=ddp", "distributed.processes=2", "distributed.launcher=ray"], "has no Ray cluster"),
+    (["distributed.strategy=ddp", "distributed.nodes=2"], "set distributed.launcher: ray to train across nodes"),
+    (["distributed.strategy=ddp", "distributed.processes=2", "distributed.launcher=ray", "orchestration.ray_address=127.0.0.1:9"],
+     "no Ray cluster answers at 127.0.0.1:9"),
+    (["distributed.strategy=zero3"], "distributed.strategy"),
+    (["distributed.processes=0"], "distributed.processes"),
+])
+def test_a_distributed_setting_that_cannot_work_is_one_sentence_before_anything_runs(workdir, sets, says):
+    code, out, err = finish(start(workdir, "refused", *sets), timeout=120)
+    assert code == 2, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("flywheel:") and says in lines[0], err
+    assert not (workdir / "lake").exists() or not any((workdir / "lake").rglob("*.parquet"))
+
+
+def test_fsdp_refuses_a_model_that_names_no_decoder_layers():
+    import torch
+
+    from alignment.distributed import LayersNotFound, decoder_layers
+
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+
+    with pytest.raises(LayersNotFound, match="use distributed.strategy: ddp"):
+        decoder_layers(Plain())
