@@ -166,3 +166,16 @@ def test_ray_train_gives_torchrun_s_losses(ranks_env, tiny_model_dir, data):
         ray.shutdown()
     assert by_ray == pytest.approx(by_torchrun, rel=1e-6), (by_ray, by_torchrun)
     _assert_same((by_torchrun, ranks_env / "torchrun"), (by_ray, ranks_env / "ray"), Path(tiny_model_dir))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_and_gradient_checkpointing_on_two_ranks_match_one_process(strategy, ranks_env, tiny_model_dir, data):
+    """LoRA adapters (merged into the saved weights) and recomputed activations train alike on 2 ranks."""
+    prompts, completions = data
+    settings = {**SETTINGS, "lora_r": 4, "gradient_checkpointing": True, "lr": 1e-2}
+    one, two = ranks_env / "one", ranks_env / "two"
+    losses1 = bodies.sft_losses(str(tiny_model_dir), str(one), prompts, completions, settings)
+    losses2 = run_ranks(_world(strategy), "dist", "train", bodies.sft_losses, str(tiny_model_dir), str(two), prompts,
+                        completions, {**settings, "strategy": strategy})
+    assert not any("lora" in name for name in _weights(two))  # merged: a plain model, as one process saves it
+    _assert_same((losses1, one), (losses2, two), Path(tiny_model_dir))
