@@ -6,6 +6,8 @@ prompt tokens masked: the same tokens ``alignment.training.encode_pairs`` trains
 ``batch_logps`` is differentiable and works on a collated batch (the trainer's forward pass);
 ``sequence_logps`` is the no-grad, batched version used to precompute reference log-probs once per
 iteration, so that they can be stored with the pairs and training holds a single model.
+``batch_token_logps`` and ``token_logps`` are the same per completion token, for losses that weigh
+each token (GRPO): the no-grad version's lists are stored beside each sample.
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ def batch_logps(model, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
 
 
 def _logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    token_nll, shifted, _ = _token_nll(model, input_ids, attention_mask, labels)
+    return -token_nll.sum(dim=1), (shifted != IGNORE).sum(dim=1)
+
+
+def _token_nll(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-position NLL of the next token (0 where no label), the labels it was taken against, and the logits,
+    all cut to the positions from the first that predicts a label onwards."""
     # Position t predicts token t+1: shift the labels, not the logits, so the logits are never copied.
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
     if _takes_logits_to_keep(model):
@@ -61,7 +70,23 @@ def _logps(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> 
     shifted = shifted[:, shifted.shape[1] - logits.shape[1] :]  # the positions whose logits were kept
     # cross_entropy is a fused log-softmax + gather; it is 0 at ignored positions.
     token_nll = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE, reduction="none")
-    return -token_nll.view_as(shifted).sum(dim=1), (shifted != IGNORE).sum(dim=1)
+    return token_nll.view_as(shifted), shifted, logits
+
+
+def batch_token_logps(model, batch: dict[str, Tensor], *, entropy: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-token completion log-probs ``[B, W]`` (float32, differentiable; 0 off the completion), the
+    completion mask ``[B, W]`` (bool), and with ``entropy`` the policy's entropy at each position (no grad).
+
+    ``batch`` is a collated batch as for ``batch_logps``; ``W`` covers the positions from the first that
+    predicts a completion token, so row i's completion tokens are ``logps[i][mask[i]]``, in order.
+    """
+    token_nll, shifted, logits = _token_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    mask = shifted != IGNORE
+    ent = None
+    if entropy:
+        with torch.no_grad():  # one row at a time: a row's [W, vocab] softmax, not the batch's
+            ent = torch.stack([-(lp.exp() * lp).sum(-1) for lp in (row.float().log_softmax(-1) for row in logits)])
+    return -token_nll, mask, ent
 
 
 def _length_groups(lengths: list[int], waste: float = 0.1) -> list[list[int]]:
@@ -126,3 +151,36 @@ def sequence_logps(
     if not logps:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
     return torch.cat(logps), torch.cat(lengths)
+
+
+@torch.no_grad()
+def token_logps(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    finished: Sequence[bool] | None = None,
+    batch_size: int = 32,
+    *,
+    dtype: str = "float32",
+    prompt: PromptFormat | None = None,
+) -> list[list[float]]:
+    """Each completion's per-token log-probs under ``model`` (no grad), one list per (prompt, completion):
+    the tokens ``encode_pairs`` trains on, the end id included unless ``finished[i]`` is False."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    fmt = formatter_for(model, tokenizer, prompt)
+    examples = encode_pairs(tokenizer, prompts, completions, fmt, finished)
+    was_training = model.training
+    model.eval()
+    out: list[list[float]] = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start : start + batch_size], fmt.pad_id)
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            with autocast(model.device, dtype):
+                logps, mask, _ = batch_token_logps(model, batch)
+            out += [row[keep].tolist() for row, keep in zip(logps.cpu(), mask.cpu(), strict=True)]
+    finally:
+        model.train(was_training)
+    return out

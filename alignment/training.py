@@ -99,14 +99,18 @@ def train_loop(
     desc: str = "training",
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    on_update: Callable[[dict[str, float]], None] | None = None,
 ) -> list[float]:
     """The one training loop: AdamW over seeded shuffles of ``units`` (lists of row indices).
 
-    ``step_loss(rows)`` is the objective — SFT's NLL, a preference loss, a Bradley–Terry loss —
-    and returns the mean loss of those rows. ``cfg.batch_size`` units make an optimiser step, split
-    into micro-batches of ``cfg.micro_batch_size`` units whose gradients accumulate (each weighted by
-    its share of the step). With ``cfg.group_by_length`` (and ``lengths`` per unit) each step holds
-    units of similar length. Returns the loss of every optimiser step.
+    ``step_loss(rows)`` is the objective — SFT's NLL, a preference loss, a Bradley–Terry loss, GRPO —
+    and returns the mean loss of those rows, or ``(loss, figures)`` with figures of those rows (floats)
+    to be averaged like the loss. ``cfg.batch_size`` units make an optimiser step, split into
+    micro-batches of ``cfg.micro_batch_size`` units whose gradients accumulate (each weighted by its
+    share of the step). With ``cfg.group_by_length`` (and ``lengths`` per unit) each step holds units
+    of similar length. Returns the loss of every optimiser step. ``on_step(step, loss)`` is called on
+    rank 0 after each step; ``on_update`` on every rank with the step's ``loss``, ``grad_norm`` (before
+    clipping) and the step's mean of each figure.
 
     Under a launch with ``cfg.strategy`` ``ddp`` or ``fsdp`` (``alignment.distributed``), every rank
     runs this same loop: the order is the same in all, each step's units are split across the ranks
@@ -138,7 +142,7 @@ def train_loop(
             steps = [ranked[s : s + cfg.batch_size] for s in range(0, len(ranked), cfg.batch_size)]
             rng.shuffle(steps)
         for step_units in steps:
-            step_total = 0.0
+            step_total, step_figures = 0.0, {}
             mine = w.share(step_units)
             chunks = [mine[m : m + micro] for m in range(0, len(mine), micro)]
             passes = w.passes(len(step_units), micro)
@@ -147,24 +151,45 @@ def train_loop(
                 chunk = chunks[k] if k < len(chunks) else []
                 w.set_sync(model, k == passes - 1)
                 with precision():
-                    loss = step_loss([row for u in (chunk or step_units[:1]) for row in units[u]])
+                    out = step_loss([row for u in (chunk or step_units[:1]) for row in units[u]])
+                loss, figures = out if isinstance(out, tuple) else (out, {})
                 share = len(chunk) / len(step_units)
                 (loss * (share * w.size)).backward()  # the ranks' gradients are averaged: size * share sums them
                 step_total += loss.item() * share
+                for name, value in figures.items():
+                    step_figures[name] = step_figures.get(name, 0.0) + value * share
             w.average_gradients(params)
             step_total = w.total(step_total)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_total)
             if on_step is not None and w.main:
                 on_step(len(losses), losses[-1])
+            if on_update is not None:
+                on_update({"loss": step_total, "grad_norm": _full(norm), **_summed(step_figures, w)})
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     bar.close()
     model.eval()
     return losses
+
+
+def _full(norm: torch.Tensor) -> float:
+    """A gradient norm as a float (under FSDP, the norm over every rank's shards)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _summed(figures: dict[str, float], w: distributed.World) -> dict[str, float]:
+    """Each figure summed over the ranks (each holds its share-weighted part; a rank without units, none)."""
+    if w.size == 1:
+        return figures
+    import torch.distributed as dist
+
+    gathered: list[dict[str, float]] = [{} for _ in range(w.size)]
+    dist.all_gather_object(gathered, figures)
+    return {name: sum(g.get(name, 0.0) for g in gathered) for name in dict.fromkeys(n for g in gathered for n in g)}
 
 
 def sft(

@@ -21,16 +21,17 @@ from prefect import flow
 from alignment.recipe import Stage
 from tasks.context import RunRef, local_cache_dir
 from tasks.evaluate import write_eval
-from tasks.filter import compute_thresholds, write_filtered
+from tasks.filter import compute_thresholds, write_filtered, write_groups
 from tasks.grow import sample_shard
 from tasks.pair import write_pairs
 from tasks.placement import function_name, result_uri, run_here
 from tasks.score import score_part
-from tasks.train import fit_preference, fit_sft
+from tasks.train import fit_grpo, fit_preference, fit_sft
 
 STAGE_FUNCTIONS = {
     function_name(fn): fn
-    for fn in (sample_shard, score_part, compute_thresholds, write_filtered, write_pairs, fit_sft, fit_preference, write_eval)
+    for fn in (sample_shard, score_part, compute_thresholds, write_filtered, write_pairs, write_groups, fit_sft, fit_preference,
+               fit_grpo, write_eval)
 }
 
 

@@ -1,6 +1,9 @@
-"""Improve's filter: choose tau for each Improve step and keep the samples that pass it."""
+"""Improve's filter: choose tau for each Improve step and keep the samples that pass it; GRPO's groups: keep the
+groups that carry a signal and store what each of their samples trains with."""
 
 from __future__ import annotations
+
+import polars as pl
 
 from alignment import filters
 from alignment.metrics import own
@@ -66,4 +69,65 @@ def write_filtered(ref: RunRef, scored_uri: str, iteration: int, step: int, tau:
     fates = filters.decisions(scored, finished, pool, kept, threshold=tau, top_k=cfg.kind == "top_k")
     lake.write_stage(ref.stage_uri(iteration, "decisions", step), [fates], config=config, parents=[scored_uri])
     lake.write_stage(uri, [kept], config=config, parents=[scored_uri], extra={"scored_rows": scored.height, "dropped": dropped})
+    return uri
+
+
+# -- GRPO: the step's groups, their advantages and stored log-probs ----------------------------------
+
+
+@flywheel_task(name="groups", retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_on_io)
+def group_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, old_uri: str, reference_uri: str) -> Selection:
+    """Commit ``groups/step={i}``: the step's informative groups with their advantages and the per-token log-probs
+    of π_old (``old_uri``, which sampled them) and π_ref (``reference_uri``, when beta > 0). Returns uri and counts."""
+    lake, label = ref.open_lake(), f"g={iteration} step {step}"
+    uri = run_once(ref, ref.stage_uri(iteration, "groups", step), "pair", write_groups, scored_uri, iteration, step,
+                   old_uri, reference_uri, label=label)  # fmt: skip
+    m, scored_rows = lake.manifest(uri), lake.manifest(scored_uri).rows
+    dropped = lake.manifest_doc(uri).get("dropped", {})
+    why = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
+    log().info("groups g=%d step %d: kept %d of %d samples%s", iteration, step, m.rows, scored_rows, f" (dropped: {why})" if why else "")
+    return Selection(uri=uri, kept=m.rows, samples=scored_rows)
+
+
+def write_groups(ref: RunRef, scored_uri: str, iteration: int, step: int, old_uri: str, reference_uri: str) -> str:
+    """The body of ``group_stage`` (a GPU stage, placed as ``pair``: the no-grad passes of π_old and π_ref).
+
+    Drops truncated samples (unless ``filter.keep_truncated``) and then the groups whose rewards are all equal
+    (``zero_std_group``, DAPO's dynamic sampling), records every scored row's fate in ``decisions/step={i}``,
+    and stores each kept sample's ``advantage``, ``old_logps`` and ``ref_logps`` (null when beta is 0).
+    """
+    import torch
+
+    from alignment import grpo
+    from alignment.logprobs import token_logps
+    from alignment.models import load_policy
+    from alignment.train_settings import trainer_config
+
+    recipe, lake, uri = ref.recipe, ref.open_lake(), ref.stage_uri(iteration, "groups", step)
+    scored = lake.read(scored_uri)
+    finished = scored if recipe.filter.keep_truncated else filters.drop_truncated(scored)
+    kept = grpo.with_advantages(grpo.informative(finished), recipe.grpo.scale_rewards)
+    cfg = trainer_config(recipe, "grpo", recipe.seed_for("grpo", iteration, step))
+    done = (kept["finish_reason"] != filters.TRUNCATED).to_list()
+    passes = {"old_logps": old_uri, "ref_logps": reference_uri if recipe.grpo.uses_reference else None}
+    for column, model_uri in passes.items():
+        values: list[list[float] | None] = [None] * kept.height
+        if model_uri == old_uri and column != "old_logps":  # a step's first: π_ref is π_old, the same numbers
+            values = kept["old_logps"].to_list()
+        elif model_uri is not None and kept.height:
+            model, tokenizer = load_policy(ref.local_model(model_uri), trust_remote_code=recipe.model.trust_remote_code)
+            values = token_logps(model, tokenizer, kept["prompt"].to_list(), kept["completion"].to_list(), done,
+                                 cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)  # fmt: skip
+            del model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the next pass loads the other model
+        kept = kept.with_columns(pl.Series(column, values, dtype=pl.List(pl.Float64)))
+    fates = filters.fates(scored, [("truncated", finished), ("zero_std_group", kept)], threshold=None)
+    dropped = dict(sorted((r, int(n)) for r, n in fates.filter(pl.col("decision") == "dropped")["reason"].value_counts().iter_rows()))
+    config = {"grpo": recipe.grpo.model_dump(), "filter": {"keep_truncated": recipe.filter.keep_truncated}, "step": step,
+              "old": old_uri, "reference": passes["ref_logps"]}  # fmt: skip
+    lake.write_stage(ref.stage_uri(iteration, "decisions", step), [fates], config=config, parents=[scored_uri])
+    lake.write_stage(uri, [kept], config=config, parents=[scored_uri, old_uri, *([reference_uri] if passes["ref_logps"] else [])],
+                     extra={"scored_rows": scored.height, "dropped": dropped, "groups": kept["prompt_id"].n_unique(),
+                            "figures": grpo.sample_figures(scored)})
     return uri

@@ -3,7 +3,8 @@
 Prompts are split into ``grow.shards`` shards, each a task of its own so a distributed task
 runner can place them on different workers; every shard writes one part of the ``samples``
 stage and the stage is committed once all parts exist. Samples are seeded per (prompt, index),
-so the dataset is the same whatever the shard count, runner or batch size.
+so the dataset is the same whatever the shard count, runner or batch size. A GRPO step (``step``)
+samples its own batch of prompts into ``samples/step={i}`` (``alignment.grpo.prompt_batch``).
 """
 
 from __future__ import annotations
@@ -31,21 +32,27 @@ SAMPLE_SCHEMA = {
 
 
 @flywheel_task(name="grow-shard", retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_on_io)
-def grow_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: int) -> dict:
+def grow_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: int, step: int | None = None) -> dict:
     """Sample one shard of the prompts and write it as one part of the ``samples`` stage (a GPU stage)."""
-    return run_stage(ref, "grow", sample_shard, model_uri, iteration, shard, shards, label=f"g={iteration} shard {shard + 1}/{shards}")
+    return run_stage(ref, "grow", sample_shard, model_uri, iteration, shard, shards, step,
+                     label=f"g={iteration}{'' if step is None else f' step {step}'} shard {shard + 1}/{shards}")
 
 
-def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: int) -> dict:
+def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: int, step: int | None = None) -> dict:
     """The body of ``grow_shard``: a plain function, so it can run in a fresh process or on a GPU worker."""
     recipe, lake = ref.recipe, ref.open_lake()
-    uri = ref.stage_uri(iteration, "samples")
+    uri = ref.stage_uri(iteration, "samples", step)
     prompts = lake.read(ref.stage_uri(0, "prompts")).sort("prompt_id")
+    seed = recipe.seed_for("grow", iteration) if step is None else recipe.seed_for("grpo", iteration, step)
+    if step is not None:  # a GRPO step's batch D_b
+        from alignment.grpo import prompt_batch
+
+        prompts = prompts.filter(pl.col("prompt_id").is_in(prompt_batch(prompts["prompt_id"], recipe.grpo.prompts_per_step, seed)))
     part = prompts.filter(pl.int_range(pl.len()) % shards == shard)
     g = recipe.grow
     with MODEL_LOAD_LOCK:  # shards on the thread runner load their models one at a time
         sampler = make_sampler(g.sampler, ref.local_model(model_uri), **sampler_options(recipe, g.batch_size))
-    params = SamplingParams(g.temperature, g.top_p, g.max_new_tokens, seed=recipe.seed_for("grow", iteration))
+    params = SamplingParams(g.temperature, g.top_p, g.max_new_tokens, seed=seed)
     gen = sampler.generate(part["prompt"].to_list(), g.samples_per_prompt, params, part["prompt_id"].to_list())
     n = g.samples_per_prompt
     frame = pl.DataFrame(
@@ -67,9 +74,9 @@ def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards
 
 
 @flywheel_task(name="commit-samples", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
-def commit_samples(ref: RunRef, model_uri: str, iteration: int, parts: list[dict]) -> str:
+def commit_samples(ref: RunRef, model_uri: str, iteration: int, parts: list[dict], step: int | None = None) -> str:
     """Add the labelled data D when the recipe asks (D_g = samples ∪ D) and commit the stage."""
-    lake, uri = ref.open_lake(), ref.stage_uri(iteration, "samples")
+    lake, uri = ref.open_lake(), ref.stage_uri(iteration, "samples", step)
     parts = sorted(parts, key=lambda p: p["name"])
     if ref.recipe.grow.include_labelled:
         labelled = lake.read(ref.stage_uri(0, "labelled"))
@@ -84,11 +91,13 @@ def commit_samples(ref: RunRef, model_uri: str, iteration: int, parts: list[dict
     return lake.commit(uri, parts, config=config, parents=[model_uri, ref.stage_uri(0, "prompts")]).uri
 
 
-def grow(ref: RunRef, model_uri: str, iteration: int) -> str:
-    """Run the Grow step (sharded) and return the ``samples`` stage URI; a committed stage is reused."""
+def grow(ref: RunRef, model_uri: str, iteration: int, step: int | None = None) -> str:
+    """Run the Grow step (sharded) and return the ``samples`` stage URI; a committed stage is reused.
+    ``step``: a GRPO step, which samples its own batch of prompts into ``samples/step={step}``."""
     shards = ref.recipe.grow.shards
     return run_sharded(
-        ref, ref.stage_uri(iteration, "samples"), "grow",
-        lambda: grow_shard.map(unmapped(ref), unmapped(model_uri), unmapped(iteration), range(shards), unmapped(shards)),
-        lambda parts: commit_samples(ref, model_uri, iteration, parts),
+        ref, ref.stage_uri(iteration, "samples", step), "grow",
+        lambda: grow_shard.map(unmapped(ref), unmapped(model_uri), unmapped(iteration), range(shards), unmapped(shards),
+                               unmapped(step)),
+        lambda parts: commit_samples(ref, model_uri, iteration, parts, step),
     )

@@ -20,17 +20,18 @@ from tasks.placement import run_sharded, run_stage
 
 
 @flywheel_task(name="score-shard", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
-def score_shard(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: int) -> dict:
+def score_shard(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: int, step: int | None = None) -> dict:
     """Add a ``reward`` column to one part of ``samples`` and write it as part ``shard`` of ``scored``."""
-    return run_stage(ref, "score", score_part, samples_uri, iteration, part, shard, label=f"g={iteration} part {shard + 1}")
+    return run_stage(ref, "score", score_part, samples_uri, iteration, part, shard, step,
+                     label=f"g={iteration}{'' if step is None else f' step {step}'} part {shard + 1}")
 
 
-def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: int) -> dict:
+def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: int, step: int | None = None) -> dict:
     """The body of ``score_shard``: a plain module-level function (Ray pickles it by reference; a CPU or GPU worker can run it).
 
     A GPU stage when ``orchestration.score_on_gpu`` says the reward is a model on the GPU.
     """
-    lake, uri = ref.open_lake(), ref.stage_uri(iteration, "scored")
+    lake, uri = ref.open_lake(), ref.stage_uri(iteration, "scored", step)
     samples = lake.read_part(samples_uri, part)  # verified against the manifest
     with MODEL_LOAD_LOCK:  # a reward model loads like a policy: one at a time per process
         reward = with_timeout(resolve_reward_spec(ref.recipe.reward), ref.recipe.reward_timeout_s)
@@ -46,21 +47,22 @@ def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: 
 
 
 @flywheel_task(name="commit-scored", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
-def commit_scored(ref: RunRef, samples_uri: str, iteration: int, parts: list[dict]) -> str:
+def commit_scored(ref: RunRef, samples_uri: str, iteration: int, parts: list[dict], step: int | None = None) -> str:
     """Verify the parts and commit the ``scored`` stage."""
-    lake, uri = ref.open_lake(), ref.stage_uri(iteration, "scored")
+    lake, uri = ref.open_lake(), ref.stage_uri(iteration, "scored", step)
     manifest = lake.commit(uri, sorted(parts, key=lambda p: p["name"]), config={"reward": ref.recipe.reward}, parents=[samples_uri])
     log().info("score g=%d: committed %d rows in %d parts", iteration, manifest.rows, len(parts))
     return manifest.uri
 
 
-def score(ref: RunRef, samples_uri: str, iteration: int) -> str:
+def score(ref: RunRef, samples_uri: str, iteration: int, step: int | None = None) -> str:
     """Score every part of ``samples`` (sharded) and return the ``scored`` stage URI; a committed stage is reused.
-    A failed shard (a broken reward) leaves no half-scored stage behind."""
+    A failed shard (a broken reward) leaves no half-scored stage behind. ``step``: a GRPO step's samples."""
 
     def submit():
         names = [f["name"] for f in ref.open_lake().manifest(samples_uri).files]
-        return score_shard.map(unmapped(ref), unmapped(samples_uri), unmapped(iteration), names, range(len(names)))
+        return score_shard.map(unmapped(ref), unmapped(samples_uri), unmapped(iteration), names, range(len(names)),
+                               unmapped(step))
 
-    return run_sharded(ref, ref.stage_uri(iteration, "scored"), "score", submit,
-                       lambda parts: commit_scored(ref, samples_uri, iteration, parts))
+    return run_sharded(ref, ref.stage_uri(iteration, "scored", step), "score", submit,
+                       lambda parts: commit_scored(ref, samples_uri, iteration, parts, step))

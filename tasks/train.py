@@ -1,13 +1,17 @@
-"""Fine-tuning tasks: the behaviour-cloning warm start, ReST's Improve step (SFT) and the preference losses of iterative DPO.
+"""Fine-tuning tasks: the behaviour-cloning warm start, ReST's Improve step (SFT), the preference losses of
+iterative DPO and GRPO's steps.
 
 Each writes its checkpoint to ``{lake}/models/{run}/iteration={g}/checkpoint/step={i}`` with a manifest, so a
-resumed run reuses a finished checkpoint instead of training it again.
+resumed run reuses a finished checkpoint instead of training it again. A GRPO step's checkpoint lives only until
+the next step's commits (``drop_superseded``); the iteration's last one is registered and kept.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+
+import polars as pl
 
 from alignment import distributed
 from alignment.metrics import own
@@ -95,3 +99,55 @@ def fit_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str,
         _commit(ref, tmp, out_uri, cfg.strategy, {"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics})
     log().info("trained %s with %s on %d rows: loss %.4f", ref.policy_version(out_uri), cfg.spec.name, data.height, metrics["train_loss"])
     return out_uri
+
+
+@flywheel_task(name="train-grpo")
+def train_grpo(ref: RunRef, start_uri: str, groups_uri: str, iteration: int, step: int) -> str:
+    """GRPO step ``step`` of ``iteration``: μ epochs of updates of ``start_uri`` (π_old, which sampled the groups)
+    on the step's ``groups``, into ``checkpoint/step={step}``; the per-update figures go to ``updates/step={step}``."""
+    out_uri = ref.stage_uri(iteration, "checkpoint", step)
+    return run_once(ref, out_uri, "train", fit_grpo, start_uri, groups_uri, iteration, step, out_uri,
+                    label=ref.policy_version(out_uri))
+
+
+def fit_grpo(ref: RunRef, start_uri: str, groups_uri: str, iteration: int, step: int, out_uri: str) -> str:
+    """The body of ``train_grpo`` (a GPU stage; may run as several ranks, in its own process or on a GPU worker)."""
+    from alignment.grpo import train_grpo as fit
+
+    lake = ref.open_lake()
+    cfg = trainer_config(ref.recipe, "grpo", ref.recipe.seed_for("grpo", iteration, step))
+    data = lake.read(groups_uri)
+    Path(ref.cache_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp:
+        metrics, updates = fit(ref.local_model(start_uri), tmp, data, cfg, trust_remote_code=ref.recipe.model.trust_remote_code)
+        if distributed.world(cfg.strategy).main:  # committed before the checkpoint that marks the step done
+            lake.write_stage(ref.stage_uri(iteration, "updates", step), [pl.DataFrame(updates)],
+                             config={"grpo": ref.recipe.grpo.model_dump()}, parents=[groups_uri, start_uri])
+        _commit(ref, tmp, out_uri, cfg.strategy, {"kind": "checkpoint", "start": start_uri, "data": groups_uri, "metrics": metrics})
+    log().info("trained %s with grpo on %d samples: %d updates, loss %.4f, kl %s", ref.policy_version(out_uri), data.height,
+               len(updates), metrics["train_loss"], f"{metrics['kl']:.4f}" if "kl" in metrics else "-")
+    return out_uri
+
+
+def drop_superseded(ref: RunRef, iteration: int, step: int) -> None:
+    """Delete the checkpoints of ``iteration``'s GRPO steps before ``step``, whose checkpoint has committed: each was
+    needed only to sample, score and train the next step, so the lake keeps one model per iteration, not per step."""
+    lake = ref.open_lake()
+    for earlier in range(1, step):
+        lake.clear(ref.stage_uri(iteration, "checkpoint", earlier))
+
+
+def grpo_figures(ref: RunRef, groups_uri: str, updates_uri: str) -> dict[str, float]:
+    """A GRPO step's diagnostics from the lake: its samples' (the groups stage's manifest) and its updates' means."""
+    from alignment.grpo import update_figures
+
+    lake = ref.open_lake()
+    out = {k: float(v) for k, v in lake.manifest_doc(groups_uri).get("figures", {}).items() if v is not None}
+    return out | (update_figures(lake.read(updates_uri)) if lake.is_done(updates_uri) else {})
+
+
+def last_checkpoint(ref: RunRef, iteration: int, steps: int) -> int:
+    """The latest GRPO step of ``iteration`` whose checkpoint is committed (0: none): a resumed iteration trains
+    from it, and the steps before it, whose checkpoints were dropped, are not trained again."""
+    lake = ref.open_lake()
+    return max((i for i in range(1, steps + 1) if lake.is_done(ref.stage_uri(iteration, "checkpoint", i))), default=0)

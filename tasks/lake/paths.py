@@ -16,7 +16,8 @@ from alignment.errors import UserError
 MANIFEST = "_manifest.json"
 PARTITION_KEYS = ("run", "iteration", "step")
 # Stages kept as tables; every other stage (``base``, ``checkpoint``) is a model directory under ``models/``.
-TABLES = ("prompts", "eval_prompts", "labelled", "samples", "scored", "decisions", "filtered", "pairs", "eval")
+TABLES = ("prompts", "eval_prompts", "labelled", "samples", "scored", "decisions", "filtered", "pairs", "groups", "updates",
+          "eval")
 MODELS = ("base", "checkpoint")
 
 
