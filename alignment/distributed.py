@@ -56,7 +56,8 @@ class World:
 
     @property
     def sharded(self) -> bool:
-        return self.strategy == "fsdp" and self.size > 1
+        """FSDP in a launch (at world size 1 too: one rank still trains through FSDP2 and its precision policy)."""
+        return self.strategy == "fsdp"
 
     def share(self, step_units: Sequence[int]) -> list[int]:
         """This rank's contiguous block of a step's units (the first ``n % size`` ranks take one more)."""
@@ -148,9 +149,9 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def prepare(model: torch.nn.Module, w: World, dtype: str) -> torch.nn.Module:
     """``model`` ready for this world: sharded per decoder layer then at the root (FSDP), or one copy per rank
     with rank 0's weights (DDP, so adapters initialised in each rank start equal)."""
-    if w.size == 1:
+    if w.size == 1 and not w.sharded:
         return model
-    if w.strategy == "fsdp":
+    if w.sharded:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         low = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)

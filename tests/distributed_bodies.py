@@ -32,6 +32,21 @@ def dpo_losses(model_dir: str, out_dir: str, pairs_path: str, settings: dict) ->
     return losses
 
 
+def cases(model_dir: str, out_root: str, prompts: list[str], completions: list[str], pairs_path: str,
+          settings: dict, lora: dict) -> dict[str, list[float]]:
+    """Every case the world-size comparison checks, in one launch (the strategy is each config's own):
+    SFT and DPO under DDP and FSDP, and SFT with LoRA and gradient checkpointing under both."""
+    out: dict[str, list[float]] = {}
+    for strategy in ("ddp", "fsdp"):
+        root = Path(out_root)
+        out[f"sft-{strategy}"] = sft_losses(model_dir, str(root / f"sft-{strategy}"), prompts, completions,
+                                            {**settings, "strategy": strategy})
+        out[f"dpo-{strategy}"] = dpo_losses(model_dir, str(root / f"dpo-{strategy}"), pairs_path, {**settings, "strategy": strategy})
+        out[f"lora-{strategy}"] = sft_losses(model_dir, str(root / f"lora-{strategy}"), prompts, completions,
+                                             {**settings, **lora, "strategy": strategy})
+    return out
+
+
 def train_until_killed(model_dir: str, out_dir: str, prompts: list[str], completions: list[str], settings: dict) -> list[float]:
     """SFT for as long as the settings say, after leaving this rank's pid where the test can find it (to kill it)."""
     import torch.distributed as dist

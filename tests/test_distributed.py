@@ -77,36 +77,50 @@ def _assert_same(one: tuple[list[float], Path], two: tuple[list[float], Path], s
         assert torch.allclose(w1[name], w2[name], atol=1e-5, rtol=0), name  # seen: at most 2e-6
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_sft_on_two_ranks_matches_one_process(strategy, ranks_env, tiny_model_dir, data):
-    prompts, completions = data
-    one = ranks_env / "one"
-    losses1 = bodies.sft_losses(str(tiny_model_dir), str(one), prompts, completions, SETTINGS)
-    two = ranks_env / "two"
-    losses2 = run_ranks(_world(strategy), "dist", "train", bodies.sft_losses, str(tiny_model_dir), str(two), prompts,
-                        completions, {**SETTINGS, "strategy": strategy})
-    _assert_same((losses1, one), (losses2, two), Path(tiny_model_dir))
-    # The folder is a plain Hugging Face model: config, tokenizer and weights, as one process writes.
-    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+LORA = {"lora_r": 4, "gradient_checkpointing": True, "lr": 1e-2}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_dpo_on_two_ranks_matches_one_process(strategy, ranks_env, tiny_model_dir, data):
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, tiny_model_dir, data):
+    """Each case trained in one process and on 2 ranks (one launch runs every 2-rank case): losses and folders."""
     from alignment.models import load_policy
     from alignment.preference import add_reference_logps
 
+    root = tmp_path_factory.mktemp("distributed")
     prompts, completions = data
     wrong = [str(int(c) + 1) if c.strip().isdigit() else c + "1" for c in completions]
-    pairs = pl.DataFrame({"prompt": prompts, "chosen": completions, "rejected": wrong})
     model, tokenizer = load_policy(tiny_model_dir)
-    pairs = add_reference_logps(model, tokenizer, pairs, 16)
-    path = ranks_env / "pairs.parquet"
-    pairs.write_parquet(path)
-    one, two = ranks_env / "one", ranks_env / "two"
-    losses1 = bodies.dpo_losses(str(tiny_model_dir), str(one), str(path), SETTINGS)
-    losses2 = run_ranks(_world(strategy), "dist", "train", bodies.dpo_losses, str(tiny_model_dir), str(two), str(path),
-                        {**SETTINGS, "strategy": strategy})
-    _assert_same((losses1, one), (losses2, two), Path(tiny_model_dir))
+    pairs = add_reference_logps(model, tokenizer, pl.DataFrame({"prompt": prompts, "chosen": completions, "rejected": wrong}), 16)
+    pairs.write_parquet(root / "pairs.parquet")
+    one = {
+        "sft": bodies.sft_losses(str(tiny_model_dir), str(root / "one" / "sft"), prompts, completions, SETTINGS),
+        "dpo": bodies.dpo_losses(str(tiny_model_dir), str(root / "one" / "dpo"), str(root / "pairs.parquet"), SETTINGS),
+        "lora": bodies.sft_losses(str(tiny_model_dir), str(root / "one" / "lora"), prompts, completions, {**SETTINGS, **LORA}),
+    }
+    cwd = os.getcwd()
+    os.chdir(root)  # the ranks' logs go under ./.flywheel
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), old]))
+    try:
+        two = run_ranks(_world("fsdp"), "dist", "train", bodies.cases, str(tiny_model_dir), str(root / "two"), prompts,
+                        completions, str(root / "pairs.parquet"), SETTINGS, LORA)
+    finally:
+        os.chdir(cwd)
+        os.environ.pop("PYTHONPATH") if old is None else os.environ.__setitem__("PYTHONPATH", old)
+    return root, one, two
+
+
+@pytest.mark.parametrize("case", ["sft", "dpo", "lora"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process(compared, tiny_model_dir, case, strategy):
+    """SFT and DPO (and SFT with LoRA adapters and gradient checkpointing) on 2 ranks: world size 1's losses and
+    weights; the saved folder is a plain model (adapters merged), with the files one process writes."""
+    root, one, two = compared
+    _assert_same((one[case], root / "one" / case), (two[f"{case}-{strategy}"], root / "two" / f"{case}-{strategy}"),
+                 Path(tiny_model_dir))
+    saved = root / "two" / f"{case}-{strategy}"
+    assert sorted(p.name for p in saved.iterdir()) == sorted(p.name for p in (root / "one" / case).iterdir())
+    assert not any("lora" in name for name in _weights(saved))
 
 
 def test_a_killed_rank_ends_the_stage_with_one_sentence(ranks_env, tiny_model_dir, data):
@@ -167,15 +181,3 @@ def test_ray_train_gives_torchrun_s_losses(ranks_env, tiny_model_dir, data):
     assert by_ray == pytest.approx(by_torchrun, rel=1e-6), (by_ray, by_torchrun)
     _assert_same((by_torchrun, ranks_env / "torchrun"), (by_ray, ranks_env / "ray"), Path(tiny_model_dir))
 
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_lora_and_gradient_checkpointing_on_two_ranks_match_one_process(strategy, ranks_env, tiny_model_dir, data):
-    """LoRA adapters (merged into the saved weights) and recomputed activations train alike on 2 ranks."""
-    prompts, completions = data
-    settings = {**SETTINGS, "lora_r": 4, "gradient_checkpointing": True, "lr": 1e-2}
-    one, two = ranks_env / "one", ranks_env / "two"
-    losses1 = bodies.sft_losses(str(tiny_model_dir), str(one), prompts, completions, settings)
-    losses2 = run_ranks(_world(strategy), "dist", "train", bodies.sft_losses, str(tiny_model_dir), str(two), prompts,
-                        completions, {**settings, "strategy": strategy})
-    assert not any("lora" in name for name in _weights(two))  # merged: a plain model, as one process saves it
-    _assert_same((losses1, one), (losses2, two), Path(tiny_model_dir))

@@ -45,3 +45,32 @@ def test_bf16_training_on_cuda_lowers_the_loss(llama, tmp_path):
         TrainConfig(epochs=3, lr=3e-3, batch_size=16, micro_batch_size=8, dtype="bfloat16", gradient_checkpointing=True),
         progress=False, on_step=lambda s, loss: steps.append(loss))
     assert steps[-1] < steps[0]
+
+
+def test_fsdp_bf16_training_on_cuda_through_the_stage_launcher(llama, tmp_path, monkeypatch):
+    """FSDP2 with bf16 compute over float32 master weights (MixedPrecisionPolicy) on CUDA, as a training stage
+    runs it: one rank per GPU (two where the node has two), NCCL, rank 0 saving a plain folder that loads."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from types import SimpleNamespace
+
+    from alignment.models import load_policy
+    from tasks.launch import run_ranks
+    from tests import distributed_bodies as bodies
+    from tests.flywheel_helpers import ROOT
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    processes = min(2, torch.cuda.device_count())
+    world = SimpleNamespace(
+        distributed=SimpleNamespace(strategy="fsdp", processes=processes, nodes=1, launcher="torchrun", timeout_s=300),
+        orchestration=SimpleNamespace(ray_address=None),
+    )
+    pairs = sums(64, seed=5)
+    settings = {"epochs": 3, "lr": 1e-3, "batch_size": 16, "micro_batch_size": 8, "warmup_steps": 0, "seed": 0,
+                "dtype": "bfloat16", "strategy": "fsdp"}
+    losses = run_ranks(world, "gpu", "train", bodies.sft_losses, str(llama), str(tmp_path / "out"),
+                       [p for p, _ in pairs], [c for _, c in pairs], settings)
+    assert losses[-1] < losses[0]
+    model, _ = load_policy(tmp_path / "out", device="cuda")
+    assert next(model.parameters()).dtype == torch.float32  # master weights saved in float32
