@@ -4,7 +4,10 @@ Both sides fine-tune the bench Llama (``bench/realistic.py``, about 38M paramete
 same ``--examples`` (prompt, completion) pairs — prompts of 50-200 tokens once templated, completions of
 64-128 tokens — as chat, with the loss on completion tokens only (TRL: a conversational prompt-completion
 dataset, whose default is ``completion_only_loss``), one optimiser step per batch of ``--batch-size``
-examples, float32, AdamW, lr 1e-4, gradient clipping at 1.0, no warm-up, padding to the batch's longest.
+examples, float32, AdamW, lr 1e-4, gradient clipping at 1.0, no warm-up, padding to the batch's longest, and
+gradient checkpointing on both sides or off on both (``--gradient-checkpointing``, default on: TRL's
+``SFTConfig`` turns it on unless told otherwise, so a comparison that leaves TRL's default and not ours
+compares recomputed activations against stored ones).
 The whole data set is one batch (``--examples == --batch-size`` by default), so every step sees the
 same tokens on a side whatever its shuffle, and tokens/s is that side's real (non-pad) tokens per step
 over its median step time.
@@ -48,6 +51,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="fresh subprocesses per side, alternating")
     parser.add_argument("--n-layer", type=int, default=8)
     parser.add_argument("--n-embd", type=int, default=512)
+    parser.add_argument("--gradient-checkpointing", choices=("on", "off"), default="on",
+                        help="both sides (on: TRL SFTConfig's default, activations recomputed in the backward pass)")
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)  # internal: run one side
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -73,7 +78,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for side in ("ours", "trl"):
             cmd = [sys.executable, __file__, "--side", side, "--workdir", str(workdir), "--batch-size", str(args.batch_size),
-                   "--steps", str(args.steps)]  # fmt: skip
+                   "--steps", str(args.steps), "--gradient-checkpointing", args.gradient_checkpointing]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr[-4000:])
@@ -91,7 +96,8 @@ def main() -> None:
     ratio = ours["tps"] / peer["tps"]
     print(f"\nSFT: {args.examples} examples, batch {args.batch_size}, {args.steps} steps x {args.rounds} rounds per side; "
           f"{model.shape} ({model.params / 1e6:.1f}M params), cpu ({os.cpu_count()} cores)")
-    print(f"ours: alignment.training.sft; peer: {peer['name']} (completion-only loss)\n")
+    print(f"ours: alignment.training.sft; peer: {peer['name']} (completion-only loss); "
+          f"gradient checkpointing {args.gradient_checkpointing} on both\n")
     print(f"{'':34}{'ours':>12}{'peer':>12}")
     print(f"{'tokens per step (real / padded)':34}{ours['tokens']:>7}/{ours['padded']:<4}{peer['tokens']:>7}/{peer['padded']:<4}")
     print(f"{'median step (s)':34}{ours['step_s']:>12.3f}{peer['step_s']:>12.3f}")
@@ -108,7 +114,7 @@ def main() -> None:
         "ours_peak_rss_mib": round(ours["peak_mib"]), "peer_peak_rss_mib": round(peer["peak_mib"]),
         "memory_means": ours["memory"], "tokens_per_step": {"ours": ours["tokens"], "peer": peer["tokens"]},
         "padded_tokens_per_step": {"ours": ours["padded"], "peer": peer["padded"]},
-        "batch_size": args.batch_size, "examples": args.examples,
+        "batch_size": args.batch_size, "examples": args.examples, "gradient_checkpointing": args.gradient_checkpointing,
         "ours_steps_s": [r["step_s"] for r in results["ours"]], "peer_steps_s": [r["step_s"] for r in results["trl"]],
     }))  # fmt: skip
 
@@ -146,7 +152,8 @@ def run_side(args) -> None:
         tok = load_tokenizer(model_path)
         fmt = Formatter(tok)
         lengths = [len(fmt.example(p, c)[0]) for p, c in zip(data["prompts"], data["completions"], strict=True)]
-        cfg = TrainConfig(epochs=args.steps, lr=LR, batch_size=args.batch_size, warmup_steps=0, seed=0)
+        cfg = TrainConfig(epochs=args.steps, lr=LR, batch_size=args.batch_size, warmup_steps=0, seed=0,
+                          gradient_checkpointing=args.gradient_checkpointing == "on")
 
         def on_step(step: int, loss: float) -> None:
             stamps.append(time.perf_counter())
@@ -180,6 +187,7 @@ def run_side(args) -> None:
             max_steps=args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
             max_grad_norm=1.0, optim="adamw_torch", bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
             max_length=None, packing=False, completion_only_loss=True, report_to="none", save_strategy="no",
+            gradient_checkpointing=args.gradient_checkpointing == "on",
             logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, seed=0,
         )  # fmt: skip
         trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Stamp()])
