@@ -21,13 +21,16 @@ recipe's ``batch_size`` whatever the world size:
   (or ``float16``), ``MixedPrecisionPolicy`` computes in that dtype over float32 master weights and
   reduces gradients in float32 — the promise autocast makes in one process.
 
-Rank 0 gathers the full state dict (``full_state_dict``) and alone writes the checkpoint.
+Rank 0 gathers the full state dict (``full_state_dict``) and alone writes the checkpoint. The no-grad
+log-prob passes of a stage run as ranks (the reference policy's, GRPO's π_old and π_ref) split their rows
+the same way (``map_rows``): each rank scores its block with a whole copy of the model, and every rank
+gets all the rows back.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -109,6 +112,19 @@ def world(strategy: str = "none") -> World:
     if strategy == "none" or not (dist.is_available() and dist.is_initialized()):
         return World()
     return World(dist.get_rank(), dist.get_world_size(), strategy)
+
+
+def map_rows(fn: Callable[[slice], list], rows: int, strategy: str) -> list:
+    """``fn`` over this rank's contiguous block of ``rows`` (a no-grad pass split across the ranks); every rank
+    gets every row's result, in row order. Outside a launch, ``fn(slice(0, rows))``."""
+    w = world(strategy)
+    if w.size == 1:
+        return fn(slice(0, rows))
+    block = w.share(range(rows))
+    mine = fn(slice(block[0], block[-1] + 1)) if block else []
+    gathered: list[Any] = [None] * w.size
+    dist.all_gather_object(gathered, mine)
+    return [item for part in gathered for item in part]
 
 
 def init_process_group(timeout_s: float) -> World:

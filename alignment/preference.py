@@ -20,6 +20,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from alignment import distributed
 from alignment.logprobs import batch_logps, sequence_logps
 from alignment.losses import GroupInputs, LossInputs, with_nll
 from alignment.models import load_policy
@@ -67,7 +68,16 @@ def reference_logps_for(
     if not pairs.height or not cfg.spec.needs_reference:
         return pairs
     model, tokenizer = load_policy(reference(), trust_remote_code=trust_remote_code)
-    return add_reference_logps(model, tokenizer, pairs, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
+
+    def block(rows: slice) -> list[tuple[float, float]]:  # under a launch, each rank scores its block of pairs
+        chosen, rejected = pair_logps(model, tokenizer, pairs[rows], cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
+        return list(zip(chosen.tolist(), rejected.tolist(), strict=True))
+
+    both = distributed.map_rows(block, pairs.height, cfg.strategy)
+    return pairs.with_columns(
+        pl.Series(REF_COLUMNS[0], [c for c, _ in both], dtype=pl.Float64),
+        pl.Series(REF_COLUMNS[1], [r for _, r in both], dtype=pl.Float64),
+    )
 
 
 def fit(

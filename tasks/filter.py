@@ -98,7 +98,7 @@ def write_groups(ref: RunRef, scored_uri: str, iteration: int, step: int, old_ur
     """
     import torch
 
-    from alignment import grpo
+    from alignment import distributed, grpo
     from alignment.logprobs import token_logps
     from alignment.models import load_policy
     from alignment.train_settings import trainer_config
@@ -116,12 +116,17 @@ def write_groups(ref: RunRef, scored_uri: str, iteration: int, step: int, old_ur
             values = kept["old_logps"].to_list()
         elif model_uri is not None and kept.height:
             model, tokenizer = load_policy(ref.local_model(model_uri), trust_remote_code=recipe.model.trust_remote_code)
-            values = token_logps(model, tokenizer, kept["prompt"].to_list(), kept["completion"].to_list(), done,
-                                 cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)  # fmt: skip
+            prompts, completions = kept["prompt"].to_list(), kept["completion"].to_list()
+            values = distributed.map_rows(  # under a launch, each rank scores its block of samples
+                lambda rows: token_logps(model, tokenizer, prompts[rows], completions[rows], done[rows],  # noqa: B023
+                                         cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt),
+                kept.height, cfg.strategy)  # fmt: skip
             del model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the next pass loads the other model
         kept = kept.with_columns(pl.Series(column, values, dtype=pl.List(pl.Float64)))
+    if not distributed.world(cfg.strategy).main:
+        return uri  # rank 0 writes the stage
     fates = filters.fates(scored, [("truncated", finished), ("zero_std_group", kept)], threshold=None)
     dropped = dict(sorted((r, int(n)) for r, n in fates.filter(pl.col("decision") == "dropped")["reason"].value_counts().iter_rows()))
     config = {"grpo": recipe.grpo.model_dump(), "filter": {"keep_truncated": recipe.filter.keep_truncated}, "step": step,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from alignment import distributed
 from alignment.filters import pair_decisions
 from alignment.pairs import make_pairs
 from alignment.preference import reference_logps_for
@@ -40,6 +41,8 @@ def write_pairs(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str
     train_cfg = trainer_config(ref.recipe, "preference", ref.recipe.seed_for("preference", iteration))
     pairs = reference_logps_for(pairs, train_cfg, lambda: ref.local_model(reference_uri),
                                 trust_remote_code=ref.recipe.model.trust_remote_code)
+    if not distributed.world(train_cfg.strategy).main:
+        return uri  # rank 0 writes the stage
     config = {"pairing": cfg.pairing, "min_margin": cfg.min_margin, "reference": reference_uri,
               "reference_logps": "ref_chosen_logp" in pairs.columns}
     # Why each scored row was or was not used, committed before the pairs that mark the step done.

@@ -30,7 +30,9 @@ from tasks.gpu import run_gpu_stage
 T = TypeVar("T")
 
 GPU_STAGES = frozenset({"grow", "train", "evaluate", "pair"})
-TRAINING_STAGES = frozenset({"train"})
+# Stages that run as ranks under distributed.strategy ddp/fsdp: training, and the no-grad passes of the
+# reference policy (iterative DPO's pairs, GRPO's π_old/π_ref), which split their rows across the ranks.
+RANKED_STAGES = frozenset({"train", "pair"})
 
 # A stage run nobody picks up is most likely missing its worker: say so once it has waited this long.
 UNCLAIMED_WARNING_S = 60.0
@@ -90,8 +92,9 @@ def run_sharded(ref: RunRef, uri: str, stage: str, submit: Callable[[], list[Any
 
 def run_here(ref: RunRef, stage: str, fn: Callable[..., T], *args: Any) -> T:
     """``fn(ref, *args)`` in this process (or a fresh one), holding a GPU slot for a GPU stage; a training stage
-    with ``distributed.strategy`` ddp or fsdp and more than one rank runs as that many ranks (``tasks.launch``)."""
-    if stage in TRAINING_STAGES and ref.recipe.distributed.world_size > 1:
+    (or a reference pass) with ``distributed.strategy`` ddp or fsdp and more than one rank runs as that many ranks
+    (``tasks.launch``)."""
+    if stage in RANKED_STAGES and ref.recipe.distributed.world_size > 1:
         from tasks.launch import run_ranks
 
         return run_ranks(ref.recipe, ref.run, stage, fn, ref, *args)

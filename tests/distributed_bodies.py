@@ -44,7 +44,18 @@ def cases(model_dir: str, out_root: str, prompts: list[str], completions: list[s
         out[f"dpo-{strategy}"] = dpo_losses(model_dir, str(root / f"dpo-{strategy}"), pairs_path, {**settings, "strategy": strategy})
         out[f"lora-{strategy}"] = sft_losses(model_dir, str(root / f"lora-{strategy}"), prompts, completions,
                                              {**settings, **lora, "strategy": strategy})
+    out["reference"] = reference_logps(model_dir, pairs_path, {**settings, "strategy": "ddp"})
     return out
+
+
+def reference_logps(model_dir: str, pairs_path: str, settings: dict) -> list[float]:
+    """The reference pass of the pair stage (each rank scores its block of pairs under a launch), flattened."""
+    from alignment.preference import reference_logps_for
+
+    cfg = PreferenceConfig(**settings, objective=LossSettings(loss="dpo", beta=0.1))
+    pairs = pl.read_parquet(pairs_path).drop("ref_chosen_logp", "ref_rejected_logp")
+    scored = reference_logps_for(pairs, cfg, lambda: model_dir)
+    return scored["ref_chosen_logp"].to_list() + scored["ref_rejected_logp"].to_list()
 
 
 def train_until_killed(model_dir: str, out_dir: str, prompts: list[str], completions: list[str], settings: dict) -> list[float]:

@@ -123,6 +123,15 @@ def test_two_ranks_match_one_process(compared, tiny_model_dir, case, strategy):
     assert not any("lora" in name for name in _weights(saved))
 
 
+def test_the_reference_pass_split_across_two_ranks_gives_every_pair_s_log_probs(compared, tiny_model_dir):
+    """The pair stage's no-grad pass under a launch: each rank scores its block (9 and 8 of 17 pairs), and the
+    gathered log-probs are one process's, in row order."""
+    root, _, two = compared
+    one = bodies.reference_logps(str(tiny_model_dir), str(root / "pairs.parquet"), SETTINGS)
+    assert len(two["reference"]) == len(one) == 34
+    assert two["reference"] == pytest.approx(one, rel=1e-5, abs=1e-5)
+
+
 def test_a_killed_rank_ends_the_stage_with_one_sentence(ranks_env, tiny_model_dir, data):
     """SIGKILL one rank mid-training: the stage fails within the collective timeout, naming the rank and its
     log; no rank is left running and nothing is written to the output folder."""
