@@ -165,8 +165,13 @@ def with_timeout(fn: RewardFn, timeout_s: float | None) -> RewardFn:
 
 
 def reward_name(fn: RewardFn) -> str:
-    """How errors name a reward: a function's qualified name, else the object's repr."""
-    return getattr(fn, "__qualname__", None) or repr(fn)
+    """How errors name a reward: a user's function as a recipe spells it (``module:function``), a built-in
+    by its name, anything else by its repr."""
+    name = getattr(fn, "__qualname__", None)
+    if name is None:
+        return repr(fn)
+    module = getattr(fn, "__module__", None) or ""
+    return name if not module or module.startswith("alignment.") else f"{module}:{name}"
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -194,8 +199,8 @@ def score(fn: RewardFn, prompts: Sequence[str], completions: Sequence[str], refe
         raise
     except Exception as exc:
         raise RewardError(
-            f"Reward {name} raised {type(exc).__name__}: {_one_line(str(exc)) or '(no message)'}; "
-            "fix the reward (a reward's error is not retried)."
+            f"Reward {name} raised {type(exc).__name__}: {_one_line(str(exc)) or '(no message)'} (called on "
+            f"{len(completions)} completions); fix the reward (a reward's error is not retried)."
         ) from exc
     if isinstance(result, str | bytes | dict) or not hasattr(result, "__iter__"):
         raise RewardError(f"Reward {name} returned {type(result).__name__}, not a list of one number per completion.")

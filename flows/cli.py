@@ -205,9 +205,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         summary = run_recipe(recipe, name)
     except Exception as exc:
-        from flows.errors import service_failure, user_errors
+        from flows.errors import RunStopped, service_failure, user_errors
 
-        if not args.verbose and not isinstance(exc, user_errors()) and not service_failure(exc):
+        if isinstance(exc, RunStopped) and not args.verbose:
+            exc.log = log_path  # its traceback went there
+        elif not args.verbose and not isinstance(exc, user_errors()) and not service_failure(exc):
             print(f"flywheel: run {name} failed; Prefect's log of it: {log_path}", file=sys.stderr)
         raise
     finally:

@@ -99,7 +99,9 @@ class Ports:
 
 
 def _port_is_free(port: int) -> bool:
+    """Whether ``weed`` could bind ``port`` on loopback (it listens with SO_REUSEADDR: TIME_WAIT does not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError:

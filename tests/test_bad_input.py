@@ -4,7 +4,8 @@ for the step that failed.
 
 Covers a missing, column-less or empty prompt file, a model folder without ``config.json``, reward
 functions that cannot be found or return the wrong number of values or NaN (before training and on
-grown samples), and recipes with an unknown key, a wrong type or a value that is not allowed.
+grown samples: that one, found once the run is working, exits with code 1 and says how to resume), and
+recipes with an unknown key, a wrong type or a value that is not allowed.
 
 Run: ``.venv/bin/python -m pytest tests/test_bad_input.py -q``.
 """
@@ -134,8 +135,9 @@ def test_reward_failing_on_grown_samples_leaves_no_half_scored_stage(workdir, ca
     caplog.set_level(logging.INFO)
     rc = flywheel(RECIPE, *QUICK, "reward=test_bad_input:nan_on_grown_samples", run="bad")
     err = capsys.readouterr().err
-    assert rc == 2, err[-3000:]
+    assert rc == 1, err[-3000:]  # the run was working: exit 1, and the sentence says how to resume
     message = cli_error(err)
+    assert message.startswith("run bad stopped in scoring (iteration 1): ") and "--run-name bad" in message, message
     assert "nan_on_grown_samples returned a non-finite value" in message and "for 240 row(s)" in message
     assert partial_stages(workdir / "lake") == []
     assert not (workdir / "lake" / "scored" / "run=bad" / "iteration=1").exists()

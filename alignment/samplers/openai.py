@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 import httpx
 from tqdm.auto import tqdm
 
+from alignment.errors import RunFailure
 from alignment.samplers import Generation, SamplingParams, request_ids, row_seed
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ _MAX_RETRY_AFTER_S = 60.0
 _CORE_KEYS = frozenset({"model", "prompt", "n", "seed", "temperature", "top_p", "max_tokens"})
 
 
-class RemoteSamplerError(RuntimeError):
-    """The server could not be reached or refused the work; the message says what to do."""
+class RemoteSamplerError(RunFailure):
+    """The server could not be reached, refused the work or answered nonsense; the message says what to do
+    (a ``RunFailure``: the run stops with that one sentence, resumable)."""
 
 
 class FewerChoices(ValueError):
