@@ -63,11 +63,12 @@ def _quiet_libraries() -> None:
 
 
 class StageLines(logging.Handler):
-    """Prints the flow's and tasks' own INFO lines (not Prefect's engine lines) as one console line each.
+    """Prints the flow's and tasks' own INFO and WARNING lines (not Prefect's engine lines) as one console line each.
 
     ``iteration 1 · filter · kept 623 of 5000 · 0.1 s``: the task's name, its message and how long
-    the task run has taken so far. Records come from Prefect's run loggers; only those logged by
-    flywheel's own code (``log().info(...)`` in a task, ``print`` in a flow) are shown.
+    the task run has taken so far (a warning, such as completions cut at ``max_new_tokens``, without
+    the time). Records come from Prefect's run loggers; only those logged by flywheel's own code
+    (``log().info(...)`` or ``log().warning(...)`` in a task, ``print`` in a flow) are shown.
     """
 
     def __init__(self, stream=None):
@@ -83,9 +84,12 @@ class StageLines(logging.Handler):
             took, message = self._took(), record.getMessage()
             if stage != "flow" and message[:4].lower() != stage[:4]:  # "filter · filter g=1 ..." says it twice
                 message = f"{stage} · {message}"
-            line = message + (f" · {took:.1f} s" if took is not None else "")
             if record.levelno >= logging.WARNING:
-                line = f"{record.levelname.lower()}: {line}"
+                line = f"{record.levelname.lower()}: {message}"
+            elif took is None:
+                line = message
+            else:  # seconds to 4 significant digits at most: 0.1 s, 12.3 s, 1234 s
+                line = f"{message} · {took:.1f} s" if took < 100 else f"{message} · {took:.0f} s"
             stream = self.stream or sys.stdout  # not print(): in a run, Prefect's log_prints sends it back here
             stream.write(line[:200] + "\n")
             stream.flush()

@@ -24,6 +24,7 @@ from prefect import flow
 
 from alignment.recipe import Recipe
 from flows.loop import open_loop
+from tasks.context import figure
 from tasks.evaluate import evaluate
 from tasks.filter import filter_stage, thresholds
 from tasks.grow import grow
@@ -54,7 +55,7 @@ def rest(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
                 kept = clock("filter", filter_stage, ref, scored, g, i, tau)
                 if kept.kept == 0:
                     loop.skip(g, i, kept, "filter kept no rows", tau=tau)
-                    print(f"iteration {g} step {i}: the filter (tau={tau}) kept no rows; skipping this Improve step")
+                    print(f"iteration {g} step {i}: the filter (tau={figure(tau)}) kept no rows; skipping this Improve step")
                     continue
                 start = base if recipe.improve.restart_from_base else policy
                 candidate = clock("train", improve, ref, start, kept.uri, g, i)

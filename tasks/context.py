@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,26 @@ def log() -> logging.Logger:
         return get_run_logger()  # type: ignore[return-value]
     except Exception:
         return logging.getLogger("flywheel")
+
+
+def figure(value: float | None, digits: int = 3) -> str:
+    """A number for a console line: ``digits`` significant digits, never an exponent (0.922, 12.3, 1234).
+    Only what people read is rounded: the lake and MLflow keep every digit."""
+    if value is None:
+        return "-"
+    if value == 0 or not math.isfinite(value):
+        return f"{value:.{digits}f}" if value == 0 else str(value)
+    return f"{value:.{max(digits - 1 - math.floor(math.log10(abs(value))), 0)}f}"
+
+
+TRUNCATION_WARNING = 0.05  # the share of completions cut at max_new_tokens above which a stage says so
+
+
+def warn_truncated(what: str, share: float | None, of: str, setting: str, value: int) -> None:
+    """One warning line when more than ``TRUNCATION_WARNING`` of ``of`` stopped at ``setting`` (finish_reason
+    "length"): the run is limited by it."""
+    if share is not None and share > TRUNCATION_WARNING:
+        log().warning("%s: %.3g%% of %s stopped at %s=%d; raise it if answers are cut", what, 100 * share, of, setting, value)
 
 
 def retry_on_io(task, task_run, state) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alignment.evaluation import score_heldout
 from alignment.rewards import resolve_reward_spec, with_timeout
 from alignment.samplers import make_sampler
-from tasks.context import RunRef, flywheel_task, log, retry_on_io
+from tasks.context import RunRef, figure, flywheel_task, log, retry_on_io, warn_truncated
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_once
 from tasks.step_metrics import held_out_extras
@@ -18,7 +18,9 @@ def evaluate(ref: RunRef, model_uri: str, iteration: int, step: int) -> dict[str
     uri = run_once(ref, ref.stage_uri(iteration, "eval", step), "evaluate", write_eval, model_uri, iteration, step, label=label)
     manifest = lake.manifest_doc(uri)
     metrics = {**manifest["metrics"], **manifest.get("seconds", {})}
-    log().info("eval %s: reward %.3f, accuracy %.3f", ref.policy_version(model_uri), metrics["eval_reward"], metrics["eval_accuracy"])
+    log().info("eval %s: reward %s, accuracy %.3f", ref.policy_version(model_uri), figure(metrics["eval_reward"]), metrics["eval_accuracy"])
+    warn_truncated(f"eval {label}", metrics.get("eval_truncated"), "held-out completions", "eval.max_new_tokens",
+                   ref.recipe.eval.max_new_tokens)
     return metrics
 
 

@@ -8,7 +8,7 @@ import polars as pl
 from alignment import filters
 from alignment.metrics import own
 from alignment.recipe import FilterConfig
-from tasks.context import RunRef, flywheel_task, log, retry_on_io
+from tasks.context import RunRef, figure, flywheel_task, log, retry_on_io
 from tasks.placement import run_once, run_stage
 from tasks.results import Selection
 
@@ -47,7 +47,7 @@ def filter_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: f
     scored_rows = lake.manifest(scored_uri).rows
     dropped = lake.manifest_doc(uri).get("dropped", {})
     why = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
-    log().info("filter g=%d step %d: tau=%s kept %d of %d%s", iteration, step, tau, m.rows, scored_rows, f" (dropped: {why})" if why else "")
+    log().info("filter g=%d step %d: tau=%s kept %d of %d%s", iteration, step, figure(tau), m.rows, scored_rows, f" (dropped: {why})" if why else "")
     return Selection(uri=uri, kept=m.rows, samples=scored_rows)
 
 

@@ -14,8 +14,9 @@ import os
 import polars as pl
 from prefect import unmapped
 
+from alignment.metrics import length_stats
 from alignment.samplers import SamplingParams, make_sampler, sampler_options
-from tasks.context import RunRef, flywheel_task, log, retry_on_io
+from tasks.context import RunRef, flywheel_task, log, retry_on_io, warn_truncated
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_sharded, run_stage
 
@@ -95,9 +96,13 @@ def grow(ref: RunRef, model_uri: str, iteration: int, step: int | None = None) -
     """Run the Grow step (sharded) and return the ``samples`` stage URI; a committed stage is reused.
     ``step``: a GRPO step, which samples its own batch of prompts into ``samples/step={step}``."""
     shards = ref.recipe.grow.shards
-    return run_sharded(
+    uri = run_sharded(
         ref, ref.stage_uri(iteration, "samples", step), "grow",
         lambda: grow_shard.map(unmapped(ref), unmapped(model_uri), unmapped(iteration), range(shards), unmapped(shards),
                                unmapped(step)),
         lambda parts: commit_samples(ref, model_uri, iteration, parts, step),
     )
+    grown = ref.open_lake().read(uri).select("sample_idx", "num_tokens", "finish_reason")
+    warn_truncated(f"grow g={iteration}" + (f" step {step}" if step else ""), length_stats(grown, "grown")["grown_truncated"],
+                   "samples", "grow.max_new_tokens", ref.recipe.grow.max_new_tokens)
+    return uri

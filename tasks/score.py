@@ -14,7 +14,7 @@ from prefect import unmapped
 from alignment.metrics import is_policy_sample
 from alignment.rewards import resolve_reward_spec, with_timeout
 from alignment.rewards import score as call_reward
-from tasks.context import RunRef, flywheel_task, log, retry_on_io
+from tasks.context import RunRef, figure, flywheel_task, log, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_sharded, run_stage
 
@@ -42,7 +42,12 @@ def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: 
     for row, r in zip(judged["_row"].to_list(), rewards, strict=True):
         values[row] = r
     scored = samples.with_columns(pl.Series("reward", values, dtype=pl.Float64))
-    log().info("score g=%d part %s: %d rows, mean reward %.3f", iteration, part, scored.height, scored["reward"].mean() or 0.0)
+    judged_rows, unjudged = judged.height, scored.height - judged.height
+    if judged_rows == 0:  # the labelled part: demonstrations, not the reward's to judge
+        log().info("score g=%d part %s: %d labelled demonstrations, not scored (no reference)", iteration, part, scored.height)
+    else:
+        also = f" ({unjudged} labelled demonstrations not scored)" if unjudged else ""
+        log().info("score g=%d part %s: %d rows, mean reward %s%s", iteration, part, judged_rows, figure(scored["reward"].mean()), also)
     return lake.write_part(uri, shard, scored)
 
 
