@@ -2,10 +2,14 @@
 
 - ``held_out_extras`` runs inside the evaluation stage, where the candidate is loaded: the per-token
   KL to the initial policy on the held-out completions (``eval_kl``) and, when ``eval.reward`` is a
-  separate verifier, the training reward on the same completions (``eval_train_reward``).
-- ``step_metrics`` (a task) reads the step's committed stages and returns reward spread, kept
-  fraction, prompt coverage, pass@k, lengths, win rate against the champion, Grow throughput and
-  the seconds per stage, for ``register(step_metrics=...)`` and ``summary.step(..., **extra)``.
+  separate verifier, the training reward on the same completions (``eval_train_reward``). The
+  candidate's log-probs come with its greedy completions, so the KL costs one pass of the initial
+  policy over them.
+- ``step_metrics`` reads the step's committed stages and returns reward spread, kept fraction, prompt
+  coverage, pass@k, lengths, win rate against the champion, Grow throughput and the seconds per stage,
+  for ``register(step_metrics=...)`` and ``summary.step(..., **extra)``. It is a plain function the flow
+  calls, not a task: it only reads what the step's tasks committed (a few small tables, already in the
+  run's cache), which costs less than a task run's bookkeeping would.
 - ``Stopwatch`` times the stage calls in the flows.
 """
 
@@ -18,7 +22,7 @@ from typing import Any, TypeVar
 import polars as pl
 
 from alignment import metrics as m
-from tasks.context import RunRef, flywheel_task, log
+from tasks.context import RunRef, log
 
 T = TypeVar("T")
 SMALL_MODEL_PARAMS = 50_000_000
@@ -68,32 +72,31 @@ def held_out_extras(ref: RunRef, sampler, frame, iteration: int) -> dict[str, fl
 
 
 def _kl(ref: RunRef, sampler, frame) -> float:
-    from alignment.logprobs import sequence_logps
+    """k1 per token on the candidate's greedy completions: its log-probs from generation (``token_logps``),
+    the initial policy's from one teacher-forced pass over the same ids."""
+    from alignment.evaluation import completion_logps
     from alignment.models import load_policy
-    from alignment.prompting import PromptFormat
     from tasks.gpu import MODEL_LOAD_LOCK
 
-    recipe, lake = ref.recipe, ref.open_lake()
+    recipe, lake, dtype = ref.recipe, ref.open_lake(), ref.recipe.model.dtype
     reference_uri = lake.manifest(ref.stage_uri(0, "eval", 0)).parents[0]  # the baseline's eval stage names its model
-    fmt, dtype = PromptFormat.of(recipe.prompt_format()), recipe.model.dtype
-    prompts, completions = frame["prompt"].to_list(), frame["completion"].to_list()
-    logp, tokens = sequence_logps(sampler.model, sampler.tokenizer, prompts, completions, batch_size=recipe.eval.batch_size,
-                                  dtype=dtype, prompt=fmt)
     key = (ref.local_model(reference_uri), str(sampler.model.device), dtype)
     with MODEL_LOAD_LOCK:
         model, tokenizer = _REFERENCE.get(key) or load_policy(key[0], trust_remote_code=recipe.model.trust_remote_code,
                                                               device=key[1], dtype=dtype)
-        # Keep a small reference loaded for the next evaluation (the demo's load is a quarter of the KL's
-        # cost); a large one is freed, so it never holds memory that training needs.
+        # Keep a small reference loaded for the next evaluation (loading the demo's takes longer than its
+        # pass); a large one is freed, so it never holds memory that training needs.
         _REFERENCE.clear()
         if sum(p.numel() for p in model.parameters()) <= SMALL_MODEL_PARAMS:
             _REFERENCE[key] = (model, tokenizer)
-    ref_logp, _ = sequence_logps(model, tokenizer, prompts, completions, batch_size=recipe.eval.batch_size, dtype=dtype, prompt=fmt)
-    rows = pl.DataFrame({"logp": logp.tolist(), "ref_logp": ref_logp.tolist(), "tokens": tokens.tolist()})
+    ids = frame["token_ids"].to_list()
+    ref_logp = completion_logps(model, frame["prompt_token_ids"].to_list(), ids, pad_id=sampler.formatter.pad_id,
+                                batch_size=recipe.eval.batch_size, dtype=dtype)
+    rows = pl.DataFrame({"logp": frame["token_logps"].cast(pl.List(pl.Float64)).list.sum(), "ref_logp": ref_logp,
+                         "tokens": [len(t) for t in ids]})
     return m.kl_per_token(rows) or 0.0
 
 
-@flywheel_task(name="step-metrics", retries=1, retry_delay_seconds=[2])
 def step_metrics(
     ref: RunRef,
     scored_uri: str,

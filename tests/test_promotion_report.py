@@ -85,7 +85,7 @@ def test_a_clean_run_logs_every_step_metric_to_mlflow_and_the_summary(clean):
     assert parent["win_rate"] == row["win_rate"] and 0 <= row["win_rate"] <= 1
     history = client.get_metric_history(doc["mlflow"]["run_id"], "kept_fraction")
     assert [m.step for m in history] == [100 * 1 + 1]  # the parent's step axis: iteration * 100 + step
-    # the figures' cost: the step-metrics task and the KL/training-reward pass in evaluation
+    # the figures' cost: the step metrics and the KL/training-reward pass in evaluation
     cost = row["seconds_metrics"] + row["seconds_eval_extras"]
     assert cost < sum(row[f"seconds_{s}"] for s in ("grow", "score", "filter", "train", "evaluate", "register"))
 

@@ -158,6 +158,42 @@ def test_summary_counts_and_thresholds_match_the_lake(fast_run):
         assert sum(dropped.values()) == scored.height - kept.height
 
 
+def test_eval_keeps_each_completions_ids_and_log_probs_and_the_kl_is_one_reference_pass_over_them(fast_run):
+    from alignment.evaluation import completion_logps
+    from alignment.models import load_policy
+    from alignment.prompting import formatter_for
+
+    def model(rel: str):
+        return load_policy(fast_run.lake / "models" / "fast-a" / rel, device="cpu")
+
+    initial, tokenizer = model("iteration=0/checkpoint/step=0")
+    fmt = formatter_for(initial, tokenizer)
+    assert fast_run.summary["baseline"]["eval_kl"] == 0.0
+    for row in fast_run.summary["iterations"]:
+        it = f"iteration={row['iteration']}"
+        evals = fast_run.stage(f"{it}/eval/step=1")
+        assert evals.schema["token_logps"] == pl.List(pl.Float32)
+        assert evals.schema["token_ids"] == evals.schema["prompt_token_ids"] == pl.List(pl.Int32)
+        ids = evals["token_ids"].to_list()
+        assert [len(t) for t in ids] == evals["token_logps"].list.len().to_list() == evals["num_tokens"].to_list()
+        assert [fmt.decode(t).startswith(c) for t, c in zip(ids, evals["completion"], strict=True)] == [True] * evals.height
+        # The candidate's log-probs from generation are those of a teacher-forced pass over the same ids ...
+        prompt_ids = evals["prompt_token_ids"].to_list()
+        assert prompt_ids == [fmt.prompt_ids(p) for p in evals["prompt"]]
+        candidate, _ = model(f"{it}/checkpoint/step=1")
+        generated = evals["token_logps"].cast(pl.List(pl.Float64)).list.sum().to_list()
+        forced = completion_logps(candidate, prompt_ids, ids, pad_id=fmt.pad_id, batch_size=16)
+        assert forced == pytest.approx(generated, abs=1e-4)
+        # ... so eval_kl, the mean per-token log ratio to the initial policy, needed only the initial policy's pass.
+        reference = completion_logps(initial, prompt_ids, ids, pad_id=fmt.pad_id, batch_size=16)
+        k1 = [(lp - r) / len(t) for lp, r, t in zip(generated, reference, ids, strict=True)]
+        assert row["eval_kl"] == pytest.approx(sum(k1) / len(k1), abs=1e-6) and row["eval_kl"] != 0.0
+    # Step metrics are computed in the flow, not as task runs of their own (Prefect's lines go to the run's log).
+    log = (fast_run.workdir / ".flywheel" / "logs" / "fast-a.log").read_text()
+    assert "Task run 'evaluate-" in log and "Task run 'step-metrics" not in log
+    assert fast_run.summary["iterations"][0]["win_rate"] is not None
+
+
 def test_every_stage_is_committed_with_a_manifest(fast_run):
     expected = ["prompts", "eval_prompts", "labelled", "base", "checkpoint/step=0", "eval/step=0"]
     expected = [f"iteration=0/{s}" for s in expected] + [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -153,3 +155,69 @@ def test_counter_noise_depends_only_on_row_key_step_and_token():
     assert (counter_uniform(keys, 4, 1000) == u).float().mean() < 0.01
     assert (u[0] == u[1]).float().mean() < 0.01
     assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
+
+
+def _forced_logps(model, prompt_ids: list[int], ids: list[int]) -> list[float]:
+    """Each of ``ids``' log-probs after ``prompt_ids`` from one teacher-forced pass of ``model``, by hand."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
+    return logits.float().log_softmax(-1).gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(0.0, 1.0, 6, logprobs=True),            # greedy, as evaluation asks
+    SamplingParams(0.7, 0.9, 6, seed=7, logprobs=True),    # temperature, top-p and noise change the choice, not log π
+    SamplingParams(0.0, 1.0, 2, logprobs=True),            # cut at max_new_tokens: no end token
+    SamplingParams(1.0, 1.0, 6, seed=7, logprobs=True),    # prompt.stop cuts the text; the ids keep the stop string
+], ids=["greedy", "sampled", "truncated", "stop-string"])
+def test_log_probs_come_with_the_samples_and_are_the_models(tiny_model_dir, params, request):
+    prompt = {"stop": ["2"]} if request.node.callspec.id == "stop-string" else None
+    sampler = TransformersSampler(str(tiny_model_dir), batch_size=5, device="cpu", progress=False, prompt=prompt)
+    plain = sampler.generate(PROMPTS, 2, dataclasses.replace(params, logprobs=False), IDS)
+    out = sampler.generate(PROMPTS, 2, params, IDS)
+    # Asking for log-probs changes no sample, and without asking there are none.
+    assert (out.completions, out.num_tokens, out.finish_reasons) == (plain.completions, plain.num_tokens, plain.finish_reasons)
+    assert plain.prompt_token_ids == plain.token_ids == plain.token_logps == []
+    assert out.prompt_token_ids == [sampler.formatter.prompt_ids(p) for p in PROMPTS]  # what the model was given
+    if request.node.callspec.id == "truncated":
+        assert {r for row in out.finish_reasons for r in row} == {"length"}
+    if request.node.callspec.id == "stop-string":
+        decoded = [sampler.formatter.decode(ids) for row in out.token_ids for ids in row]
+        assert any(d != c and d.startswith(c) and "2" in d for d, c in zip(decoded, sum(out.completions, []), strict=True))
+    checked = 0
+    for i in range(len(PROMPTS)):
+        for j in range(2):
+            ids, logps = out.token_ids[i][j], out.token_logps[i][j]
+            assert len(ids) == len(logps) == out.num_tokens[i][j]
+            assert sampler.formatter.decode(ids).startswith(out.completions[i][j])
+            # log π(token | prompt, earlier tokens), as a teacher-forced pass of the model gives it.
+            assert logps == pytest.approx(_forced_logps(sampler.model, out.prompt_token_ids[i], ids), abs=1e-5)
+            checked += len(ids)
+    assert checked > len(PROMPTS) * 2
+
+
+def test_log_probs_do_not_depend_on_batch_size(tiny_model_dir, sampler):
+    params = SamplingParams(1.0, 1.0, 6, seed=3, logprobs=True)
+    one = TransformersSampler(str(tiny_model_dir), batch_size=1, device="cpu", progress=False).generate(PROMPTS, 3, params, IDS)
+    many = sampler.generate(PROMPTS, 3, params, IDS)
+    assert one.token_ids == many.token_ids
+    for a, b in zip(one.token_logps, many.token_logps, strict=True):
+        assert [x for row in a for x in row] == pytest.approx([x for row in b for x in row], abs=1e-5)
+
+
+def test_a_teacher_forced_pass_over_the_generated_ids_gives_their_log_probs(tiny_model_dir, sampler):
+    """What makes a policy's held-out KL to a reference one pass of the reference: ``completion_logps`` of the
+    policy itself over its generated ids is the sum of the log-probs generation returned (KL to itself 0)."""
+    from alignment.evaluation import completion_logps
+
+    out = sampler.generate(PROMPTS, 2, SamplingParams(0.0, 1.0, 4, logprobs=True), IDS)
+    prompt_ids = [p for p in out.prompt_token_ids for _ in range(2)]
+    ids = [row for sample in out.token_ids for row in sample]
+    forced = completion_logps(sampler.model, prompt_ids, ids, pad_id=sampler.formatter.pad_id, batch_size=3)
+    assert forced == pytest.approx([sum(row) for sample in out.token_logps for row in sample], abs=1e-5)
+    # A different model scores the same ids differently: the sums are a function of the model, not of the ids alone.
+    other, _ = load_policy(tiny_model_dir, device="cpu")
+    with torch.no_grad():
+        other.get_input_embeddings().weight.mul_(3.0)
+    other_logps = completion_logps(other, prompt_ids, ids, pad_id=sampler.formatter.pad_id, batch_size=3)
+    assert other_logps != pytest.approx(forced, abs=1e-3)

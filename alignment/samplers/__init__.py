@@ -14,23 +14,32 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. ``temperature == 0`` means greedy decoding."""
+    """How to sample. ``temperature == 0`` means greedy decoding. ``logprobs`` asks for the token ids of
+    each prompt and sample and the samples' log-probabilities under the model (``Generation.prompt_token_ids``,
+    ``token_ids``, ``token_logps``); a sampler that cannot give them leaves those empty."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 32
     seed: int = 0
+    logprobs: bool = False
 
 
 @dataclass
 class Generation:
     """``completions[i][j]`` is the j-th sample for prompt i; ``num_tokens`` counts its generated tokens
     (including the end token) and ``finish_reasons`` says ``stop`` (the model ended it) or ``length``
-    (``max_new_tokens`` cut it off)."""
+    (``max_new_tokens`` cut it off). With ``SamplingParams.logprobs``, ``prompt_token_ids[i]`` are the ids the
+    model was given for prompt i, ``token_ids[i][j]`` the sample's ``num_tokens`` generated ids and
+    ``token_logps[i][j]`` their log-probabilities under the model, taken from the logits that generated them
+    (before temperature, top-p or sampling noise)."""
 
     completions: list[list[str]]
     num_tokens: list[list[int]] = field(default_factory=list)
     finish_reasons: list[list[str]] = field(default_factory=list)
+    prompt_token_ids: list[list[int]] = field(default_factory=list)
+    token_ids: list[list[list[int]]] = field(default_factory=list)
+    token_logps: list[list[list[float]]] = field(default_factory=list)
 
 
 class Sampler(Protocol):

@@ -11,10 +11,15 @@ the property that lets a resumed or sharded Grow reproduce an uninterrupted one 
 A batch's n samples of one prompt share its key/value cache: each distinct prompt's prefix runs once
 (not once per sample) into a cache allocated for the whole generation, which ``generate`` then
 continues; the prefix pass is deterministic, so this changes no sample.
+
+With ``SamplingParams.logprobs`` each sample also comes with its generated ids and their log-probs
+under the model, read from the forward passes that chose them (``_TokenLogps``), so held-out
+evaluation needs no second pass of the policy to know ``log π(completion | prompt)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -78,6 +83,49 @@ def counter_uniform(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     return _shr(h, 9, 32).float().add_(0.5).mul_(2.0**-23)
 
 
+class _TokenLogps:
+    """Each generated token's log-probability under the model, from the forward pass that chose it.
+
+    A forward hook on the model keeps the log-softmax of each step's last logits — the model's own, before
+    any logits processor (a repetition penalty a model's ``generation_config`` declares, temperature,
+    top-p, the Gumbel noise), so they are ``log π`` as a teacher-forced pass computes it. A step's token is
+    known at the next step (the last input id of its forward pass), the last one from ``generate``'s
+    output. Keeping one step's ``(rows, vocab)`` at a time is why this is not ``output_logits``, which
+    holds every step's: gigabytes over a real vocabulary and a long completion.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.chosen: list[torch.Tensor] = []  # (rows,) per generated token, on the model's device
+        self.last: torch.Tensor | None = None
+
+    def __enter__(self) -> _TokenLogps:
+        self.handle = self.model.register_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        if self.last is not None:
+            ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            self.chosen.append(self.last.gather(1, ids[:, -1:]).squeeze(1))
+        self.last = output.logits[:, -1].float().log_softmax(-1)
+
+    def per_token(self, new: torch.Tensor) -> torch.Tensor:
+        """``(rows, steps)`` log-probs of ``new``, the ids ``generate`` returned past the prompt.
+
+        ``generate`` may run one step more than it returns (a deferred stop check undoes it): that
+        step's pass already named the last returned token, and its own log-probs are dropped.
+        """
+        steps = new.shape[1]
+        if steps == 0:
+            return new.new_zeros((new.shape[0], 0), dtype=torch.float32)
+        if len(self.chosen) < steps:
+            self.chosen.append(self.last.gather(1, new[:, -1:]).squeeze(1))
+        return torch.stack(self.chosen[:steps], 1)
+
+
 class TransformersSampler:
     """Sample from a local Hugging Face causal LM, ``batch_size`` sequences at a time.
 
@@ -112,6 +160,7 @@ class TransformersSampler:
         # Sort by prompt length so a batch holds similar lengths: less padding, same results.
         rows.sort(key=lambda r: len(encoded[r[0]]))
         out: dict[tuple[int, int], tuple[str, str, int]] = {}
+        tokens: dict[tuple[int, int], tuple[list[int], list[float]]] = {}  # with params.logprobs
         config = GenerationConfig(
             do_sample=False, max_new_tokens=params.max_new_tokens, pad_token_id=fmt.pad_id, eos_token_id=list(fmt.end_ids),
         )
@@ -128,17 +177,23 @@ class TransformersSampler:
                 seeds = [row_seed(params.seed, ids[i], j) for i, j in batch]
                 processors.append(_GumbelNoise(seeds, input_ids.shape[1], self.model.device))
             cache = self._shared_prefix_cache([encoded[i] for i, _ in batch], input_ids.shape[1], params.max_new_tokens)
-            generated = self.model.generate(
-                input_ids=input_ids, attention_mask=mask, generation_config=config, logits_processor=processors,
-                **({"past_key_values": cache} if cache is not None else {}),
-            )  # fmt: skip
+            recorder = _TokenLogps(self.model) if params.logprobs else None
+            with recorder or contextlib.nullcontext():
+                generated = self.model.generate(
+                    input_ids=input_ids, attention_mask=mask, generation_config=config, logits_processor=processors,
+                    **({"past_key_values": cache} if cache is not None else {}),
+                )  # fmt: skip
             new = generated[:, input_ids.shape[1] :]
-            for row, seq in zip(batch, new.tolist(), strict=True):
+            logps = recorder.per_token(new).tolist() if recorder is not None else None
+            for k, (row, seq) in enumerate(zip(batch, new.tolist(), strict=True)):
                 out[row] = fmt.finish(seq)
+                if logps is not None:
+                    tokens[row] = (seq[: out[row][2]], logps[k][: out[row][2]])
+        each = lambda at, d: [[d[(i, j)][at] for j in range(n)] for i in range(len(prompts))]  # noqa: E731
         return Generation(
-            completions=[[out[(i, j)][0] for j in range(n)] for i in range(len(prompts))],
-            finish_reasons=[[out[(i, j)][1] for j in range(n)] for i in range(len(prompts))],
-            num_tokens=[[out[(i, j)][2] for j in range(n)] for i in range(len(prompts))],
+            completions=each(0, out), finish_reasons=each(1, out), num_tokens=each(2, out),
+            prompt_token_ids=encoded if tokens else [], token_ids=each(0, tokens) if tokens else [],
+            token_logps=each(1, tokens) if tokens else [],
         )
 
     def _shared_prefix_cache(self, seqs: list[list[int]], width: int, max_new_tokens: int) -> DynamicCache | None:
