@@ -13,12 +13,12 @@ their own as a per-run cost, paid once by a run of many iterations.
    four). Overhead per task run = (task loop - plain loop) / N. The no-op task has the real tasks'
    cache policy.
 2. **One iteration** of the demo recipe with sharded Grow and scoring (``grow.shards=4``: 4 Grow
-   shard tasks, 5 score shard tasks, their commits, thresholds, filter, Improve, evaluate, step metrics, register,
-   summary, publish): the loop body of ``flows/rest.py`` as a Prefect flow, timed inside the flow
-   from the first task call to the last result, and the same steps as plain functions (``task.fn``,
-   shards on a thread pool as wide as the task runner's, Prefect artifacts dropped), from the same
-   warm-started policy on fresh lakes and MLflow databases. The flow run's wall time seen by its
-   caller minus its body is the per-run cost.
+   shard tasks, 5 score shard tasks, their commits, thresholds, filter, Improve, evaluate, register, summary,
+   publish; the step metrics are a plain call in both arms, as in the flow): the loop body of ``flows/rest.py``
+   as a Prefect flow, timed inside the flow from the first task call to the last result, and the same
+   steps as plain functions (``task.fn``, shards on a thread pool as wide as the task runner's, Prefect
+   artifacts dropped), from the same warm-started policy on fresh lakes and MLflow databases. The flow
+   run's wall time seen by its caller minus its body is the per-run cost.
 
 Beside wall time, CPU time is reported: this process's (every thread, so Prefect's log and event
 workers too) and the embedded server's, which stores each task run's states, events and logs on the
@@ -219,7 +219,8 @@ def steps(plain: bool) -> SimpleNamespace:
     pick = (lambda t: t.fn) if plain else (lambda t: t)
     chosen = dict(
         grow=plain_grow if plain else grow, score=plain_score if plain else score, thresholds=pick(thresholds),
-        filter=pick(filter_stage), improve=pick(improve), evaluate=pick(evaluate), step_metrics=pick(step_metrics),
+        filter=pick(filter_stage), improve=pick(improve), evaluate=pick(evaluate),
+        step_metrics=step_metrics,  # a plain function in the flow too
         register=pick(register), save_summary=pick(save_summary), publish=pick(publish_iteration),
     )
     times = STEP_TIMES["plain" if plain else "flow"]
