@@ -133,9 +133,14 @@ def file_digests(root: Path) -> dict[str, tuple[str, int]]:
     }
 
 
+# Figures of how fast and in how much memory a run went: they differ between two runs of one recipe.
+RESOURCE_FIGURES = ("seconds_", "grow_samples_per_s", "grow_tokens_per_s", "train_peak_memory_mib", "peak_memory_mib_rank")
+
+
 def measured(summary: dict) -> dict:
-    """What a run measured: its summary less where it lives (name, lake, MLflow run, report) and how fast it went."""
+    """What a run measured: its summary less where it lives (name, lake, MLflow run, report), how fast it went and
+    how much memory its training took (the process's peak, which depends on what else the process holds)."""
     where = ("run", "lake", "run_uri", "mlflow", "report", "iterations", "baseline")
-    timing = lambda row: {k: v for k, v in row.items() if not k.startswith(("seconds_", "grow_samples_per_s", "grow_tokens_per_s"))}  # noqa: E731
+    timing = lambda row: {k: v for k, v in row.items() if not k.startswith(RESOURCE_FIGURES)}  # noqa: E731
     return {**{k: v for k, v in summary.items() if k not in where},
             "iterations": [timing(r) for r in summary["iterations"]], "baseline": timing(summary["baseline"])}

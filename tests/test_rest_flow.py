@@ -34,6 +34,7 @@ from prefect import flow as _prefect_flow  # noqa: F401
 from alignment import filters
 from tests.flywheel_helpers import (
     FAST,
+    RESOURCE_FIGURES,
     MODEL,
     RECIPE,
     ROOT,
@@ -346,7 +347,7 @@ def test_same_recipe_and_seed_give_identical_datasets_and_metrics(fast_run, fast
         [client_for(r.workdir).get_experiment_by_name("flywheel").experiment_id],
         filter_string="tags.`flywheel.kind` = 'parent'",
     )[0].data.metrics for r in (a, b)]
-    metrics = [{k: v for k, v in m.items() if not k.startswith(("seconds_", "grow_samples_per_s", "grow_tokens_per_s"))}
+    metrics = [{k: v for k, v in m.items() if not k.startswith(RESOURCE_FIGURES)}
                for m in metrics]  # what was measured, not how fast
     assert metrics[0] == metrics[1] and "eval_reward" in metrics[0]
 

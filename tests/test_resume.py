@@ -35,7 +35,7 @@ from flows.inspect import inspect_uri
 from tasks.context import RunRef
 from tasks.lake import MANIFEST, Lake
 from tests.flywheel_helpers import (
-    FAST, client_for, file_digests, flywheel, manifest_path, measured, partial_stages, run_dir, stage_dir, summary_of,
+    FAST, RESOURCE_FIGURES, client_for, file_digests, flywheel, manifest_path, measured, partial_stages, run_dir, stage_dir, summary_of,
     versions_of,
 )
 
@@ -387,7 +387,7 @@ def test_run_killed_during_grow_and_training_resumes_to_the_same_data(tmp_path: 
     def comparable(workdir: Path, run: str) -> list[dict]:
         """What the run measured and decided; how many seconds each stage took differs by nature."""
         doc = json.loads((run_dir(workdir / "lake", run) / "summary.json").read_text())
-        fast = ("seconds_", "grow_samples_per_s", "grow_tokens_per_s")
+        fast = RESOURCE_FIGURES
         rows = [doc["baseline"], *doc["iterations"], doc["champion"]]
         return [{k: v for k, v in row.items() if not k.startswith(fast)} for row in rows] + [doc["stopped"]]
 
