@@ -64,14 +64,23 @@ def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     try:
         flow = flow_for(recipe).with_options(flow_run_name=name)
         with stop_on_signals(lake.uri, name), user_errors_without_tracebacks(), embedded.use(server):
-            return flow(recipe=recipe, run_name=name)
+            try:
+                return flow(recipe=recipe, run_name=name)
+            except Exception as exc:  # the run's work has started: what failed, where, and how to resume
+                from flows.errors import stopped
+
+                failure = stopped(exc, name, recipe.mlflow.tracking_uri)
+                if failure is None:
+                    raise
+                raise failure from exc
     finally:
         if taken:
             release(lake.uri, name)
 
 
 class _NoUserErrorTracebacks(logging.Filter):
-    """Drop Prefect's log records that carry a ``UserError`` or ``RunFailure``: the CLI says it in one sentence instead."""
+    """Drop Prefect's log records that carry a ``UserError`` or ``RunFailure`` from the console: the CLI says it
+    in one sentence instead. The run's log file keeps them, tracebacks and all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from alignment.errors import RunFailure, UserError
@@ -83,9 +92,10 @@ class _NoUserErrorTracebacks(logging.Filter):
 @contextlib.contextmanager
 def user_errors_without_tracebacks() -> Iterator[None]:
     """While the flow runs, a mistake that is the user's to fix (raised in a task or the flow) prints no
-    Prefect traceback: the task and flow engines log it with its traceback, the CLI prints its sentence."""
+    Prefect traceback: the task and flow engines log it with its traceback, the CLI prints its sentence.
+    Files (the run's log) keep the traceback."""
     quiet = _NoUserErrorTracebacks()
-    handlers = {h for name in ("", "prefect") for h in logging.getLogger(name).handlers}
+    handlers = {h for name in ("", "prefect") for h in logging.getLogger(name).handlers if not isinstance(h, logging.FileHandler)}
     for h in handlers:
         h.addFilter(quiet)
     try:
