@@ -6,8 +6,9 @@ It reads the run's ``summary.json`` and its committed stages (any lake: ``file:/
 and draws, as inline base64 PNGs (matplotlib, no display), one section each: held-out reward and
 accuracy per step with the champion marked, kept fraction and tau, completion length and
 truncation, KL to the initial policy, reward histograms per iteration (grown vs kept), Grow
-throughput and seconds per stage, the promotion checks, and a few kept and dropped samples with the
-reason each was dropped. A finished run also logs it as an MLflow artifact of its parent run.
+throughput and seconds per stage, the promotion checks, a few kept and dropped samples with the reason
+each was dropped, and a GRPO run's per-step diagnostics. A finished run also logs it as an MLflow artifact
+of its parent run.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ SECTIONS = {
     "promotion": "Promotion checks",
     "samples": "Selection and dropped samples",
 }
-STAGES = ("grow", "score", "filter", "pair", "train", "evaluate", "register")
+GRPO_SECTION = {"grpo": "GRPO steps: rewards, clipping, KL, entropy, loss"}  # a GRPO run's only
+STAGES = ("grow", "score", "filter", "pair", "groups", "train", "evaluate", "register")
 SAMPLES_SHOWN = 5
 
 
@@ -160,8 +162,17 @@ def build_report(lake, run: str) -> str:
           *[_verdict((r.get("promotion") or {}).get(c)) for c in checks]] for r in steps],
     )
     body["samples"] = _samples_section(lake, run, frames, last)
+    if grpo := [{"label": f"{r['iteration']}.{s['step']}", **s} for r in doc.get("iterations", []) for s in r.get("steps") or []]:
+        body["grpo"] = (
+            _line_plot(grpo, {"reward_mean": "reward mean", "reward_std": "reward std",
+                              "frac_reward_zero_std": "share of prompts whose rewards are equal"}, "")
+            + _line_plot(grpo, {"clip_ratio_low": "clipped low", "clip_ratio_high": "clipped high", "kl": "KL to pi_ref (k3)",
+                                "entropy": "entropy"}, "per token")
+            + _line_plot(grpo, {"pg_loss": "policy-gradient loss", "grad_norm": "grad norm"}, "")
+        )  # fmt: skip
     champ = doc.get("champion") or {}
-    sections = "".join(f'<section id="{key}"><h2>{html.escape(title)}</h2>{body[key]}</section>' for key, title in SECTIONS.items())
+    sections = "".join(f'<section id="{key}"><h2>{html.escape(title)}</h2>{body[key]}</section>'
+                       for key, title in {**SECTIONS, **GRPO_SECTION}.items() if key in body)  # fmt: skip
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>flywheel report: {html.escape(run)}</title><style>{CSS}</style></head><body>"
