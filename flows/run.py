@@ -182,11 +182,13 @@ def _close_quietly(lake_uri: str, run: str) -> None:
 
 
 def flow_for(recipe: Recipe):
-    """The recipe's flow (``rest`` or ``iterative_dpo``) with the recipe's task runner."""
+    """The recipe's flow (``rest``, ``iterative_dpo`` or ``grpo``) with the recipe's task runner."""
     if recipe.algorithm == "rest":
         from flows.rest import rest as flow
-    else:
+    elif recipe.algorithm == "iterative_dpo":
         from flows.iterative_dpo import iterative_dpo as flow
+    else:
+        from flows.grpo import grpo as flow
     runner = task_runner(recipe)
     return flow if runner is None else flow.with_options(task_runner=runner)
 
