@@ -108,7 +108,7 @@ def tables(lake: Lake) -> dict[str, pl.LazyFrame]:
     out = {name: pl.concat(parts, how="diagonal_relaxed") for name, parts in frames.items()}
     drops = [
         {"run": s["run"], "iteration": s["iteration"], "step": 1 if s["step"] is None else s["step"], "drop_reason": reason, "n": n}
-        for s in stages if s["table"] in ("filtered", "pairs")
+        for s in stages if s["table"] in ("filtered", "pairs", "groups")
         for reason, n in (s["manifest"].get("dropped") or {}).items()
     ]  # fmt: skip
     schema = {"run": pl.Utf8, "iteration": pl.Int64, "step": pl.Int64, "drop_reason": pl.Utf8, "n": pl.Int64}
