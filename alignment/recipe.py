@@ -339,6 +339,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"Recipe file {path} does not exist; pass the path to a YAML recipe such as recipes/arithmetic-rest.yaml.")
+    if path.is_dir():
+        raise RecipeError(f"Recipe {path} is a folder; pass a YAML recipe file in it, such as {path / '*.yaml'}.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

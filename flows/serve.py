@@ -112,11 +112,7 @@ def use_prefect_server() -> str:
 
 def load_recipes(recipe_files: Sequence[str | Path], overrides: Sequence[str]) -> list[Recipe]:
     """The recipes to serve (every ``recipes/*.yaml`` when none are named), each with the overrides."""
-    files = list(recipe_files) or default_recipe_files()
-    for path in files:
-        if Path(path).is_dir():
-            raise RecipeError(f"Recipe {path} is a folder; pass YAML recipe files, e.g. {Path(path) / '*.yaml'}.")
-    return [load_recipe(path, list(overrides)) for path in files]
+    return [load_recipe(path, list(overrides)) for path in list(recipe_files) or default_recipe_files()]
 
 
 def serve(recipe_files: Sequence[str | Path] = (), overrides: Sequence[str] = (), *, limit: int | None = None) -> None:
