@@ -97,7 +97,11 @@ def run_here(ref: RunRef, stage: str, fn: Callable[..., T], *args: Any) -> T:
     if stage in RANKED_STAGES and ref.recipe.distributed.world_size > 1:
         from tasks.launch import run_ranks
 
-        return run_ranks(ref.recipe, ref.run, stage, fn, ref, *args)
+        d = ref.recipe.distributed
+        started = time.monotonic()
+        result = run_ranks(ref.recipe, ref.run, stage, fn, ref, *args)
+        log().info("%s ran as %d ranks (%s, %s) in %.4g s", stage, d.world_size, d.strategy, d.launcher, time.monotonic() - started)
+        return result
     if is_gpu_stage(ref.recipe, stage):
         return run_gpu_stage(ref.recipe, fn, ref, *args)
     return fn(ref, *args)
