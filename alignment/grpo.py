@@ -85,7 +85,8 @@ def sample_figures(scored: pl.DataFrame) -> dict[str, float | None]:
 
 def update_figures(updates: pl.DataFrame) -> dict[str, float]:
     """A step's training figures: the mean of each update's (``UPDATE_FIGURES``) over its updates."""
-    return {name: float(updates[name].mean()) for name in UPDATE_FIGURES if name in updates.columns and updates[name].null_count() < updates.height}
+    present = [name for name in UPDATE_FIGURES if name in updates.columns and updates[name].null_count() < updates.height]
+    return {name: float(updates[name].mean()) for name in present}
 
 
 def train_grpo(

@@ -108,31 +108,37 @@ def write_groups(ref: RunRef, scored_uri: str, iteration: int, step: int, old_ur
     finished = scored if recipe.filter.keep_truncated else filters.drop_truncated(scored)
     kept = grpo.with_advantages(grpo.informative(finished), recipe.grpo.scale_rewards)
     cfg = trainer_config(recipe, "grpo", recipe.seed_for("grpo", iteration, step))
+    prompts, completions = kept["prompt"].to_list(), kept["completion"].to_list()
     done = (kept["finish_reason"] != filters.TRUNCATED).to_list()
-    passes = {"old_logps": old_uri, "ref_logps": reference_uri if recipe.grpo.uses_reference else None}
-    for column, model_uri in passes.items():
-        values: list[list[float] | None] = [None] * kept.height
-        if model_uri == old_uri and column != "old_logps":  # a step's first: π_ref is π_old, the same numbers
-            values = kept["old_logps"].to_list()
-        elif model_uri is not None and kept.height:
-            model, tokenizer = load_policy(ref.local_model(model_uri), trust_remote_code=recipe.model.trust_remote_code)
-            prompts, completions = kept["prompt"].to_list(), kept["completion"].to_list()
-            values = distributed.map_rows(  # under a launch, each rank scores its block of samples
-                lambda rows: token_logps(model, tokenizer, prompts[rows], completions[rows], done[rows],  # noqa: B023
-                                         cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt),
-                kept.height, cfg.strategy)  # fmt: skip
-            del model
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # the next pass loads the other model
-        kept = kept.with_columns(pl.Series(column, values, dtype=pl.List(pl.Float64)))
+
+    def logps_under(model_uri: str) -> list[list[float]]:
+        """Each kept sample's per-token log-probs under the model at ``model_uri``, without gradients."""
+        if not kept.height:
+            return []
+        model, tokenizer = load_policy(ref.local_model(model_uri), trust_remote_code=recipe.model.trust_remote_code)
+        values = distributed.map_rows(  # under a launch, each rank scores its block of samples
+            lambda rows: token_logps(model, tokenizer, prompts[rows], completions[rows], done[rows], cfg.ref_batch_size,
+                                     dtype=cfg.dtype, prompt=cfg.prompt),
+            kept.height, cfg.strategy)  # fmt: skip
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next pass loads the other model
+        return values
+
+    reference = reference_uri if recipe.grpo.uses_reference else None  # beta = 0: no reference pass
+    old_logps = logps_under(old_uri)
+    # A step that samples from the reference itself (an iteration's first) has π_ref = π_old: the same numbers.
+    ref_logps = old_logps if reference == old_uri else logps_under(reference) if reference else [None] * kept.height
+    kept = kept.with_columns(pl.Series("old_logps", old_logps, dtype=pl.List(pl.Float64)),
+                             pl.Series("ref_logps", ref_logps, dtype=pl.List(pl.Float64)))  # fmt: skip
     if not distributed.world(cfg.strategy).main:
         return uri  # rank 0 writes the stage
     fates = filters.fates(scored, [("truncated", finished), ("zero_std_group", kept)], threshold=None)
     dropped = dict(sorted((r, int(n)) for r, n in fates.filter(pl.col("decision") == "dropped")["reason"].value_counts().iter_rows()))
     config = {"grpo": recipe.grpo.model_dump(), "filter": {"keep_truncated": recipe.filter.keep_truncated}, "step": step,
-              "old": old_uri, "reference": passes["ref_logps"]}  # fmt: skip
+              "old": old_uri, "reference": reference}  # fmt: skip
     lake.write_stage(ref.stage_uri(iteration, "decisions", step), [fates], config=config, parents=[scored_uri])
-    lake.write_stage(uri, [kept], config=config, parents=[scored_uri, old_uri, *([reference_uri] if passes["ref_logps"] else [])],
+    lake.write_stage(uri, [kept], config=config, parents=[scored_uri, old_uri, *([reference] if reference else [])],
                      extra={"scored_rows": scored.height, "dropped": dropped, "groups": kept["prompt_id"].n_unique(),
                             "figures": grpo.sample_figures(scored)})
     return uri
