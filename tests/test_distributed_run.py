@@ -1,9 +1,10 @@
 """``flywheel run`` with its training on two processes (FSDP2, gloo on CPU), as a user runs it.
 
 The run is a subprocess; a watcher reads ``/proc`` while it goes and records the training ranks it
-sees (processes running ``-m tasks.launch`` that are not torchrun's own agent). Slow tier: the demo
-recipe at full size beside a one-process run of it (the lake and MLflow must hold the same things),
-and a rank killed mid-step, then the run resumed.
+sees (the ``-m tasks.launch`` children of torchrun's agent). Slow tier: a small run on two processes,
+the demo recipe at full size beside a one-process run of it (the lake and MLflow must hold the same
+things), and a rank killed mid-step, then the run resumed. Default tier: distributed settings that
+cannot work, refused before anything runs.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def committed(cwd: Path, run: str) -> list[tuple]:
     return sorted((a.stage, a.iteration, a.step) for a in Lake(str(cwd / "lake")).committed(run))
 
 
+@pytest.mark.slow  # 90 s on 2 cores; the default tier keeps the world-size comparison and the killed rank
 def test_a_run_trains_on_two_processes(workdir):
     watch = Watch()
     watch.start()

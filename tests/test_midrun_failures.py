@@ -238,6 +238,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT_S
         time.sleep(0.1)
 
 
+@pytest.mark.slow  # 100 s: an MLflow server started, stopped, started again
 def test_an_mlflow_server_stopped_before_registration(tmp_path, base_env, clean, mlflow_home):
     home, port, servers = mlflow_home
     servers.append(_start_mlflow(home, port))
