@@ -7,6 +7,8 @@ Run: ``.venv/bin/python -m pytest tests/test_grpo_train.py -q``.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -187,3 +189,48 @@ def test_stored_log_probs_of_other_tokens_are_refused(tiny, tmp_path):
     groups = _groups(tiny, 0.0).with_columns(pl.col("old_logps").list.slice(0, 1))
     with pytest.raises(ValueError, match="Row 0 of the groups has 1 stored log-probs for a completion of 2 tokens"):
         G.train_grpo(tiny, tmp_path, groups, _cfg(beta=0.0), progress=False)
+
+
+# -- on two ranks ---------------------------------------------------------------------------------
+
+WIDE = pl.DataFrame({
+    "prompt_id": [p for p in range(4) for _ in range(4)],
+    "prompt": [p for p in ("1+2=", "3+4=", "2+2=", "5+1=") for _ in range(4)],
+    "completion": ["3", "5", "3", "9", "7", "1", "12", "7", "4", "4", "22", "5", "6", "6", "6", "15"],
+    "reward": [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0],
+})  # fmt: skip
+RANK_SETTINGS = {"beta": 0.04, "epochs": 2, "batch_size": 2, "lr": 1e-2}
+
+
+def grpo_updates(model_dir: str, out_root: str, groups_path: str, settings: dict) -> dict[str, list[dict[str, float]]]:
+    """A rank body (``tasks.launch.run_ranks`` imports it by name): GRPO's updates under DDP, then FSDP."""
+    groups = pl.read_parquet(groups_path)
+    return {strategy: G.train_grpo(model_dir, f"{out_root}/{strategy}", groups, _cfg(**settings, strategy=strategy),
+                                   progress=False)[1] for strategy in ("ddp", "fsdp")}  # fmt: skip
+
+
+def test_two_ranks_give_one_process_updates(tiny, tmp_path, monkeypatch):
+    """Each update's loss, figures and grad norm on 2 ranks (a group each) are one process's with one group per
+    micro-batch: the ranks' share-weighted figures are summed, not taken from rank 0 alone."""
+    from types import SimpleNamespace
+
+    from tasks.launch import run_ranks
+
+    model, tok = load_policy(tiny)
+    frame = G.with_advantages(WIDE, "group")
+    old = token_logps(model, tok, frame["prompt"].to_list(), frame["completion"].to_list())
+    frame.with_columns(pl.Series("old_logps", old), pl.Series("ref_logps", old)).write_parquet(tmp_path / "groups.parquet")
+    _, one = G.train_grpo(tiny, tmp_path / "one", pl.read_parquet(tmp_path / "groups.parquet"),
+                          _cfg(**RANK_SETTINGS, micro_batch_size=1), progress=False)  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # the ranks' logs go under ./.flywheel
+    here = Path(__file__).resolve().parent  # a rank imports grpo_updates by its module's name, as pytest imported it
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(here.parent), str(here), os.environ.get("PYTHONPATH")])))
+    world = SimpleNamespace(distributed=SimpleNamespace(strategy="ddp", processes=2, nodes=1, launcher="torchrun", timeout_s=60.0),
+                            orchestration=SimpleNamespace(ray_address=None))  # fmt: skip
+    two = run_ranks(world, "grpo", "train", grpo_updates, str(tiny), str(tmp_path / "two"), str(tmp_path / "groups.parquet"),
+                    RANK_SETTINGS)  # fmt: skip
+    assert len(one) == 4 and one[1]["kl"] > 0
+    for strategy, updates in two.items():
+        assert [u.keys() for u in updates] == [u.keys() for u in one], strategy
+        for mine, theirs in zip(updates, one, strict=True):
+            assert mine == pytest.approx(theirs, rel=1e-5, abs=1e-7), strategy
