@@ -84,7 +84,8 @@ def grpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
 
 def _step(loop: Loop, iteration: int, step: int, groups: Selection, *, logged: bool) -> dict[str, Any]:
     """A step's row of the iteration's ``steps``: its samples, kept samples and groups, its diagnostics and stage
-    seconds; logged to the iteration's MLflow run (step axis: the step) unless an earlier attempt logged it."""
+    seconds; ``logged`` to the iteration's MLflow run (step axis: the step), which an interrupted attempt did for
+    the steps before the one its iteration resumes from."""
     ref = loop.ref
     figures = grpo_figures(ref, groups.uri, ref.stage_uri(iteration, "updates", step))
     seconds = {k: v for k, v in loop.clock.seconds.items() if k in ("seconds_grow", "seconds_score", "seconds_groups",
