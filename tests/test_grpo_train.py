@@ -21,14 +21,9 @@ from alignment.losses import GroupInputs, TokenInputs, compute_loss, grpo
 from alignment.models import build_tiny_gpt2, load_policy
 from alignment.recipe import load_recipe
 from alignment.train_settings import GRPOSettings, PreferenceConfig, trainer_config
+from tests.flywheel_helpers import one_torch_thread  # noqa: F401  (autouse: one intra-op thread for this module)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- the declaration -----------------------------------------------------------------------------
