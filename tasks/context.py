@@ -47,17 +47,62 @@ class RunRef(BaseModel):
         return model_uri[len(prefix):] if model_uri.startswith(prefix) else model_uri
 
 
+def _unvisited(value: Any) -> Any:
+    """``value`` with a ``RunRef`` (bare or ``unmapped``) wrapped in Prefect's ``quote``, so Prefect
+    neither walks the recipe inside it looking for futures nor records it as a task input."""
+    from prefect.utilities.annotations import quote, unmapped
+
+    if isinstance(value, RunRef):
+        return quote(value)
+    if isinstance(value, unmapped) and isinstance(value.value, RunRef):
+        return unmapped(quote(value.value))
+    return value
+
+
+def _unvisited_all(values: Any) -> Any:
+    if isinstance(values, dict):
+        return {key: _unvisited(value) for key, value in values.items()}
+    return [_unvisited(value) for value in values]
+
+
+def _in_process_runner() -> bool:
+    """Whether the flow's task runner runs tasks in this process (threads), where Prefect unwraps the
+    ``quote`` itself; a runner that ships parameters elsewhere (Ray) may not carry it intact."""
+    from prefect.context import FlowRunContext
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    context = FlowRunContext.get()
+    return context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner)
+
+
 def flywheel_task(**options: Any):
-    """Prefect's ``@task`` without its result cache.
+    """Prefect's ``@task`` without its result cache, and without walking the run's reference.
 
     A stage's output is its committed lake stage, which a resumed run reuses, so hashing a
     task's inputs for a cache key and persisting its return value only cost time: about 4 ms of a
-    task run's 9 on 2 cores (bench/bench_orchestration.py).
+    task run's 9 on 2 cores (bench/bench_orchestration.py). Every task also takes the run's
+    ``RunRef``, whose recipe Prefect would otherwise visit field by field, twice per task run, to
+    find futures that a reference never holds: another 2 ms. Prefect unwraps the ``quote`` before
+    the task body runs, so the body receives the ``RunRef`` itself.
     """
-    from prefect import task
+    from prefect import Task
     from prefect.cache_policies import NONE
 
-    return task(cache_policy=NONE, **options)
+    class FlywheelTask(Task):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return super().__call__(*_unvisited_all(args), **_unvisited_all(kwargs))
+
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            if _in_process_runner():
+                args, kwargs = _unvisited_all(args), _unvisited_all(kwargs)
+            return super().submit(*args, **kwargs)
+
+        def map(self, *args: Any, **kwargs: Any) -> Any:
+            if _in_process_runner():
+                args, kwargs = _unvisited_all(args), _unvisited_all(kwargs)
+            return super().map(*args, **kwargs)
+
+    return lambda fn: FlywheelTask(fn=fn, cache_policy=NONE, **options)
 
 
 def local_cache_dir() -> str:
@@ -93,6 +138,32 @@ def warn_truncated(what: str, share: float | None, of: str, setting: str, value:
     "length"): the run is limited by it."""
     if share is not None and share > TRUNCATION_WARNING:
         log().warning("%s: %.3g%% of %s stopped at %s=%d; raise it if answers are cut", what, 100 * share, of, setting, value)
+
+
+def io_retries(*delays: float):
+    """Retry a plain call (one that is not a task run of its own) after each of ``delays`` seconds when it
+    fails on I/O, as ``retry_on_io`` has Prefect retry a task: an S3 endpoint that restarts or a lake
+    that answers late. A ``UserError`` is raised at once."""
+    import functools
+    import time
+
+    from alignment.errors import UserError
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for delay in delays:
+                try:
+                    return fn(*args, **kwargs)
+                except UserError:
+                    raise
+                except Exception as error:  # noqa: BLE001  (I/O failures come as many types)
+                    first = (str(error).splitlines() or [""])[0]
+                    log().warning("%s failed (%s: %s); retrying in %g s", fn.__name__, type(error).__name__, first, delay)
+                    time.sleep(delay)
+            return fn(*args, **kwargs)
+        return call
+    return wrap
 
 
 def retry_on_io(task, task_run, state) -> bool:

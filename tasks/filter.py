@@ -13,9 +13,11 @@ from tasks.placement import run_once, run_stage
 from tasks.results import Selection
 
 
-@flywheel_task(name="thresholds")
 def thresholds(ref: RunRef, scored_uri: str) -> list[float | None]:
-    """One threshold per Improve step: tau_1 > V_pi and tau_{i+1} > tau_i for the ReST schedule."""
+    """One threshold per Improve step: tau_1 > V_pi and tau_{i+1} > tau_i for the ReST schedule.
+
+    A plain call in the flow, not a task run of its own: a few milliseconds of arithmetic over the
+    scored stage, which a task run would cost more than (bench/bench_orchestration.py)."""
     return run_stage(ref, "filter", compute_thresholds, scored_uri, label="thresholds")
 
 

@@ -16,7 +16,7 @@ from prefect import unmapped
 
 from alignment.metrics import length_stats
 from alignment.samplers import SamplingParams, make_sampler, sampler_options
-from tasks.context import RunRef, flywheel_task, log, retry_on_io, warn_truncated
+from tasks.context import RunRef, flywheel_task, io_retries, log, retry_on_io, warn_truncated
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_sharded, run_stage
 
@@ -74,9 +74,12 @@ def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards
     return lake.write_part(uri, shard, frame)
 
 
-@flywheel_task(name="commit-samples", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
+@io_retries(2, 5)
 def commit_samples(ref: RunRef, model_uri: str, iteration: int, parts: list[dict], step: int | None = None) -> str:
-    """Add the labelled data D when the recipe asks (D_g = samples ∪ D) and commit the stage."""
+    """Add the labelled data D when the recipe asks (D_g = samples ∪ D) and commit the stage.
+
+    A plain call once every shard has written its part, not a task run of its own: a commit is a few
+    small writes, retried here on I/O failure as the shard tasks are by Prefect."""
     lake, uri = ref.open_lake(), ref.stage_uri(iteration, "samples", step)
     parts = sorted(parts, key=lambda p: p["name"])
     if ref.recipe.grow.include_labelled:

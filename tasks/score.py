@@ -14,7 +14,7 @@ from prefect import unmapped
 from alignment.metrics import is_policy_sample
 from alignment.rewards import resolve_reward_spec, with_timeout
 from alignment.rewards import score as call_reward
-from tasks.context import RunRef, figure, flywheel_task, log, retry_on_io
+from tasks.context import RunRef, figure, flywheel_task, io_retries, log, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_sharded, run_stage
 
@@ -51,9 +51,9 @@ def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: 
     return lake.write_part(uri, shard, scored)
 
 
-@flywheel_task(name="commit-scored", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
+@io_retries(2, 5)
 def commit_scored(ref: RunRef, samples_uri: str, iteration: int, parts: list[dict], step: int | None = None) -> str:
-    """Verify the parts and commit the ``scored`` stage."""
+    """Verify the parts and commit the ``scored`` stage (a plain call, as ``tasks.grow.commit_samples`` is)."""
     lake, uri = ref.open_lake(), ref.stage_uri(iteration, "scored", step)
     manifest = lake.commit(uri, sorted(parts, key=lambda p: p["name"]), config={"reward": ref.recipe.reward}, parents=[samples_uri])
     log().info("score g=%d: committed %d rows in %d parts", iteration, manifest.rows, len(parts))

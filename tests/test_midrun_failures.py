@@ -8,7 +8,8 @@
   the step is registered;
 - the user's reward (a module on ``PYTHONPATH``, ``reward: module:function``) raises on a late row of the
   grown samples (it is fine on the held-out rows checked before the run);
-- (slow) the S3 server's credentials are replaced mid-run, revoking the ones the run holds.
+- (slow) the S3 server's credentials are replaced while Score holds its grown samples, revoking the ones
+  the run holds.
 
 Each ends with exactly one ``flywheel:`` line on stderr naming what failed, where and how to resume, no
 traceback on the console (it is in the run's log), and exit code 1. Then the cause is fixed, the same
@@ -47,10 +48,20 @@ RUN_TIMEOUT_S = 300
 
 # A user's reward: exact match, except that it raises on row 70 of a call while BREAK_REWARD is set.
 # The checks before a run call it on at most 64 held-out rows, so only Score's grown samples reach row 70.
+# With HOLD_REWARD=PATH, a call on the grown samples writes PATH.reached and waits (up to a minute) for
+# PATH to exist: the test changes what the run depends on at a known point, with no I/O in flight.
 REWARD = '''
 import os
+import time
+from pathlib import Path
 
 def exact(prompts, completions, references):
+    hold = os.environ.get("HOLD_REWARD")
+    if hold and len(completions) > 64:
+        Path(hold + ".reached").touch()
+        deadline = time.monotonic() + 60
+        while not Path(hold).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
     out = []
     for i, (c, r) in enumerate(zip(completions, references)):
         if i == 70 and os.environ.get("BREAK_REWARD"):
@@ -363,15 +374,18 @@ def test_s3_credentials_revoked_mid_run(tmp_path, base_env):
     try:
         server.create_bucket("lake")
         with (tmp_path / "out").open("w+") as out, (tmp_path / "err").open("w+") as err:
-            run = subprocess.Popen(_argv("revoked", *sets), cwd=cwd, env=env(first), stdout=out, stderr=err)
+            hold = tmp_path / "hold"
+            run = subprocess.Popen(_argv("revoked", *sets), cwd=cwd, env=env(first) | {"HOLD_REWARD": str(hold)},
+                                   stdout=out, stderr=err)
             try:
                 deadline = time.monotonic() + RUN_TIMEOUT_S
-                while "register" not in out.read():  # the baseline is registered: Grow comes next
+                while not Path(f"{hold}.reached").exists():  # Score has read the grown samples and waits
                     assert run.poll() is None and time.monotonic() < deadline, err.read()[-3000:]
                     time.sleep(0.2)
-                    out.seek(0)
+                    err.seek(0)
                 server.stop(timeout=5)
                 server = start_seaweed(data, s3_port=port, die_with_parent=True, **second)  # the first keys are revoked
+                hold.touch()
                 rc = run.wait(timeout=RUN_TIMEOUT_S)
             finally:
                 if run.poll() is None:

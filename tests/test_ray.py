@@ -90,7 +90,7 @@ def _grow_log_lines(flow_run_id) -> list[str]:
     with get_client(sync_client=True) as client:
         for _ in range(40):
             logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)
-            lines = [log.message for log in logs if log.message.startswith("grow g=")]
+            lines = [log.message for log in logs if log.message.startswith("grow g=") and " shard " in log.message]
             if len(lines) >= 3:
                 return lines
             time.sleep(0.5)

@@ -67,8 +67,8 @@ class Summary:
             self.doc["champion"] = {"model_name": reg.model_name, "version": reg.champion_version, "eval_reward": reg.champion_reward}
 
 
-@flywheel_task(name="save-summary", retries=3, retry_delay_seconds=[2, 5, 15])
 def save_summary(ref: RunRef, doc: dict[str, Any]) -> str:
+    """Write ``summary.json`` (a plain call: one small write, which the S3 client retries itself)."""
     uri = f"{ref.open_lake().run_uri(ref.run)}/summary.json"
     ref.open_lake().put_json(uri, doc)
     return uri
