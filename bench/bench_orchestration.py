@@ -10,15 +10,19 @@ their own as a per-run cost, paid once by a run of many iterations.
    ``RunRef`` (the recipe ``recipes/arithmetic-rest.yaml``, as every real task gets it), called one
    after another and mapped over the thread task runner four at a time (as Grow and scoring with
    ``grow.shards=4`` are), against the same loops as plain calls (the mapped ones on a thread pool of
-   four). Overhead per task run = (task loop - plain loop) / N. The no-op task has the real tasks'
-   cache policy.
+   four). Overhead per task run = (task loop - plain loop) / N. The no-op task is made as the real
+   tasks are (``tasks.context.flywheel_task``).
 2. **One iteration** of the demo recipe with sharded Grow and scoring (``grow.shards=4``: 4 Grow
-   shard tasks, 5 score shard tasks, their commits, thresholds, filter, Improve, evaluate, register, summary,
-   publish; the step metrics are a plain call in both arms, as in the flow): the loop body of ``flows/rest.py``
+   shard tasks, 5 score shard tasks, filter, Improve, evaluate, register, publish; the stage commits, the
+   thresholds, the step metrics and the summary are plain calls in both arms, as in the flow): the loop body of ``flows/rest.py``
    as a Prefect flow, timed inside the flow from the first task call to the last result, and the same
    steps as plain functions (``task.fn``, shards on a thread pool as wide as the task runner's, Prefect
    artifacts dropped), from the same warm-started policy on fresh lakes and MLflow databases. The flow
    run's wall time seen by its caller minus its body is the per-run cost.
+
+Both arms run as ``flywheel run`` runs them: its embedded Prefect server (``flows.server``, at the
+lower CPU priority it gets once it answers) and its console (``flows.console.RunConsole``: one line per
+stage on stdout, Prefect's and MLflow's own lines to a log file).
 
 Beside wall time, CPU time is reported: this process's (every thread, so Prefect's log and event
 workers too) and the embedded server's, which stores each task run's states, events and logs on the
@@ -69,12 +73,14 @@ from collections.abc import Iterator  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
-from prefect import flow, task, unmapped  # noqa: E402
+from prefect import flow, unmapped  # noqa: E402
 
 from alignment.recipe import Recipe, load_recipe  # noqa: E402
 from tasks.report.artifacts import publish_iteration  # noqa: E402
-from tasks.context import RunRef  # noqa: E402
+from tasks.context import RunRef, flywheel_task  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
+from flows import server as embedded  # noqa: E402
+from flows.console import RunConsole  # noqa: E402
 from tasks.filter import filter_stage, thresholds  # noqa: E402
 from tasks.grow import commit_samples, grow, grow_shard  # noqa: E402
 from tasks.inputs import prepare_inputs  # noqa: E402
@@ -101,19 +107,17 @@ def on_threads(fn, calls: list[tuple]) -> list:
 SERVER: list = []  # the embedded server's process (psutil), once started here
 
 
-def start_server() -> float:
-    """Start the embedded Prefect server (the singleton its client would start); seconds taken, 0 if configured."""
+def start_server(stack: contextlib.ExitStack) -> float:
+    """Start ``flywheel run``'s embedded Prefect server and point Prefect at it until ``stack`` closes;
+    seconds taken, 0 with a configured server (``PREFECT_API_URL``)."""
     import psutil
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return 0.0
-    from prefect.server.api.server import SubprocessASGIServer
 
     start = time.perf_counter()
-    server = SubprocessASGIServer()
-    server.start()
-    SERVER.append(psutil.Process(server.server_process.pid))
+    server = embedded.start()
+    stack.enter_context(embedded.use(server))  # waits until it answers
+    if server is None:
+        return 0.0
+    SERVER.append(psutil.Process(server.process.pid))
     return time.perf_counter() - start
 
 
@@ -144,7 +148,7 @@ def work(ref: RunRef, x: int) -> int:
     return x + 1
 
 
-noop = task(name="noop", cache_policy=score_shard.cache_policy)(work)  # cached (or not) like the real tasks
+noop = flywheel_task(name="noop")(work)  # made as the real tasks are (no result cache, the RunRef quoted)
 
 LOOPS = {
     "plain": lambda ref, n: [work(ref, i) for i in range(n)],
@@ -186,14 +190,14 @@ def plain_grow(ref: RunRef, model_uri: str, iteration: int) -> str:
     """``tasks.grow.grow`` with its tasks as plain functions, the shards on threads."""
     n = ref.recipe.grow.shards
     parts = on_threads(grow_shard.fn, [(ref, model_uri, iteration, s, n) for s in range(n)])
-    return commit_samples.fn(ref, model_uri, iteration, parts)
+    return commit_samples(ref, model_uri, iteration, parts)
 
 
 def plain_score(ref: RunRef, samples_uri: str, iteration: int) -> str:
     """``tasks.score.score`` with its tasks as plain functions, the parts on threads."""
     names = [f["name"] for f in ref.open_lake().manifest(samples_uri).files]
     parts = on_threads(score_shard.fn, [(ref, samples_uri, iteration, name, i) for i, name in enumerate(names)])
-    return commit_scored.fn(ref, samples_uri, iteration, parts)
+    return commit_scored(ref, samples_uri, iteration, parts)
 
 
 @contextlib.contextmanager
@@ -218,10 +222,10 @@ def steps(plain: bool) -> SimpleNamespace:
     """The iteration's steps (the Prefect tasks, or their plain functions), each timed into STEP_TIMES."""
     pick = (lambda t: t.fn) if plain else (lambda t: t)
     chosen = dict(
-        grow=plain_grow if plain else grow, score=plain_score if plain else score, thresholds=pick(thresholds),
-        filter=pick(filter_stage), improve=pick(improve), evaluate=pick(evaluate),
-        step_metrics=step_metrics,  # a plain function in the flow too
-        register=pick(register), save_summary=pick(save_summary), publish=pick(publish_iteration),
+        grow=plain_grow if plain else grow, score=plain_score if plain else score,
+        thresholds=thresholds, filter=pick(filter_stage), improve=pick(improve), evaluate=pick(evaluate),
+        step_metrics=step_metrics, register=pick(register), save_summary=save_summary,  # plain calls in the flow too
+        publish=pick(publish_iteration),
     )
     times = STEP_TIMES["plain" if plain else "flow"]
     times.clear()
@@ -255,7 +259,7 @@ def iteration(ref: RunRef, policy: str, version: str, g: int, s: SimpleNamespace
         reg = s.register(ref, candidate, metrics, g, i, datasets, parent_version=version,
                          step_metrics={"tau": tau or 0.0, "kept": kept.kept, **train_metrics(ref, candidate), **extra})
         log_step_metrics(ref, g, i, {"seconds_register": s.times["register"]})
-        # A summary row as tasks.report.summary.Summary writes it (whose save is the save-summary task itself).
+        # A summary row as tasks.report.summary.Summary writes it.
         # Timings differ between the arms by design; every other figure must be the same.
         figures = {k: v for k, v in {**metrics, **extra}.items() if not k.startswith(("seconds_", "grow_samples", "grow_tokens"))}
         rows.append({"iteration": g, "step": i, "tau": tau, "kept": kept.kept, **figures, "model_version": reg.model_version})
@@ -360,9 +364,15 @@ def main() -> None:
     args = parser.parse_args()
     quiet()
     os.chdir(WORKDIR)
-
     recipe = load_recipe(args.recipe, ["grow_steps=1", "grow.shards=4", *args.overrides])
-    once = {"server_startup_s": start_server(), "first_flow_run_s": timed(empty)[0]}
+    with contextlib.ExitStack() as stack:
+        console = RunConsole(WORKDIR / "run.log", verbose=False).open()  # as flywheel run prints
+        stack.callback(console.close)
+        measure(args, recipe, stack)
+
+
+def measure(args: argparse.Namespace, recipe: Recipe, stack: contextlib.ExitStack) -> None:
+    once = {"server_startup_s": start_server(stack), "first_flow_run_s": timed(empty)[0]}
     probe(make_ref(recipe, "probe"), 5, False)  # untimed: the loops' first calls
     per = per_task(make_ref(recipe, "probe"), args.tasks, args.repeats)
 
