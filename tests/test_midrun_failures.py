@@ -6,15 +6,13 @@
   its pid after Grow's first requests;
 - the MLflow tracking server (``mlflow server`` on 127.0.0.1) is stopped once Grow has committed, before
   the step is registered;
-- the user's reward (a module on ``PYTHONPATH``, ``reward: module:function``) raises on a late row of the
-  grown samples (it is fine on the held-out rows checked before the run);
-- (slow) the S3 server's credentials are replaced while Score holds its grown samples, revoking the ones
-  the run holds.
+- the user's reward (``reward: module:function``, on ``PYTHONPATH``) raises on a late row of Grow's samples;
+- (slow) the S3 server's credentials are replaced while Score holds its samples, revoking the run's.
 
 Each ends with exactly one ``flywheel:`` line on stderr naming what failed, where and how to resume, no
 traceback on the console (it is in the run's log), and exit code 1. Then the cause is fixed, the same
-command resumes the run to the end, and its scored table equals the one a clean run of the same recipe
-writes. The runs use the session's Prefect server, so none waits for an embedded one.
+command resumes the run to the end, and its scored table equals a clean run's. The runs use the session's
+Prefect server, so none waits for an embedded one.
 
 Run: ``.venv/bin/python -m pytest tests/test_midrun_failures.py -q`` (the sampler and S3 cases are ``slow``).
 """
@@ -48,18 +46,16 @@ RUN_TIMEOUT_S = 300
 
 # A user's reward: exact match, except that it raises on row 70 of a call while BREAK_REWARD is set.
 # The checks before a run call it on at most 64 held-out rows, so only Score's grown samples reach row 70.
-# With HOLD_REWARD=PATH, a call on the grown samples writes PATH.reached and waits (up to a minute) for
-# PATH to exist: the test changes what the run depends on at a known point, with no I/O in flight.
+# With HOLD_REWARD=PATH, a call on the grown samples writes PATH.reached and waits (up to 60 s) for PATH.
 REWARD = '''
 import os
 import time
 from pathlib import Path
 
 def exact(prompts, completions, references):
-    hold = os.environ.get("HOLD_REWARD")
+    hold, deadline = os.environ.get("HOLD_REWARD"), time.monotonic() + 60
     if hold and len(completions) > 64:
         Path(hold + ".reached").touch()
-        deadline = time.monotonic() + 60
         while not Path(hold).exists() and time.monotonic() < deadline:
             time.sleep(0.1)
     out = []
@@ -375,8 +371,7 @@ def test_s3_credentials_revoked_mid_run(tmp_path, base_env):
         server.create_bucket("lake")
         with (tmp_path / "out").open("w+") as out, (tmp_path / "err").open("w+") as err:
             hold = tmp_path / "hold"
-            run = subprocess.Popen(_argv("revoked", *sets), cwd=cwd, env=env(first) | {"HOLD_REWARD": str(hold)},
-                                   stdout=out, stderr=err)
+            run = subprocess.Popen(_argv("revoked", *sets), cwd=cwd, env=env(first) | {"HOLD_REWARD": str(hold)}, stdout=out, stderr=err)
             try:
                 deadline = time.monotonic() + RUN_TIMEOUT_S
                 while not Path(f"{hold}.reached").exists():  # Score has read the grown samples and waits

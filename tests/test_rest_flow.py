@@ -32,24 +32,9 @@ import pytest
 from prefect import flow as _prefect_flow  # noqa: F401
 
 from alignment import filters
-from tests.flywheel_helpers import (
-    FAST,
-    RESOURCE_FIGURES,
-    MODEL,
-    RECIPE,
-    ROOT,
-    client_for,
-    flywheel,
-    one_torch_thread,  # noqa: F401  (autouse: one intra-op thread for this module)
-    manifest_path,
-    measured,
-    partial_stages,
-    read_stage,
-    run_dir,
-    stage_dir,
-    summary_of,
-    tracking_uri,
-    versions_of,
+from tests.flywheel_helpers import (  # one_torch_thread is autouse: one intra-op thread for this module
+    FAST, MODEL, RECIPE, RESOURCE_FIGURES, ROOT, client_for, flywheel, manifest_path, measured, one_torch_thread,  # noqa: F401
+    partial_stages, read_stage, run_dir, stage_dir, summary_of, tracking_uri, versions_of,
 )
 
 # The small recipe (slow tier): big enough that held-out reward visibly rises.
