@@ -173,7 +173,7 @@ def test_prefect_yaml_recipes_are_valid():
         if dep.entrypoint == "flows/stage.py:stage":
             continue
         recipe = Recipe.model_validate(dep.parameters["recipe"])
-        assert dep.entrypoint.split(":")[1] == {"rest": "rest", "iterative_dpo": "iterative_dpo"}[recipe.algorithm]
+        assert dep.entrypoint == f"flows/{recipe.algorithm}.py:{recipe.algorithm}"  # the flow the algorithm names
         assert dep.work_pool.name == "flywheel-cpu"
         placed = {stage: stage_pools[name] for stage, name in recipe.orchestration.stage_deployments.items()}
         if placed:
