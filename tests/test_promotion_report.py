@@ -21,7 +21,7 @@ import pytest
 
 from alignment.rewards import exact_match
 from flows.cli import main
-from flywheel_helpers import FAST, RECIPE, client_for, flywheel, one_torch_thread, summary_of  # noqa: F401
+from flywheel_helpers import FAST, MODEL, RECIPE, client_for, flywheel, one_torch_thread, summary_of, tracking_uri  # noqa: F401
 
 ONE_STEP = [*FAST, "grow_steps=1"]
 GUARDS = ["promotion.max_length_drift=0.5", "promotion.max_kl=5.0", "promotion.max_reward_gap_widening=0.1"]
@@ -148,3 +148,20 @@ def test_the_report_renders_in_headless_chromium(clean, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_a_version_registered_before_the_tracking_move_still_loads(clean, tmp_path):
+    """A registered version's entry file is frozen at registration: older ones import ``tasks.policy_model``."""
+    import mlflow
+
+    uri = tracking_uri(clean)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}@champion", dst_path=str(tmp_path)))
+    entries = list(model_dir.rglob("policy_entry.py"))
+    assert entries, sorted(p.name for p in model_dir.rglob("*"))
+    for entry in entries:  # as a version registered before the move wrote it
+        entry.write_text(entry.read_text().replace("from tasks.tracking.policy_model import", "from tasks.policy_model import"))
+        assert "from tasks.policy_model import FlywheelPolicy" in entry.read_text()
+    model = mlflow.pyfunc.load_model(str(model_dir))
+    assert len(model.predict(["12+3="], params={"max_new_tokens": 5})) == 1
