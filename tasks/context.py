@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -85,8 +86,16 @@ def flywheel_task(**options: Any):
     find futures that a reference never holds: another 2 ms. Prefect unwraps the ``quote`` before
     the task body runs, so the body receives the ``RunRef`` itself.
     """
-    from prefect import Task
     from prefect.cache_policies import NONE
+
+    return lambda fn: _task_class()(fn=fn, cache_policy=NONE, **options)
+
+
+@functools.cache
+def _task_class() -> type:
+    """Prefect's ``Task`` quoting the ``RunRef`` it is called with (made once, when a task is first declared:
+    importing this module does not import Prefect)."""
+    from prefect import Task
 
     class FlywheelTask(Task):
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -102,7 +111,7 @@ def flywheel_task(**options: Any):
                 args, kwargs = _unvisited_all(args), _unvisited_all(kwargs)
             return super().map(*args, **kwargs)
 
-    return lambda fn: FlywheelTask(fn=fn, cache_policy=NONE, **options)
+    return FlywheelTask
 
 
 def local_cache_dir() -> str:
@@ -144,7 +153,6 @@ def io_retries(*delays: float):
     """Retry a plain call (one that is not a task run of its own) after each of ``delays`` seconds when it
     fails on I/O, as ``retry_on_io`` has Prefect retry a task: an S3 endpoint that restarts or a lake
     that answers late. A ``UserError`` is raised at once."""
-    import functools
     import time
 
     from alignment.errors import UserError
