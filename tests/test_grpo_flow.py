@@ -144,6 +144,9 @@ def test_the_report_draws_the_steps_diagnostics(small):
         assert main(["report", small.name, "--lake", f"file://{small.workdir / 'lake'}", "--out", str(out)]) == 0
     section = re.search(r'<section id="grpo">(.*?)</section>', out.read_text(), re.S)
     assert section and section.group(1).count('<img alt="plot" src="data:image/png;base64,') == 3
+    # one reward histogram per iteration, from its steps' scored and groups stages
+    histograms = re.search(r'<section id="histograms">(.*?)</section>', out.read_text(), re.S)
+    assert histograms and histograms.group(1).count('<img alt="plot"') == len(small.summary["iterations"]), histograms
 
 
 def test_the_fast_run_improves_or_keeps_the_champion(small):

@@ -103,11 +103,18 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _load(lake, run: str, doc: dict[str, Any]):
-    """Per iteration: (scored, the last step's filtered stage or None) and the recipe's filter settings."""
+    """Per iteration: (scored, the last step's filtered stage or None) and the last (iteration, step) with a
+    filtered stage. A GRPO iteration scores and keeps groups per step: its steps' scored stages and its
+    ``groups`` stages (the informative groups it trained on) stand for the two."""
     frames: dict[int, tuple[pl.DataFrame, pl.DataFrame | None]] = {}
     last: tuple[int, int] | None = None
     for r in doc.get("iterations", []):
         g, i = r["iteration"], r["step"]
+        if r.get("steps"):  # GRPO
+            grown = _read_all(lake, [lake.stage_uri(run, g, "scored", s["step"]) for s in r["steps"]])
+            if grown is not None:
+                frames[g] = (grown, _read_all(lake, [lake.stage_uri(run, g, "groups", s["step"]) for s in r["steps"]]))
+            continue
         scored_uri = lake.stage_uri(run, g, "scored")
         if not lake.is_done(scored_uri):
             continue
@@ -119,9 +126,16 @@ def _load(lake, run: str, doc: dict[str, Any]):
     return frames, last
 
 
+def _read_all(lake, uris: list[str]) -> pl.DataFrame | None:
+    """The committed stages among ``uris`` as one frame; None when none is committed."""
+    frames = [lake.read(uri) for uri in uris if lake.is_done(uri)]
+    return pl.concat(frames, how="diagonal_relaxed") if frames else None
+
+
 def _samples_section(lake, run: str, frames, last) -> str:
     if last is None:
-        return "<p>No filtered stage (iterative DPO trains on pairs; see the pairs stage with flywheel inspect).</p>"
+        return ("<p>No filtered stage (iterative DPO trains on pairs, GRPO on groups; see those stages with "
+                "flywheel inspect).</p>")
     g, i = last
     scored, kept = frames[g]
     # Each row's fate as the filter recorded it (the decisions stage), for the policy's own samples.
