@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tasks.context import RunRef, flywheel_task, log
+from tasks.context import RunRef, flywheel_task, io_retries, log
 from tasks.results import Selection, Registration
 
 
@@ -67,8 +67,9 @@ class Summary:
             self.doc["champion"] = {"model_name": reg.model_name, "version": reg.champion_version, "eval_reward": reg.champion_reward}
 
 
+@io_retries(2, 5, 15)
 def save_summary(ref: RunRef, doc: dict[str, Any]) -> str:
-    """Write ``summary.json`` (a plain call: one small write, which the S3 client retries itself)."""
+    """Write ``summary.json`` (a plain call, not a task run: one small write, retried on I/O failure as it was)."""
     uri = f"{ref.open_lake().run_uri(ref.run)}/summary.json"
     ref.open_lake().put_json(uri, doc)
     return uri
