@@ -100,6 +100,14 @@ class Side:
         return loss, grads
 
 
+def first_step_agreement(mine: Side, peer: Side) -> tuple[float, float, float, float]:
+    """Both sides' loss on the same batch before any update, the largest gradient difference, and the
+    largest gradient (the scale the difference is read against)."""
+    (loss_a, grads_a), (loss_b, grads_b) = mine.gradients(), peer.gradients()
+    grad_diff = max((grads_a[k] - grads_b[k]).abs().max().item() for k in grads_a)
+    return loss_a, loss_b, grad_diff, max(g.abs().max().item() for g in grads_a.values())
+
+
 def ours_side(policy_path: Path, ref_model, pairs, beta: float, lr: float, workdir: Path) -> Side:
     """Our pieces: ``sequence_logps`` for the reference, then ``batch_logps`` + ``LOSSES["dpo"]``."""
     model, tok = load_policy(policy_path)
@@ -225,9 +233,7 @@ def main() -> None:
         peer = direct_side(*setup)
 
     # The DPO step itself, before any update: same loss, same gradient.
-    (loss_a, grads_a), (loss_b, grads_b) = mine.gradients(), peer.gradients()
-    grad_diff = max((grads_a[k] - grads_b[k]).abs().max().item() for k in grads_a)
-    grad_scale = max(g.abs().max().item() for g in grads_a.values())
+    loss_a, loss_b, grad_diff, grad_scale = first_step_agreement(mine, peer)
 
     losses_a, losses_b, times_a, times_b = [], [], [], []
     for i in range(args.steps + 2):

@@ -44,7 +44,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from bench_dpo_step import Side, no_dropout, quiet, row, timed  # noqa: E402
+from bench_dpo_step import Side, first_step_agreement, no_dropout, quiet, row, timed  # noqa: E402
 from realistic import build_bench_model, completions, prompts  # noqa: E402
 
 from alignment.losses import group_advantages, grpo  # noqa: E402
@@ -218,9 +218,7 @@ def main() -> None:
         peer = direct_side(*setup)
 
     # The GRPO step itself, before any update: same loss, same gradient.
-    (loss_a, grads_a), (loss_b, grads_b) = mine.gradients(), peer.gradients()
-    grad_diff = max((grads_a[k] - grads_b[k]).abs().max().item() for k in grads_a)
-    grad_scale = max(g.abs().max().item() for g in grads_a.values())
+    loss_a, loss_b, grad_diff, grad_scale = first_step_agreement(mine, peer)
 
     times_a, times_b = [], []
     for i in range(args.steps + 1):

