@@ -107,7 +107,7 @@ def train_grpo(
     ``finish_reason`` (a truncated completion is trained without an end token). Each update takes
     ``cfg.batch_size`` whole prompt groups.
     """
-    from alignment.preference import _load_trainable, _rebuild
+    from alignment.preference import load_trainable, rebuild_trainable
 
     settings = cfg.objective
     if not isinstance(settings, GRPOSettings):
@@ -118,7 +118,7 @@ def train_grpo(
     hparams, uses_reference = settings.loss_hparams(), settings.uses_reference
     if uses_reference and groups["ref_logps"].null_count():
         raise ValueError("The groups carry no reference log-probs (ref_logps) and beta is not 0; recompute them or set beta: 0.")
-    model, tokenizer = _load_trainable(model_path, cfg, trust_remote_code)
+    model, tokenizer = load_trainable(model_path, cfg, trust_remote_code)
     fmt = formatter_for(model, tokenizer, cfg.prompt)
     finished = (groups["finish_reason"] != "length").to_list() if "finish_reason" in groups.columns else None
     examples = encode_pairs(tokenizer, groups["prompt"].to_list(), groups["completion"].to_list(), fmt, finished)
@@ -158,7 +158,7 @@ def train_grpo(
 
     losses = train_loop(model, units, step_loss, cfg, lengths=[sum(len(examples[i][0]) for i in u) for u in units],
                         desc="training (grpo)", progress=progress, on_update=record)  # fmt: skip
-    save_trained(model, tokenizer, out_dir, cfg, rebuild=lambda: _rebuild(model_path, cfg, trust_remote_code))
+    save_trained(model, tokenizer, out_dir, cfg, rebuild=lambda: rebuild_trainable(model_path, cfg, trust_remote_code))
     tail = losses[-per_epoch:]
     metrics = {
         "train_loss": sum(tail) / len(tail), "train_steps": float(len(losses)), "train_groups": float(len(units)),

@@ -118,7 +118,7 @@ def train_preference(
     if spec.kind != "pairwise":
         raise ValueError(f"loss {spec.name!r} trains on groups of samples, not pairs: call train_rloo instead.")
     _require_columns(pairs, PAIR_COLUMNS + (REWARD_COLUMNS if spec.needs_rewards else ()), "pairs")
-    model, tokenizer = _load_trainable(model_path, cfg, trust_remote_code)
+    model, tokenizer = load_trainable(model_path, cfg, trust_remote_code)
     if not set(REF_COLUMNS) <= set(pairs.columns):
         pairs = add_reference_logps(model, tokenizer, pairs, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
     prompts = pairs["prompt"].to_list()
@@ -148,7 +148,7 @@ def train_preference(
     losses = train_loop(model, [[i] for i in range(len(pairs))], step_loss, cfg, lengths=lengths,
                         desc=f"training ({spec.name})", progress=progress, on_step=on_step)
     after_chosen, after_rejected = pair_logps(model, tokenizer, pairs, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
-    save_trained(model, tokenizer, out_dir, cfg, rebuild=lambda: _rebuild(model_path, cfg, trust_remote_code))
+    save_trained(model, tokenizer, out_dir, cfg, rebuild=lambda: rebuild_trainable(model_path, cfg, trust_remote_code))
     chosen_change, rejected_change = after_chosen - ref_chosen, after_rejected - ref_rejected
     return {
         "train_loss": _last_epoch_mean(losses, cfg.epochs),
@@ -182,7 +182,7 @@ def train_rloo(
     _require_columns(samples, GROUP_COLUMNS, "samples")
     if samples.group_by("prompt_id").len()["len"].min() < 2:
         raise ValueError("rloo needs at least 2 samples per prompt_id for its leave-one-out baseline.")
-    model, tokenizer = _load_trainable(model_path, cfg, trust_remote_code)
+    model, tokenizer = load_trainable(model_path, cfg, trust_remote_code)
     prompts, completions = samples["prompt"].to_list(), samples["completion"].to_list()
     before, _ = sequence_logps(model, tokenizer, prompts, completions, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
     fmt = formatter_for(model, tokenizer, cfg.prompt)
@@ -200,7 +200,7 @@ def train_rloo(
 
     losses = train_loop(model, groups, step_loss, cfg, desc=f"training ({cfg.spec.name})", progress=progress, on_step=on_step)
     after, _ = sequence_logps(model, tokenizer, prompts, completions, cfg.ref_batch_size, dtype=cfg.dtype, prompt=cfg.prompt)
-    save_trained(model, tokenizer, out_dir, cfg, rebuild=lambda: _rebuild(model_path, cfg, trust_remote_code))
+    save_trained(model, tokenizer, out_dir, cfg, rebuild=lambda: rebuild_trainable(model_path, cfg, trust_remote_code))
     # The sign of the RLOO advantage is the sign of r_i minus its group's mean reward.
     group_mean = torch.tensor(samples.select(pl.col("reward").mean().over("prompt_id")).to_series().to_list())
     advantage = rewards - group_mean
@@ -225,12 +225,12 @@ def _objective(cfg: PreferenceConfig) -> Callable[[LossInputs | GroupInputs], to
     return lambda batch: with_nll(fn(batch, **hparams), batch, nll_alpha)
 
 
-def _rebuild(model_path: str | Path, cfg: PreferenceConfig, trust_remote_code: bool):
+def rebuild_trainable(model_path: str | Path, cfg: PreferenceConfig, trust_remote_code: bool):
     """A fresh CPU copy of the starting model with ``cfg``'s adapters: what rank 0 loads FSDP's gathered weights into."""
     return with_lora(load_policy(model_path, trust_remote_code=trust_remote_code, device="cpu")[0], cfg)
 
 
-def _load_trainable(model_path: str | Path, cfg: PreferenceConfig, trust_remote_code: bool):
+def load_trainable(model_path: str | Path, cfg: PreferenceConfig, trust_remote_code: bool):
     """Load the policy with dropout off and, when ``cfg.lora_r > 0``, LoRA adapters on it."""
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_policy(model_path, trust_remote_code=trust_remote_code)

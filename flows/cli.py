@@ -47,7 +47,7 @@ LOG_DIR = Path(".flywheel/logs")
 MODEL_COMMANDS = ("run", "serve")  # the only commands that load a model library
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """transformers' warnings and progress bars off. A process that has not imported it yet reads
     ``QUIET_ENV`` when it does, so nothing is imported here just to say so (a typo stays cheap)."""
     if "transformers" not in sys.modules:
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.process_exits = argv is None  # the command line, not a caller such as a test: nothing to put back
     if args.command in MODEL_COMMANDS:  # the others load no model library: keep them quick
-        _quiet_libraries()
+        quiet_libraries()
     try:
         return args.func(args)
     except Exception as exc:

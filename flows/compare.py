@@ -50,7 +50,7 @@ def _final(summary: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.cli import QUIET_ENV, _quiet_libraries
+    from flows.cli import QUIET_ENV, quiet_libraries
 
     for key, value in QUIET_ENV.items():  # as `flywheel run`: no telemetry writes racing the embedded server's database
         os.environ.setdefault(key, value)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     losses = [name.strip() for name in args.losses.split(",") if name.strip()]
     if unknown := [name for name in losses if name not in LOSSES]:  # before the first row's minutes, not after
         raise UserError(f"--losses: unknown loss {', '.join(map(repr, unknown))}; choose from {', '.join(LOSSES)}.")
-    _quiet_libraries()
+    quiet_libraries()
     out = Path(args.out).resolve()
     common = [f"lake=file://{out}/lake", f"mlflow.tracking_uri=sqlite:///{out}/mlflow.db", *args.overrides]
     stamp = time.strftime("%Y%m%d-%H%M%S")
