@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from alignment import distributed
 from alignment.lora import add_lora, save_merged
 from alignment.models import load_policy
 from alignment.prompting import IGNORE, Formatter, PromptFormat, formatter_for
+from alignment.run_settings import progress_seconds
 from alignment.train_settings import TrainConfig
 
 
@@ -89,6 +92,23 @@ def save_trained(model, tokenizer, out_dir: str | Path, cfg: TrainConfig, *, reb
     w.barrier()
 
 
+Report = Callable[[int, int, float, float], None]
+_report: ContextVar[tuple[Report, float] | None] = ContextVar("training_report", default=None)
+
+
+@contextlib.contextmanager
+def reporting(report: Report, every: float | None = None) -> Iterator[None]:
+    """Within the block, each ``train_loop`` of this thread calls ``report(step, total, loss, seconds)`` on
+    rank 0 after the first step that ends ``every`` seconds or more after the loop started or last reported
+    (not after its last step: the stage says how it ended). ``every`` defaults to ``$FLYWHEEL_PROGRESS_SECONDS``,
+    else 60. It is the progress a log, a Prefect UI or a worker's output shows, where no bar is drawn."""
+    token = _report.set((report, progress_seconds() if every is None else every))
+    try:
+        yield
+    finally:
+        _report.reset(token)
+
+
 def train_loop(
     model,
     units: Sequence[list[int]],
@@ -132,6 +152,8 @@ def train_loop(
     bar = tqdm(total=total, desc=desc, unit="step", disable=None if shown else True, leave=False)  # bars only on a terminal
     precision = contextlib.nullcontext if distributed.uses_fsdp_precision(model, cfg.dtype) else (lambda: autocast(model.device, cfg.dtype))
     losses: list[float] = []
+    report, every = _report.get() or (None, 0.0)
+    started = reported = time.monotonic()
     model.train()
     for _ in range(cfg.epochs):
         order = list(range(len(units)))
@@ -167,6 +189,9 @@ def train_loop(
             losses.append(step_total)
             if on_step is not None and w.main:
                 on_step(len(losses), losses[-1])
+            if report is not None and w.main and len(losses) < total and time.monotonic() - reported >= every:
+                reported = time.monotonic()
+                report(len(losses), total, losses[-1], reported - started)
             if on_update is not None:
                 on_update({"loss": step_total, "grad_norm": _full(norm), **_summed(step_figures, w)})
             bar.update(1)

@@ -45,9 +45,7 @@ class StageLines(logging.Handler):
                 line = message
             else:  # seconds to 4 significant digits at most: 0.1 s, 12.3 s, 1234 s
                 line = f"{message} · {took:.1f} s" if took < 100 else f"{message} · {took:.0f} s"
-            stream = self.stream or sys.stdout  # not print(): in a run, Prefect's log_prints sends it back here
-            stream.write(line[:200] + "\n")
-            stream.flush()
+            _write(self.stream or sys.stdout, line[:200])  # not print(): in a run, Prefect's log_prints sends it back here
         except Exception:
             self.handleError(record)
 
@@ -64,6 +62,17 @@ class StageLines(logging.Handler):
 
             return max(0.0, (datetime.now(timezone.utc) - start).total_seconds())
         return now - since
+
+
+def _write(stream, line: str) -> None:
+    """One console line. While a training progress bar is drawn (a terminal), tqdm clears it, writes the
+    line and draws it again below, so the line is not glued to the bar."""
+    bars = sys.modules.get("tqdm.std")
+    if bars is not None and any(not bar.disable for bar in list(bars.tqdm._instances)):
+        bars.tqdm.write(line, file=stream)
+    else:
+        stream.write(line + "\n")
+    stream.flush()
 
 
 class RunConsole:

@@ -44,11 +44,13 @@ def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     """
     from flows import server as embedded
     from tasks.placement import check_stage_deployments
+    from alignment.run_settings import progress_seconds
     from tasks.preflight import check_inputs, check_model
     from tasks.lake import check_names, default_run_name, guard_run, precheck_run, release
 
     name = run_name or default_run_name(recipe)
     check_names(recipe, name)  # the run and model names, before anything touches the lake
+    progress_seconds()  # a bad $FLYWHEEL_PROGRESS_SECONDS is one sentence now, not a failed training stage
     check_lake(recipe)
     check_stage_deployments(recipe)
     data = check_inputs(recipe)

@@ -168,6 +168,10 @@ CASES = [
     Case("lake-s3-down", ["lake=s3://lake/x", f"s3.endpoint_url=http://127.0.0.1:{CLOSED}"], [f"http://127.0.0.1:{CLOSED}"],
          env={"AWS_ACCESS_KEY_ID": "flywheel", "AWS_SECRET_ACCESS_KEY": "flywheel"}),
     Case("tracking-down", [f"mlflow.tracking_uri=http://127.0.0.1:{CLOSED}"], [f"127.0.0.1:{CLOSED}"]),
+    # -- environment -------------------------------------------------------------------------------
+    Case("progress-seconds-word", expect=["FLYWHEEL_PROGRESS_SECONDS='often'", "positive number of seconds"],
+         env={"FLYWHEEL_PROGRESS_SECONDS": "often"}),
+    Case("progress-seconds-zero", expect=["FLYWHEEL_PROGRESS_SECONDS='0'"], env={"FLYWHEEL_PROGRESS_SECONDS": "0"}),
     Case("model-name", ["mlflow.model_name=../escape"], ["mlflow.model_name"]),
     # -- run names ---------------------------------------------------------------------------------
     Case("run-dotdot", run_name="..", expect=["'..'"]),

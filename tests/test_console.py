@@ -26,17 +26,18 @@ WHERE = ("champion", "log", "lake", "summary", "mlflow")
 NOISE = re.compile(r"ERROR|Traceback|warning", re.IGNORECASE)
 
 
-def run_cli(workdir: Path, run: str, *extra: str, sets: list[str] = FAST) -> subprocess.CompletedProcess:
+def run_cli(workdir: Path, run: str, *extra: str, sets: list[str] = FAST, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     argv = [FLYWHEEL, "run", str(RECIPE), "--run-name", run, *extra]
     for s in sets:
         argv += ["--set", s]
-    return subprocess.run(argv, cwd=workdir, env=cli_env(workdir), capture_output=True, text=True, timeout=600)
+    return subprocess.run(argv, cwd=workdir, env=cli_env(workdir) | (env or {}), capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def quiet(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The demo, small, as a person runs it; training reports its progress every 0.3 s instead of every minute."""
     work = tmp_path_factory.mktemp("console")
-    return work, run_cli(work, "quiet")
+    return work, run_cli(work, "quiet", env={"FLYWHEEL_PROGRESS_SECONDS": "0.3"})
 
 
 def test_a_clean_run_prints_stages_table_and_where_without_noise(quiet):
@@ -61,6 +62,20 @@ def test_a_clean_run_prints_stages_table_and_where_without_noise(quiet):
     assert "Task run '" in text and "Finished in state Completed()" in text and "Stopping temporary server" in text
     assert "Creating initial MLflow database tables" in text
     assert "lake/runs/quiet" in where["lake"] and where["champion"].startswith("champion: models:/arithmetic-rest@champion = version")
+
+
+def test_long_training_says_how_far_it_is(quiet):
+    """Where no bar is drawn (a log, a pipe, the Prefect UI), a training stage reports its step, its loss and
+    the time left at the set interval; the stage's closing line follows them."""
+    _, proc = quiet
+    lines = proc.stdout.splitlines()
+    progress = [re.fullmatch(r"warm-start · step (\d+) of (\d+), loss [\d.]+, about \d+ s left · \d+\.\d s", line) for line in lines]
+    steps = [(int(m[1]), int(m[2])) for m in progress if m]
+    assert len(steps) >= 2, lines
+    assert {total for _, total in steps} == {7 * 25}  # 100 labelled rows in steps of 16, 25 epochs
+    assert [step for step, _ in steps] == sorted({step for step, _ in steps}) and steps[-1][0] < 175
+    done = next(i for i, line in enumerate(lines) if line.startswith("warm-start · trained"))
+    assert done > max(i for i, m in enumerate(progress) if m)
 
 
 def test_the_run_ends_its_mlflow_runs_and_names_them_in_the_summary(quiet):
