@@ -1,38 +1,14 @@
 """Where a run keeps its records and how it is orchestrated: the recipe's ``mlflow``, ``s3`` and
-``orchestration`` sections (alignment/recipe.py holds the experiment itself), and how often training
-reports its progress (``$FLYWHEEL_PROGRESS_SECONDS``).
+``orchestration`` sections (alignment/recipe.py holds the experiment itself).
 """
 
 from __future__ import annotations
 
-import math
-import os
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from alignment.errors import UserError
 from alignment.strict import Strict
-
-PROGRESS_SECONDS_ENV = "FLYWHEEL_PROGRESS_SECONDS"
-PROGRESS_SECONDS = 60.0
-
-
-def progress_seconds() -> float:
-    """How often a training loop reports its progress: ``$FLYWHEEL_PROGRESS_SECONDS`` (a positive number of
-    seconds), else 60. A run checks it before any work starts, so a typo is one sentence, not a failed stage."""
-    value = os.environ.get(PROGRESS_SECONDS_ENV, "").strip()
-    if not value:
-        return PROGRESS_SECONDS
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise UserError(f"{PROGRESS_SECONDS_ENV}={value!r} is not a positive number of seconds; set it to one "
-                        f"(how often training reports its progress), or unset it for every {PROGRESS_SECONDS:.0f} s.")
-    return seconds
-
 
 class MlflowConfig(Strict):
     """Tracking and the model registry."""

@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -27,8 +25,8 @@ from tqdm.auto import tqdm
 from alignment import distributed
 from alignment.lora import add_lora, save_merged
 from alignment.models import load_policy
+from alignment.progress import Ticker
 from alignment.prompting import IGNORE, Formatter, PromptFormat, formatter_for
-from alignment.run_settings import progress_seconds
 from alignment.train_settings import TrainConfig
 
 
@@ -92,23 +90,6 @@ def save_trained(model, tokenizer, out_dir: str | Path, cfg: TrainConfig, *, reb
     w.barrier()
 
 
-Report = Callable[[int, int, float, float], None]
-_report: ContextVar[tuple[Report, float] | None] = ContextVar("training_report", default=None)
-
-
-@contextlib.contextmanager
-def reporting(report: Report, every: float | None = None) -> Iterator[None]:
-    """Within the block, each ``train_loop`` of this thread calls ``report(step, total, loss, seconds)`` on
-    rank 0 after the first step that ends ``every`` seconds or more after the loop started or last reported
-    (not after its last step: the stage says how it ended). ``every`` defaults to ``$FLYWHEEL_PROGRESS_SECONDS``,
-    else 60. It is the progress a log, a Prefect UI or a worker's output shows, where no bar is drawn."""
-    token = _report.set((report, progress_seconds() if every is None else every))
-    try:
-        yield
-    finally:
-        _report.reset(token)
-
-
 def train_loop(
     model,
     units: Sequence[list[int]],
@@ -152,8 +133,7 @@ def train_loop(
     bar = tqdm(total=total, desc=desc, unit="step", disable=None if shown else True, leave=False)  # bars only on a terminal
     precision = contextlib.nullcontext if distributed.uses_fsdp_precision(model, cfg.dtype) else (lambda: autocast(model.device, cfg.dtype))
     losses: list[float] = []
-    report, every = _report.get() or (None, 0.0)
-    started = reported = time.monotonic()
+    tick = Ticker(total, "steps")  # progress where no bar is drawn, inside an alignment.progress.reporting block
     model.train()
     for _ in range(cfg.epochs):
         order = list(range(len(units)))
@@ -189,9 +169,8 @@ def train_loop(
             losses.append(step_total)
             if on_step is not None and w.main:
                 on_step(len(losses), losses[-1])
-            if report is not None and w.main and len(losses) < total and time.monotonic() - reported >= every:
-                reported = time.monotonic()
-                report(len(losses), total, losses[-1], reported - started)
+            if w.main:
+                tick(len(losses), f"loss {losses[-1]:.4g}")
             if on_update is not None:
                 on_update({"loss": step_total, "grad_norm": _full(norm), **_summed(step_figures, w)})
             bar.update(1)

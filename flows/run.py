@@ -44,7 +44,7 @@ def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     """
     from flows import server as embedded
     from tasks.placement import check_stage_deployments
-    from alignment.run_settings import progress_seconds
+    from alignment.progress import progress_seconds
     from tasks.preflight import check_inputs, check_model
     from tasks.lake import check_names, default_run_name, guard_run, precheck_run, release
 

@@ -139,6 +139,25 @@ def figure(value: float | None, digits: int = 3) -> str:
     return f"{value:.{max(digits - 1 - math.floor(math.log10(abs(value))), 0)}f}"
 
 
+def progress_lines():
+    """Long work's progress (training steps, samples drawn) as a stage line about once a minute
+    (``alignment.progress``): what the log, the Prefect UI and a worker's output show, where no bar is drawn."""
+    from alignment.progress import reporting
+
+    def report(done: int, total: int, unit: str, detail: str, seconds: float) -> None:
+        left = seconds / done * (total - done) if done else 0.0
+        log().info("%d of %d %s%s, about %s left", done, total, unit, f", {detail}" if detail else "", duration(left))
+
+    return reporting(report)
+
+
+def duration(seconds: float) -> str:
+    """A time for a console line: ``40 s``, ``12 min``, ``3.5 h``."""
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
 TRUNCATION_WARNING = 0.05  # the share of completions cut at max_new_tokens above which a stage says so
 
 

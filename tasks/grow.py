@@ -16,7 +16,7 @@ from prefect import unmapped
 
 from alignment.metrics import length_stats
 from alignment.samplers import SamplingParams, make_sampler, sampler_options
-from tasks.context import RunRef, flywheel_task, io_retries, log, retry_on_io, warn_truncated
+from tasks.context import RunRef, flywheel_task, io_retries, log, progress_lines, retry_on_io, warn_truncated
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_sharded, run_stage
 
@@ -54,7 +54,8 @@ def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards
     with MODEL_LOAD_LOCK:  # shards on the thread runner load their models one at a time
         sampler = make_sampler(g.sampler, ref.local_model(model_uri), **sampler_options(recipe, g.batch_size))
     params = SamplingParams(g.temperature, g.top_p, g.max_new_tokens, seed=seed)
-    gen = sampler.generate(part["prompt"].to_list(), g.samples_per_prompt, params, part["prompt_id"].to_list())
+    with progress_lines():
+        gen = sampler.generate(part["prompt"].to_list(), g.samples_per_prompt, params, part["prompt_id"].to_list())
     n = g.samples_per_prompt
     frame = pl.DataFrame(
         {

@@ -16,25 +16,9 @@ import polars as pl
 from alignment import distributed
 from alignment.metrics import own
 from alignment.train_settings import trainer_config
-from alignment.training import reporting, sft
-from tasks.context import RunRef, figure, flywheel_task, log
+from alignment.training import sft
+from tasks.context import RunRef, flywheel_task, log, progress_lines
 from tasks.placement import run_once
-
-
-def _progress():
-    """Training progress as a stage line about once a minute (``alignment.training.reporting``): what the log,
-    the Prefect UI and a worker's output show of a long training stage, where no progress bar is drawn."""
-
-    def report(step: int, total: int, loss: float, seconds: float) -> None:
-        log().info("step %d of %d, loss %s, about %s left", step, total, figure(loss, 4), _duration(seconds / step * (total - step)))
-
-    return reporting(report)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
 
 
 def _fit(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: str, seed: int) -> str:
@@ -47,7 +31,7 @@ def fit_sft(ref: RunRef, start_uri: str, data_uri: str, out_uri: str, settings: 
     lake, cfg = ref.open_lake(), trainer_config(ref.recipe, settings, seed)
     data = lake.read(data_uri)
     Path(ref.cache_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp, _progress():
+    with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp, progress_lines():
         # A truncated sample reaches training only when filter.keep_truncated asks: then without an end token.
         finished = (data["finish_reason"] != "length").to_list() if "finish_reason" in data.columns else None
         metrics = sft(
@@ -110,7 +94,7 @@ def fit_preference(ref: RunRef, start_uri: str, pairs_uri: str, scored_uri: str,
     else:  # the policy's own scored samples, grouped by prompt (demonstrations carry no reward)
         data_uri, data = scored_uri, own(lake.read(scored_uri))
     Path(ref.cache_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp, _progress():
+    with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp, progress_lines():
         metrics = fit(ref.local_model(start_uri), tmp, data, cfg, trust_remote_code=ref.recipe.model.trust_remote_code)
         _commit(ref, tmp, out_uri, cfg.strategy, {"kind": "checkpoint", "start": start_uri, "data": data_uri, "metrics": metrics})
     log().info("trained %s with %s on %d rows: loss %.4f", ref.policy_version(out_uri), cfg.spec.name, data.height, metrics["train_loss"])
@@ -134,7 +118,7 @@ def fit_grpo(ref: RunRef, start_uri: str, groups_uri: str, iteration: int, step:
     cfg = trainer_config(ref.recipe, "grpo", ref.recipe.seed_for("grpo", iteration, step))
     data = lake.read(groups_uri)
     Path(ref.cache_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp, _progress():
+    with tempfile.TemporaryDirectory(dir=ref.cache_dir) as tmp, progress_lines():
         metrics, updates = fit(ref.local_model(start_uri), tmp, data, cfg, trust_remote_code=ref.recipe.model.trust_remote_code)
         if distributed.world(cfg.strategy).main:  # committed before the checkpoint that marks the step done
             lake.write_stage(ref.stage_uri(iteration, "updates", step), [pl.DataFrame(updates)],

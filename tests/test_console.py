@@ -65,11 +65,11 @@ def test_a_clean_run_prints_stages_table_and_where_without_noise(quiet):
 
 
 def test_long_training_says_how_far_it_is(quiet):
-    """Where no bar is drawn (a log, a pipe, the Prefect UI), a training stage reports its step, its loss and
+    """Where no bar is drawn (a log, a pipe, the Prefect UI), a training stage reports its steps, its loss and
     the time left at the set interval; the stage's closing line follows them."""
     _, proc = quiet
     lines = proc.stdout.splitlines()
-    progress = [re.fullmatch(r"warm-start · step (\d+) of (\d+), loss [\d.]+, about \d+ s left · \d+\.\d s", line) for line in lines]
+    progress = [re.fullmatch(r"warm-start · (\d+) of (\d+) steps, loss [\d.]+, about \d+ s left · \d+\.\d s", line) for line in lines]
     steps = [(int(m[1]), int(m[2])) for m in progress if m]
     assert len(steps) >= 2, lines
     assert {total for _, total in steps} == {7 * 25}  # 100 labelled rows in steps of 16, 25 epochs

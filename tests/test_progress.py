@@ -9,8 +9,10 @@ import pytest
 from tqdm.auto import tqdm
 
 from alignment.errors import UserError
-from alignment.run_settings import PROGRESS_SECONDS, PROGRESS_SECONDS_ENV, progress_seconds
-from alignment.training import TrainConfig, reporting, sft
+from alignment.progress import PROGRESS_SECONDS, PROGRESS_SECONDS_ENV, progress_seconds, reporting
+from alignment.samplers import SamplingParams
+from alignment.samplers.hf import TransformersSampler
+from alignment.training import TrainConfig, sft
 from flows.console import _write
 
 PROMPTS, COMPLETIONS = ["1+2=", "3+4=", "5+1="] * 4, ["3", "7", "6"] * 4  # 12 rows: 3 steps of 4 per epoch
@@ -21,8 +23,8 @@ def test_a_training_loop_reports_each_step_but_its_last_inside_the_block_only(ti
     reports, losses = [], []
     with reporting(lambda *args: reports.append(args), every=0):
         sft(tiny_model_dir, tmp_path / "a", PROMPTS, COMPLETIONS, cfg, progress=False, on_step=lambda _, loss: losses.append(loss))
-    assert [(step, total) for step, total, _, _ in reports] == [(k, 6) for k in range(1, 6)]  # the stage reports the end
-    assert [loss for _, _, loss, _ in reports] == losses[:5]
+    assert [(step, total, unit) for step, total, unit, _, _ in reports] == [(k, 6, "steps") for k in range(1, 6)]  # the stage reports the end
+    assert [detail for *_, detail, _ in reports] == [f"loss {loss:.4g}" for loss in losses[:5]]
     seconds = [s for *_, s in reports]
     assert seconds == sorted(seconds) and seconds[0] >= 0
     sft(tiny_model_dir, tmp_path / "b", PROMPTS, COMPLETIONS, cfg, progress=False)  # outside the block: nobody to tell
@@ -34,6 +36,14 @@ def test_the_interval_holds_reports_back(tiny_model_dir, tmp_path):
     with reporting(lambda *args: reports.append(args), every=3600):
         sft(tiny_model_dir, tmp_path / "a", PROMPTS, COMPLETIONS, TrainConfig(epochs=2, lr=1e-2, batch_size=4), progress=False)
     assert reports == []
+
+
+def test_a_sampler_reports_the_samples_it_has_drawn(tiny_model_dir):
+    reports = []
+    sampler = TransformersSampler(str(tiny_model_dir), batch_size=4, progress=False)
+    with reporting(lambda *args: reports.append(args), every=0):
+        sampler.generate(["1+2=", "3+4=", "5+1="], 4, SamplingParams(temperature=1.0, max_new_tokens=3, seed=0))
+    assert [(done, total, unit) for done, total, unit, _, _ in reports] == [(4, 12, "samples"), (8, 12, "samples")]
 
 
 @pytest.mark.parametrize("value", ["often", "0", "-5", "nan", "inf", "1e999"])

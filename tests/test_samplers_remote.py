@@ -131,6 +131,16 @@ def test_openai_sampler_is_seeded_and_independent_of_batching(model_dir, server)
     assert sampler.generate(PROMPTS, 3, other_seed).completions != first.completions
 
 
+def test_openai_sampler_reports_the_samples_it_has_drawn(model_dir, server):
+    """Progress where no bar is drawn (alignment.progress), counted as the server's answers come back."""
+    from alignment.progress import reporting
+
+    reports = []
+    with reporting(lambda *args: reports.append(args), every=0):
+        remote(model_dir, server, concurrency=1).generate(PROMPTS, 2, PARAMS)
+    assert [(done, total, unit) for done, total, unit, _, _ in reports] == [(2, 6, "samples"), (4, 6, "samples")]
+
+
 def test_openai_sampler_retries_injected_503s_then_succeeds(model_dir, server, caplog):
     server.state.fail_next, before = 2, server.state.requests_seen
     got = remote(model_dir, server, concurrency=1, max_retries=3).generate(PROMPTS, 2, PARAMS)

@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from alignment.models import load_policy
+from alignment.progress import Ticker
 from alignment.prompting import PromptFormat, formatter_for
 from alignment.samplers import Generation, SamplingParams, request_ids, row_seed
 
@@ -165,6 +166,7 @@ class TransformersSampler:
             do_sample=False, max_new_tokens=params.max_new_tokens, pad_token_id=fmt.pad_id, eos_token_id=list(fmt.end_ids),
         )
         batches = range(0, len(rows), self.batch_size)
+        tick = Ticker(len(rows), "samples")
         for start in tqdm(batches, desc="sampling", unit="batch", disable=None if self.progress else True, leave=False):
             batch = rows[start : start + self.batch_size]
             input_ids, mask = _left_pad([encoded[i] for i, _ in batch], fmt.pad_id, self.model.device)
@@ -189,6 +191,7 @@ class TransformersSampler:
                 out[row] = fmt.finish(seq)
                 if logps is not None:
                     tokens[row] = (seq[: out[row][2]], logps[k][: out[row][2]])
+            tick(len(out))
         each = lambda at, d: [[d[(i, j)][at] for j in range(n)] for i in range(len(prompts))]  # noqa: E731
         return Generation(
             completions=each(0, out), finish_reasons=each(1, out), num_tokens=each(2, out),

@@ -42,6 +42,7 @@ import httpx
 from tqdm.auto import tqdm
 
 from alignment.errors import RunFailure
+from alignment.progress import Ticker
 from alignment.samplers import Generation, SamplingParams, request_ids
 from alignment.samplers.openai_api import (
     CORE_KEYS,
@@ -166,6 +167,7 @@ class OpenAISampler:
         stop = threading.Event()
         results: dict[tuple[int, int, int], tuple[list[str], list[int], list[str]]] = {}
         bar = tqdm(total=total, desc="sampling", unit="sample", disable=None if self.progress else True, leave=False)
+        tick, sampled = Ticker(total, "samples"), 0  # progress where no bar is drawn (counted in this thread)
         try:
             with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="openai-sampler") as pool:
                 pending = {pool.submit(self._complete, client, body_for, job, key, stop): job for job in jobs}
@@ -184,6 +186,8 @@ class OpenAISampler:
                         else:
                             results[job] = future.result()
                             bar.update(count)
+                            sampled += count
+                            tick(sampled)
         finally:
             bar.close()
         return results
