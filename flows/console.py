@@ -67,7 +67,7 @@ class StageLines(logging.Handler):
 def _write(stream, line: str) -> None:
     """One console line. While a training progress bar is drawn (a terminal), tqdm clears it, writes the
     line and draws it again below, so the line is not glued to the bar."""
-    bars = sys.modules.get("tqdm.std")
+    bars = sys.modules.get("tqdm.std")  # tqdm keeps its live bars in tqdm._instances; it has no public list
     if bars is not None and any(not bar.disable for bar in list(bars.tqdm._instances)):
         bars.tqdm.write(line, file=stream)
     else:

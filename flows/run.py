@@ -42,9 +42,9 @@ def run_recipe(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     created with, and the flows load. Each failure is one ``UserError`` sentence, and a mistake costs
     seconds, not the import of every model library. The lease is released when the flow ends.
     """
+    from alignment.progress import progress_seconds
     from flows import server as embedded
     from tasks.placement import check_stage_deployments
-    from alignment.progress import progress_seconds
     from tasks.preflight import check_inputs, check_model
     from tasks.lake import check_names, default_run_name, guard_run, precheck_run, release
 
