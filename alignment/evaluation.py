@@ -74,18 +74,21 @@ def completion_logps(model, prompt_ids: Sequence[list[int]], completion_ids: Seq
     import torch
 
     from alignment.logprobs import batch_logps
+    from alignment.progress import Ticker
     from alignment.training import IGNORE, autocast, collate
 
     examples = [(p + c, [IGNORE] * len(p) + c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
     was_training = model.training
     model.eval()
     out: list[float] = []
+    tick = Ticker(len(examples), "completions scored")
     try:
         with torch.no_grad():
             for start in range(0, len(examples), batch_size):
                 batch = {k: v.to(model.device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
                 with autocast(model.device, dtype):
                     out += batch_logps(model, batch)[0].tolist()
+                tick(len(out))
     finally:
         model.train(was_training)
     return out

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignment.progress import Ticker
 from alignment.prompting import PromptFormat, formatter_for
 from alignment.training import IGNORE, autocast, collate, encode_pairs
 
@@ -138,6 +139,7 @@ def sequence_logps(
     was_training = model.training
     model.eval()
     logps, lengths = [], []
+    tick = Ticker(len(examples), "completions scored")  # a long no-grad pass says how far it is, as training does
     try:
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start : start + batch_size], fmt.pad_id)
@@ -146,6 +148,7 @@ def sequence_logps(
                 logp, length = batch_logps(model, batch)
             logps.append(logp.cpu())
             lengths.append(length.cpu())
+            tick(start + len(logp))
     finally:
         model.train(was_training)
     if not logps:
@@ -174,6 +177,7 @@ def token_logps(
     was_training = model.training
     model.eval()
     out: list[list[float]] = []
+    tick = Ticker(len(examples), "completions scored")
     try:
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start : start + batch_size], fmt.pad_id)
@@ -181,6 +185,7 @@ def token_logps(
             with autocast(model.device, dtype):
                 logps, mask, _ = batch_token_logps(model, batch)
             out += [row[keep].tolist() for row, keep in zip(logps.cpu(), mask.cpu(), strict=True)]
+            tick(len(out))
     finally:
         model.train(was_training)
     return out

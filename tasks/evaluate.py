@@ -5,7 +5,7 @@ from __future__ import annotations
 from alignment.evaluation import score_heldout
 from alignment.rewards import resolve_reward_spec, with_timeout
 from alignment.samplers import make_sampler
-from tasks.context import RunRef, figure, flywheel_task, log, retry_on_io, warn_truncated
+from tasks.context import RunRef, figure, flywheel_task, log, progress_lines, retry_on_io, warn_truncated
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_once
 from tasks.step_metrics import held_out_extras
@@ -36,12 +36,13 @@ def write_eval(ref: RunRef, model_uri: str, iteration: int, step: int) -> str:
     options["batch_size"] = recipe.eval.batch_size
     with MODEL_LOAD_LOCK:
         sampler = make_sampler("transformers", ref.local_model(model_uri), **options)
-    frame, metrics = score_heldout(
-        sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(), prompts["reference"].to_list(),
-        with_timeout(resolve_reward_spec(recipe.eval.reward or recipe.reward), recipe.reward_timeout_s),
-        max_new_tokens=recipe.eval.max_new_tokens,
-    )
-    metrics |= held_out_extras(ref, sampler, frame, iteration)  # KL to the initial policy; the training reward
+    with progress_lines():  # a large held-out set says how far its greedy pass and the KL pass are
+        frame, metrics = score_heldout(
+            sampler, prompts["prompt_id"].to_list(), prompts["prompt"].to_list(), prompts["reference"].to_list(),
+            with_timeout(resolve_reward_spec(recipe.eval.reward or recipe.reward), recipe.reward_timeout_s),
+            max_new_tokens=recipe.eval.max_new_tokens,
+        )
+        metrics |= held_out_extras(ref, sampler, frame, iteration)  # KL to the initial policy; the training reward
     # Timings are kept apart from the metrics: a re-run stage must reproduce its metrics exactly.
     seconds = {k: metrics.pop(k) for k in list(metrics) if k.startswith("seconds_")}
     lake.write_stage(uri, [frame], config={"eval": recipe.eval.model_dump()}, parents=[model_uri],

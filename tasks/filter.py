@@ -8,7 +8,7 @@ import polars as pl
 from alignment import filters
 from alignment.metrics import own
 from alignment.recipe import FilterConfig
-from tasks.context import RunRef, figure, flywheel_task, log, retry_on_io
+from tasks.context import RunRef, figure, flywheel_task, log, progress_lines, retry_on_io
 from tasks.placement import run_once, run_stage
 from tasks.results import Selection
 
@@ -128,9 +128,10 @@ def write_groups(ref: RunRef, scored_uri: str, iteration: int, step: int, old_ur
         return values
 
     reference = reference_uri if recipe.grpo.uses_reference else None  # beta = 0: no reference pass
-    old_logps = logps_under(old_uri)
-    # A step that samples from the reference itself (an iteration's first) has π_ref = π_old: the same numbers.
-    ref_logps = old_logps if reference == old_uri else logps_under(reference) if reference else [None] * kept.height
+    with progress_lines():
+        old_logps = logps_under(old_uri)
+        # A step that samples from the reference itself (an iteration's first) has π_ref = π_old: the same numbers.
+        ref_logps = old_logps if reference == old_uri else logps_under(reference) if reference else [None] * kept.height
     kept = kept.with_columns(pl.Series("old_logps", old_logps, dtype=pl.List(pl.Float64)),
                              pl.Series("ref_logps", ref_logps, dtype=pl.List(pl.Float64)))  # fmt: skip
     if not distributed.world(cfg.strategy).main:

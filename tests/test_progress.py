@@ -9,6 +9,8 @@ import pytest
 from tqdm.auto import tqdm
 
 from alignment.errors import UserError
+from alignment.logprobs import sequence_logps, token_logps
+from alignment.models import load_policy
 from alignment.progress import PROGRESS_SECONDS, PROGRESS_SECONDS_ENV, progress_seconds, reporting
 from alignment.samplers import SamplingParams
 from alignment.samplers.hf import TransformersSampler
@@ -44,6 +46,17 @@ def test_a_sampler_reports_the_samples_it_has_drawn(tiny_model_dir):
     with reporting(lambda *args: reports.append(args), every=0):
         sampler.generate(["1+2=", "3+4=", "5+1="], 4, SamplingParams(temperature=1.0, max_new_tokens=3, seed=0))
     assert [(done, total, unit) for done, total, unit, _, _ in reports] == [(4, 12, "samples"), (8, 12, "samples")]
+
+
+def test_the_no_grad_log_prob_passes_report_the_completions_scored(tiny_model_dir):
+    """The reference and old-policy passes (DPO's reference, GRPO's π_old and π_ref) can take as long as a Grow shard."""
+    model, tokenizer = load_policy(tiny_model_dir)
+    for scores in (token_logps, sequence_logps):
+        reports = []
+        with reporting(lambda *args: reports.append(args), every=0):
+            scores(model, tokenizer, PROMPTS, COMPLETIONS, batch_size=5)
+        assert [(done, total, unit) for done, total, unit, _, _ in reports] == [(5, 12, "completions scored"),
+                                                                              (10, 12, "completions scored")]
 
 
 @pytest.mark.parametrize("value", ["often", "0", "-5", "nan", "inf", "1e999"])
