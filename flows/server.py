@@ -6,7 +6,8 @@ server module into this process (about 9 s on 2 cores) and only then spawns the 
 migrates a new database (20-25 s the first time): all of it before the first task runs. flywheel
 spawns the same server (Prefect's own ASGI app, with the settings Prefect would give it) as soon as
 the run's inputs are checked, loads the flows while it starts, and points this process's Prefect
-settings at it for the run. One server serves every run of the process and stops when it exits.
+settings at it for the run. One server serves every run of the process and stops when it exits, even
+when it is killed (``alignment.lifeline``).
 
 Once it answers, the server runs at a lower CPU priority (``nice`` +10): it records the run's task
 states, events and logs, which the flow sends without waiting, about 30 ms of CPU per task run; on a
@@ -26,6 +27,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+
+from alignment import lifeline
 
 PORT_IN_USE = 3  # uvicorn's exit code when its port was taken between choosing and binding it
 BOOKKEEPING_NICENESS = 10  # added to the server's nice value once it answers
@@ -60,16 +63,16 @@ class EmbeddedServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        env = {
+        env = lifeline.launched_env({
             **os.environ,
             "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
             **get_current_settings().to_environment_variables(exclude_unset=True),
-        }
+        })
         _log().info("Starting temporary server on http://127.0.0.1:%d", self.port)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+        self.process = subprocess.Popen(  # uvicorn under a lifeline: a killed run leaves no server behind
+            [sys.executable, "-m", "alignment.lifeline", "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
             env=env, stdin=subprocess.DEVNULL,

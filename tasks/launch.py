@@ -7,7 +7,8 @@ With ``distributed.strategy: ddp`` or ``fsdp``, ``tasks.placement`` hands a trai
 - ``launcher: torchrun`` starts ``python -m torch.distributed.run --standalone --nproc-per-node P``
   with this module as the program; each rank joins the process group (``alignment.distributed``),
   calls ``fn(ref, *args)`` and leaves. torchrun watches the ranks: when one dies (an exception, OOM,
-  SIGKILL) it stops the others, and every collective gives up after ``distributed.timeout_s``.
+  SIGKILL) it stops the others, and every collective gives up after ``distributed.timeout_s``. Each
+  rank also follows the process that launched it and stops within a second when that process is gone.
 - ``launcher: ray`` runs the same entry as ``ray.train.torch.TorchTrainer`` workers,
   ``processes × nodes`` of them (one GPU each on GPU nodes), on the Ray cluster the run uses
   (``orchestration.ray_address``, ``RAY_ADDRESS``, or the one this process is connected to).
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from alignment import lifeline
 from alignment.errors import RunFailure
 from alignment.recipe import Recipe
 
@@ -72,7 +74,9 @@ def _torchrun(folder: Path, logs: Path, processes: int, stage: str) -> None:
         "--log-dir", str(logs / "torchrun"), "--redirects", "3",
         "-m", "tasks.launch", str(folder),
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # Each rank follows this process (alignment.lifeline): they run in a session of their own, which a Ctrl-C
+    # in the terminal does not reach, and nothing else would end them if the run stopped without waiting.
+    env = lifeline.launched_env({**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     agent_log = logs / "torchrun.log"
     with open(agent_log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -185,6 +189,7 @@ def main(argv: list[str]) -> int:
     """torchrun's program: ``python -m tasks.launch FOLDER`` in every rank."""
     import torch.distributed as dist
 
+    lifeline.follow_launcher()
     try:
         _rank_body(Path(argv[0]))
     finally:

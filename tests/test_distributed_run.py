@@ -178,6 +178,32 @@ def test_a_killed_rank_fails_the_run_in_one_sentence_and_the_run_resumes(workdir
     assert summary(workdir, "killed")["stopped"].startswith("completed")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
+def test_stopping_the_run_stops_its_ranks(workdir, signum):
+    """The ranks run in a session of their own, so a Ctrl-C in the terminal does not reach them; they follow the
+    run instead, and neither a stopped nor a killed run leaves training processes behind. A stopped run resumes."""
+    proc = start(workdir, "stopped", *FAST, *FSDP)
+    deadline, ranks = time.monotonic() + 600, []
+    while len(ranks) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        ranks = rank_pids(proc.pid)
+        time.sleep(0.1)
+    assert len(ranks) == 2, "never saw the warm start's ranks"
+    time.sleep(1.5)  # into training
+    os.kill(proc.pid, signum)
+    code, _, err = finish(proc, timeout=60)
+    assert code == (130 if signum == signal.SIGINT else -signal.SIGKILL), err[-3000:]
+    deadline = time.monotonic() + 20
+    while [pid for pid in ranks if alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in ranks if alive(pid)]
+    assert not manifest_path(workdir / "lake", "stopped", "iteration=0/checkpoint/step=0").exists()  # the warm start committed nothing
+    if signum == signal.SIGINT:
+        code, _, err = finish(start(workdir, "stopped", *FAST, *FSDP))
+        assert code == 0, err[-3000:]
+        assert summary(workdir, "stopped")["stopped"].startswith("completed")
+
+
 @pytest.mark.parametrize("sets, says", [
     (["distributed.strategy=fsdp", "distributed.processes=64"], "64 ranks but warm_start.batch_size is 16"),
     (["distributed.strategy=ddp", "distributed.processes=2", "distributed.launcher=ray"], "has no Ray cluster"),

@@ -1,0 +1,88 @@
+"""Child processes that end when the run that started them is gone.
+
+A run starts long-lived helpers: the ranks of a distributed training stage (in a session of their own, so
+a Ctrl-C in the terminal reaches the run, which stops in order, and not the ranks mid-collective) and the
+embedded Prefect server. When the run stops — Ctrl-C, SIGTERM, a cancelled flow run, or SIGKILL, which
+leaves it no time to clean up — nothing else would end them: ranks would go on training on devices nobody
+uses, a server would hold its port and memory. Each helper therefore follows the process named in
+``$FLYWHEEL_LAUNCHER`` (``pid:start time``, so a later process that reuses the number is not taken for it)
+and exits within a second of it going.
+
+``python -m alignment.lifeline -m MODULE ARGS...`` runs ``python -m MODULE ARGS...`` that way; a program of
+our own calls ``follow_launcher()`` first.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import threading
+import time
+from pathlib import Path
+
+LAUNCHER_ENV = "FLYWHEEL_LAUNCHER"
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), or none where there is no ``/proc``."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def identity(pid: int | None = None) -> str:
+    """``pid`` (this process by default) with its start time where ``/proc`` gives it: ``"pid:start"``."""
+    pid = os.getpid() if pid is None else pid
+    fields = _stat(pid)
+    return f"{pid}:{fields[19] if len(fields) > 19 else ''}"
+
+
+def launched_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (this process's by default) naming this process as the launcher its children follow."""
+    return {**(os.environ if env is None else env), LAUNCHER_ENV: identity()}
+
+
+def gone(launcher: str) -> bool:
+    """Whether the process ``launcher`` names (``identity()``'s form) no longer runs."""
+    pid = int(launcher.split(":", 1)[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # a process of another user holds the number now: ours is gone
+        return True
+    state = _stat(pid)[:1]
+    # A dead process its parent has not reaped yet is a zombie and still answers kill(0); a parent that
+    # waits for its child's output to end before reaping it would wait on us for ever.
+    return state in (["Z"], ["X"]) or identity(pid) != launcher
+
+
+def follow_launcher(every: float = 1.0) -> None:
+    """When ``$FLYWHEEL_LAUNCHER`` names a process, exit this one (code 1, one line on stderr) once it is gone."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher:
+        return
+
+    def watch() -> None:
+        while not gone(launcher):
+            time.sleep(every)
+        sys.stderr.write(f"flywheel: the run that started this process (process {launcher.split(':')[0]}) has "
+                         "stopped; this process stops too.\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="follow-launcher", daemon=True).start()
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[0] != "-m":
+        sys.exit("usage: python -m alignment.lifeline -m MODULE [ARGS...]")
+    follow_launcher()
+    sys.argv = [argv[1], *argv[2:]]
+    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

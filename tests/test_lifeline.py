@@ -1,0 +1,68 @@
+"""``alignment.lifeline``: a helper process (a training rank, the embedded Prefect server) ends when the run
+that started it is gone, killed included, and also while the killed run waits, unreaped, for its own parent.
+The run-level view (a stopped or killed distributed run leaves no ranks) is in tests/test_distributed_run.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from alignment import lifeline
+
+ROOT = Path(__file__).resolve().parents[1]
+# A stand-in run: starts a server that would run for ever under a lifeline, says its pid, and waits.
+RUN = """
+import subprocess, sys, time
+from alignment import lifeline
+child = subprocess.Popen([sys.executable, "-m", "alignment.lifeline", "-m", "http.server", "0", "--bind", "127.0.0.1"],
+                         env=lifeline.launched_env(), stdout=subprocess.DEVNULL, stderr=open(sys.argv[1], "w"))
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_a_helper_stops_when_the_run_that_started_it_is_killed(tmp_path):
+    err = tmp_path / "helper.stderr"
+    run = subprocess.Popen([sys.executable, "-c", RUN, str(err)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        helper = int(run.stdout.readline())
+        time.sleep(1.5)
+        assert running(helper)  # it follows a live run without stopping
+        os.kill(run.pid, signal.SIGKILL)  # and not reaped: the run stays a zombie while we watch
+        deadline = time.monotonic() + 10
+        while running(helper) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running(helper)
+        assert f"the run that started this process (process {run.pid}) has stopped" in err.read_text()
+    finally:
+        run.kill()
+        run.wait()
+
+
+def test_a_process_is_itself_and_a_reused_number_is_not():
+    me = lifeline.identity()
+    assert me.startswith(f"{os.getpid()}:") and not lifeline.gone(me)
+    assert lifeline.gone(f"{os.getpid()}:1")  # this number, another start time: another process
+    with subprocess.Popen([sys.executable, "-c", "pass"]) as done:
+        done.wait()
+    assert lifeline.gone(lifeline.identity(done.pid))
+
+
+def test_without_a_launcher_nothing_is_followed(monkeypatch):
+    monkeypatch.delenv(lifeline.LAUNCHER_ENV, raising=False)
+    lifeline.follow_launcher()  # returns at once, starts no watcher
+    import threading
+
+    assert "follow-launcher" not in [t.name for t in threading.enumerate()]
