@@ -192,6 +192,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"flywheel: {message}; `{self.prog} --help` lists the arguments.\n")
 
 
+def _version() -> str:
+    """The installed package's version (a checkout that is not installed says so)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flywheel")
+    except PackageNotFoundError:
+        return "(not installed: run `make test` or `pip install -e .`)"
+
+
 def whole(low: int, high: int | None = None):
     """An argparse type: a whole number from ``low`` (to ``high``)."""
 
@@ -224,6 +234,7 @@ PORT = whole(1, 65535)
 
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="flywheel", description="Self-improvement loops for language models.")
+    parser.add_argument("--version", action="version", version=f"flywheel {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def lake_option(p: argparse.ArgumentParser, says: str = "The lake: file://PATH or s3://BUCKET/PREFIX.") -> None:

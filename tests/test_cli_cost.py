@@ -1,6 +1,6 @@
 """Commands that need no model stay cheap, and the console stays quiet.
 
-``flywheel stack status``, ``flywheel --help``, ``flywheel inspect``'s error path and ``flywheel run``
+``flywheel stack status``, ``flywheel --help``, ``--version``, ``flywheel inspect``'s error path and ``flywheel run``
 with a mistake that needs no model to find import neither torch nor transformers (each costs seconds
 on a small machine: a typo is one sentence in seconds); every command switches Prefect and
 MLflow telemetry off unless the user set otherwise; a Prefect server without a GPU concurrency limit
@@ -43,13 +43,17 @@ def probe(tmp_path, *args: str, **env: str) -> tuple[dict, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("argv", [["stack", "status"], ["--help"], ["stack", "--help"],
+@pytest.mark.parametrize("argv", [["stack", "status"], ["--help"], ["--version"], ["stack", "--help"],
                                   ["inspect", "file:///no/such/lake/run"]])
 def test_commands_without_a_model_load_no_model_library(tmp_path, argv):
     out, text = probe(tmp_path, *argv)
     assert out["heavy"] == [], text
     if argv[0] == "inspect":  # the error path: one sentence, exit 2, still no torch
         assert out["rc"] == 2 and "flywheel: Nothing committed under file:///no/such/lake/run" in text
+    if argv == ["--version"]:  # the installed package's own version
+        from importlib.metadata import version
+
+        assert out["rc"] == 0 and f"flywheel {version('flywheel')}" in text
     if argv == ["stack", "status"]:  # nothing running here: each service reported stopped
         assert out["rc"] == 1 and text.count("stopped") == 3
 
