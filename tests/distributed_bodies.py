@@ -12,8 +12,9 @@ from pathlib import Path
 
 import polars as pl
 
+from alignment.grpo import train_grpo
 from alignment.preference import train_preference
-from alignment.train_settings import LossSettings, PreferenceConfig, TrainConfig
+from alignment.train_settings import GRPOSettings, LossSettings, PreferenceConfig, TrainConfig
 from alignment.training import sft
 
 
@@ -32,13 +33,22 @@ def dpo_losses(model_dir: str, out_dir: str, pairs_path: str, settings: dict) ->
     return losses
 
 
+def grpo_losses(model_dir: str, out_dir: str, groups_path: str, settings: dict) -> list[float]:
+    """GRPO updates on stored groups (clipped ratio and the KL term both active); each unit is a prompt's group."""
+    cfg = PreferenceConfig(**settings, objective=GRPOSettings(beta=0.04, epsilon=0.2))
+    _, updates = train_grpo(model_dir, out_dir, pl.read_parquet(groups_path), cfg, progress=False)
+    return [u["loss"] for u in updates]
+
+
 def cases(model_dir: str, out_root: str, prompts: list[str], completions: list[str], pairs_path: str,
-          settings: dict, lora: dict) -> dict[str, list[float]]:
+          settings: dict, lora: dict, groups_path: str, grpo_settings: dict) -> dict[str, list[float]]:
     """Every case the world-size comparison checks, in one launch (the strategy is each config's own):
-    SFT and DPO under DDP and FSDP, and SFT with LoRA and gradient checkpointing under both."""
+    SFT, DPO and GRPO under DDP and FSDP, and SFT with LoRA and gradient checkpointing under both."""
     out: dict[str, list[float]] = {}
     for strategy in ("ddp", "fsdp"):
         root = Path(out_root)
+        out[f"grpo-{strategy}"] = grpo_losses(model_dir, str(root / f"grpo-{strategy}"), groups_path,
+                                              {**grpo_settings, "strategy": strategy})
         out[f"sft-{strategy}"] = sft_losses(model_dir, str(root / f"sft-{strategy}"), prompts, completions,
                                             {**settings, "strategy": strategy})
         out[f"dpo-{strategy}"] = dpo_losses(model_dir, str(root / f"dpo-{strategy}"), pairs_path, {**settings, "strategy": strategy})

@@ -2,8 +2,8 @@
 
 The ranks are started the way a training stage starts them (``tasks.launch.run_ranks``: torchrun, one
 node) and run the one training loop (``alignment.training.train_loop``) on the tiny Llama. At the same
-global batch, world size 2 must give world size 1's per-step losses and final weights, for SFT and
-for DPO, including the last, shorter step of an epoch in which one rank has no unit at all.
+global batch, world size 2 must give world size 1's per-step losses and final weights, for SFT, for
+DPO and for GRPO, including the last, shorter step of an epoch in which one rank has no unit at all.
 
 Tolerances: the ranks add the same per-micro-batch gradients in a different order (an all-reduce or
 reduce-scatter of two halves instead of one accumulation), so float32 sums differ in the last bits.
@@ -65,7 +65,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def _assert_same(one: tuple[list[float], Path], two: tuple[list[float], Path], start: Path) -> None:
     (losses1, dir1), (losses2, dir2) = one, two
-    assert len(losses1) == len(losses2) == 3
+    assert len(losses1) == len(losses2) >= 3
     assert losses1 == pytest.approx(losses2, rel=1e-5), (losses1, losses2)
     w1, w2, before = _weights(dir1), _weights(dir2), _weights(start)
     assert w1.keys() == w2.keys()
@@ -78,11 +78,13 @@ def _assert_same(one: tuple[list[float], Path], two: tuple[list[float], Path], s
 
 
 LORA = {"lora_r": 4, "gradient_checkpointing": True, "lr": 1e-2}
+GRPO = {**SETTINGS, "epochs": 2, "lr": 1e-2}  # 17 groups, 8 per update: 3 updates an epoch, the last of one group
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, tiny_model_dir, data):
     """Each case trained in one process and on 2 ranks (one launch runs every 2-rank case): losses and folders."""
+    from alignment.logprobs import token_logps
     from alignment.models import load_policy
     from alignment.preference import add_reference_logps
 
@@ -92,7 +94,16 @@ def compared(tmp_path_factory, tiny_model_dir, data):
     model, tokenizer = load_policy(tiny_model_dir)
     pairs = add_reference_logps(model, tokenizer, pl.DataFrame({"prompt": prompts, "chosen": completions, "rejected": wrong}), 16)
     pairs.write_parquet(root / "pairs.parquet")
+    # GRPO: each prompt's group is its right and a wrong answer (advantages +1 and -1), with π_old = π_ref = the
+    # start; a second epoch's updates move the ratio off 1, so clipping and the KL term both act.
+    grouped = [(i, p, c, a) for i, (p, right, bad) in enumerate(zip(prompts, completions, wrong, strict=True))
+               for c, a in ((right, 1.0), (bad, -1.0))]
+    ids, group_prompts, group_completions, advantages = map(list, zip(*grouped, strict=True))
+    logps = token_logps(model, tokenizer, group_prompts, group_completions, batch_size=16)
+    pl.DataFrame({"prompt_id": ids, "prompt": group_prompts, "completion": group_completions, "advantage": advantages,
+                  "old_logps": logps, "ref_logps": logps}).write_parquet(root / "groups.parquet")
     one = {
+        "grpo": bodies.grpo_losses(str(tiny_model_dir), str(root / "one" / "grpo"), str(root / "groups.parquet"), GRPO),
         "sft": bodies.sft_losses(str(tiny_model_dir), str(root / "one" / "sft"), prompts, completions, SETTINGS),
         "dpo": bodies.dpo_losses(str(tiny_model_dir), str(root / "one" / "dpo"), str(root / "pairs.parquet"), SETTINGS),
         "lora": bodies.sft_losses(str(tiny_model_dir), str(root / "one" / "lora"), prompts, completions, {**SETTINGS, **LORA}),
@@ -103,18 +114,18 @@ def compared(tmp_path_factory, tiny_model_dir, data):
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), old]))
     try:
         two = run_ranks(_world("fsdp"), "dist", "train", bodies.cases, str(tiny_model_dir), str(root / "two"), prompts,
-                        completions, str(root / "pairs.parquet"), SETTINGS, LORA)
+                        completions, str(root / "pairs.parquet"), SETTINGS, LORA, str(root / "groups.parquet"), GRPO)
     finally:
         os.chdir(cwd)
         os.environ.pop("PYTHONPATH") if old is None else os.environ.__setitem__("PYTHONPATH", old)
     return root, one, two
 
 
-@pytest.mark.parametrize("case", ["sft", "dpo", "lora"])
+@pytest.mark.parametrize("case", ["sft", "dpo", "grpo", "lora"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(compared, tiny_model_dir, case, strategy):
-    """SFT and DPO (and SFT with LoRA adapters and gradient checkpointing) on 2 ranks: world size 1's losses and
-    weights; the saved folder is a plain model (adapters merged), with the files one process writes."""
+    """SFT, DPO and GRPO (and SFT with LoRA adapters and gradient checkpointing) on 2 ranks: world size 1's losses
+    and weights; the saved folder is a plain model (adapters merged), with the files one process writes."""
     root, one, two = compared
     _assert_same((one[case], root / "one" / case), (two[f"{case}-{strategy}"], root / "two" / f"{case}-{strategy}"),
                  Path(tiny_model_dir))
