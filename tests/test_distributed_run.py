@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tasks.lake import Lake
-from tests.flywheel_helpers import FAST, RECIPE, ROOT, manifest_path, run_dir, versions_of
+from tests.flywheel_helpers import FAST, RECIPE, ROOT, manifest_path, read_stage, run_dir, versions_of
 
 FSDP = ["distributed.strategy=fsdp", "distributed.processes=2"]
 
@@ -123,6 +123,29 @@ def test_a_run_trains_on_two_processes(workdir):
     experiment = client.get_run(version.run_id).info.experiment_id
     parents = client.search_runs([experiment], filter_string="params.`distributed.strategy` = 'fsdp'")
     assert parents and parents[0].data.params["distributed.processes"] == "2"  # the recipe's section, as params
+
+
+@pytest.mark.slow  # 100 s on 2 cores
+def test_grpo_trains_and_scores_its_groups_on_two_processes(tmp_path):
+    """GRPO's two launched stages: the no-grad π_old/π_ref pass (each rank scores its block of samples) and the
+    μ epochs of updates; both run as 2 ranks, and the step's record says so."""
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(ROOT / "recipes" / "arithmetic-grpo.yaml"), "--run-name", "grpo",
+           *[a for s in [*FSDP, "grpo.steps_per_iteration=2", "grow_steps=1", "warm_start.epochs=10"] for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    watch = Watch(proc)
+    watch.start()
+    code, out, err = finish(proc)
+    watch.stopped = True
+    assert code == 0, err[-3000:]
+    assert watch.most == 2 and not [pid for pid in watch.seen if alive(pid)]
+    lines = out.splitlines()
+    launched = [ln.split(" ran as")[0] for ln in lines if " ran as 2 ranks (fsdp, torchrun)" in ln]
+    assert launched == ["warm-start · train"] + ["groups · pair", "train"] * 2, lines  # the warm start, then each step's two
+    [record] = [r for r in summary(tmp_path, "grpo")["iterations"] if r.get("model_version")]
+    assert record["world_size"] == 2 and len(record["train_peak_memory_mib"]) == 2
+    groups = read_stage(tmp_path / "lake", "grpo", "iteration=1/groups/step=2")
+    assert groups.height and groups["old_logps"].list.len().min() > 0  # every kept sample has π_old's log-probs
 
 
 @pytest.mark.slow
