@@ -8,8 +8,8 @@ uses, a server would hold its port and memory. Each helper therefore follows the
 ``$FLYWHEEL_LAUNCHER`` (``pid:start time``, so a later process that reuses the number is not taken for it)
 and exits within a second of it going.
 
-``python -m alignment.lifeline -m MODULE ARGS...`` runs ``python -m MODULE ARGS...`` that way; a program of
-our own calls ``follow_launcher()`` first.
+``python -m alignment.lifeline -m MODULE ARGS...`` runs ``python -m MODULE ARGS...`` that way, silently; a
+program of our own calls ``follow_launcher()`` first, which leaves one line in its log.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def gone(launcher: str) -> bool:
     return state in (["Z"], ["X"]) or identity(pid) != launcher
 
 
-def follow_launcher(every: float = 1.0) -> None:
-    """When ``$FLYWHEEL_LAUNCHER`` names a process, exit this one (code 1, one line on stderr) once it is gone."""
+def follow_launcher(every: float = 1.0, *, say: bool = True) -> None:
+    """When ``$FLYWHEEL_LAUNCHER`` names a process, exit this one (code 1) once it is gone, with one line on
+    stderr (a rank's log) when ``say``."""
     launcher = os.environ.get(LAUNCHER_ENV)
     if not launcher:
         return
@@ -68,9 +69,10 @@ def follow_launcher(every: float = 1.0) -> None:
     def watch() -> None:
         while not gone(launcher):
             time.sleep(every)
-        sys.stderr.write(f"flywheel: the run that started this process (process {launcher.split(':')[0]}) has "
-                         "stopped; this process stops too.\n")
-        sys.stderr.flush()
+        if say:
+            sys.stderr.write(f"flywheel: the run that started this process (process {launcher.split(':')[0]}) has "
+                             "stopped; this process stops too.\n")
+            sys.stderr.flush()
         os._exit(1)
 
     threading.Thread(target=watch, name="follow-launcher", daemon=True).start()
@@ -79,7 +81,7 @@ def follow_launcher(every: float = 1.0) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) < 2 or argv[0] != "-m":
         sys.exit("usage: python -m alignment.lifeline -m MODULE [ARGS...]")
-    follow_launcher()
+    follow_launcher(say=False)  # its output is the run's console: the run has said how it ended
     sys.argv = [argv[1], *argv[2:]]
     runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
 

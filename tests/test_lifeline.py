@@ -45,10 +45,24 @@ def test_a_helper_stops_when_the_run_that_started_it_is_killed(tmp_path):
         while running(helper) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not running(helper)
-        assert f"the run that started this process (process {run.pid}) has stopped" in err.read_text()
+        assert err.read_text() == ""  # the helper's output is the run's console: it stops without a word
     finally:
         run.kill()
         run.wait()
+
+
+def test_a_program_that_follows_says_why_it_stopped_in_its_log(tmp_path):
+    rank = "from alignment import lifeline; import time; lifeline.follow_launcher(0.1); time.sleep(60)"
+    run = f"""
+import subprocess, sys
+from alignment import lifeline
+subprocess.Popen([sys.executable, "-c", {rank!r}], env=lifeline.launched_env(), stderr=open({str(tmp_path / 'rank.log')!r}, "w"))
+"""  # the run starts its rank and ends at once
+    subprocess.run([sys.executable, "-c", run], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=60)
+    log, deadline = tmp_path / "rank.log", time.monotonic() + 20
+    while "has stopped" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert log.read_text().startswith("flywheel: the run that started this process (process ")
 
 
 def test_a_process_is_itself_and_a_reused_number_is_not():
