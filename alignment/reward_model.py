@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from alignment.models import default_device, load_tokenizer
-from alignment.rewards import RewardError, RewardFn, score
+from alignment.rewards import RewardFn, score
 from alignment.prompting import Formatter
 from alignment.train_settings import RewardModelConfig
 from alignment.training import autocast, encode_pairs, train_loop

@@ -30,7 +30,7 @@ from typing import Any
 import polars as pl
 
 from alignment.errors import UserError
-from tasks.lake import TABLES, Lake
+from tasks.lake import Lake
 from tasks.lake import LEASE_FILE, RUN_FILE, normalize_uri
 
 FORMATS = ("table", "json", "csv", "parquet")

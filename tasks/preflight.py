@@ -17,7 +17,7 @@ import polars as pl
 from alignment.arithmetic import TaskData
 from alignment.errors import ConfigError
 from alignment.recipe import Recipe
-from alignment.task_files import InputError, load_task
+from alignment.task_files import load_task
 
 
 def check_inputs(recipe: Recipe) -> TaskData:

@@ -42,7 +42,7 @@ from tasks.lake.manifest import (
     CorruptPart, Manifest, StageChanged, StageNotFound, check_sizes, code_version, config_hash, corrupt_message,
     sha256_file,
 )
-from tasks.lake.paths import MANIFEST, MODELS, PARTITION_KEYS, TABLES, Address, BadName, check_name, parse
+from tasks.lake.paths import MANIFEST, PARTITION_KEYS, Address, check_name, parse
 from tasks.lake.storage import Store, normalize_uri, open_store
 
 class Lake:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,6 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from alignment.errors import UserError
 from alignment.metrics import blocked_by, promotion_checks
 from tasks.context import RunRef, flywheel_task, log, retry_on_io
 from tasks.lake import flatten
@@ -225,10 +225,10 @@ def create_version(ref: RunRef, client: MlflowClient, model_uri: str, metrics: d
             m, where = lake.manifest(uri), lake.address(uri)
             lineage.append({"uri": uri, "table": where.stage, "partition": where.partition, "sha256": m.sha256, "rows": m.rows})
             context = "evaluation" if where.stage == "eval" else "training"
-            mlflow.log_input(
-                mlflow.data.from_polars(lake.read(uri), source=uri, name=where.name, digest=m.sha256[:16]),
-                context=context,
-            )
+            with warnings.catch_warnings():  # MLflow registers its local-file source twice, then warns that file:// matches both
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+                dataset = mlflow.data.from_polars(lake.read(uri), source=uri, name=where.name, digest=m.sha256[:16])
+            mlflow.log_input(dataset, context=context)
         info = mlflow.pyfunc.log_model(
             name=f"policy-step-{step}",
             python_model=_policy_code(),
