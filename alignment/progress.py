@@ -52,6 +52,11 @@ def reporting(report: Report, every: float | None = None) -> Iterator[None]:
         _report.reset(token)
 
 
+def reporting_now() -> bool:
+    """Whether a ``reporting`` block is open on this thread (a ticker made now would report)."""
+    return _report.get() is not None
+
+
 class Ticker:
     """Counts ``total`` units of one piece of work and reports, when a ``reporting`` block is open on this
     thread, after the first count that comes ``every`` seconds or more after the start or the last report."""

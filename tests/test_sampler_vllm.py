@@ -37,10 +37,16 @@ class FakeVLLMEngineDouble:
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
         self.calls.append((list(prompts), list(sampling_params), use_tqdm))
-        return [
+        outputs = [
             SimpleNamespace(prompt=p, outputs=[self._sample(p, sp, k) for k in reversed(range(sp["n"]))])
             for p, sp in zip(prompts, sampling_params, strict=True)
         ]
+        if callable(use_tqdm):  # as vLLM's engine loop: a bar over every sample, advanced as each request finishes
+            bar = use_tqdm(total=sum(sp["n"] for sp in sampling_params), desc="Processed prompts", dynamic_ncols=True)
+            for out in outputs:
+                bar.update(len(out.outputs))
+            bar.close()
+        return outputs
 
     @staticmethod
     def _sample(prompt: str, sp: dict, k: int) -> SimpleNamespace:
@@ -99,6 +105,21 @@ def test_vllm_sampler_sends_one_batch_and_is_independent_of_batching():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_sampling_reports_its_samples_inside_a_progress_block():
+    """vLLM draws its own bar; inside a stage's progress block the sampler hands it a bar class that also counts
+    the samples for the stage's progress lines (outside one, vLLM gets the plain switch)."""
+    from alignment.progress import reporting
+
+    engine, reports = FakeVLLMEngineDouble(), []
+    sampler = VLLMSampler.from_engine(engine, make_params=dict)
+    with reporting(lambda *args: reports.append(args), every=0):
+        sampler.generate(PROMPTS, 3, PARAMS, prompt_ids=[5, 6, 7])
+    assert [(done, total, unit) for done, total, unit, _, _ in reports] == [(3, 9, "samples"), (6, 9, "samples")]
+    assert callable(engine.calls[0][2])
+    sampler.generate(PROMPTS, 3, PARAMS, prompt_ids=[5, 6, 7])
+    assert engine.calls[1][2] is False and len(reports) == 2
+
+
 def test_vllm_missing_says_how_to_install_it():
     with pytest.raises(ImportError) as err:
         make_sampler("vllm", "/nonexistent/model")

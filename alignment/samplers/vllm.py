@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from alignment.progress import Ticker, reporting_now
 from alignment.samplers import Generation, SamplingParams, request_ids, row_seed
 
 
@@ -142,9 +143,29 @@ class VLLMSampler:
         outputs = self.engine.generate(
             [r["prompt"] for r in requests],
             [self.make_params(**r["sampling_params"]) for r in requests],
-            use_tqdm=self.progress,
+            use_tqdm=counting_bar(self.progress) if reporting_now() else self.progress,
         )
         return parse_outputs(outputs, n)
+
+
+def counting_bar(show: bool):
+    """A progress-bar class for vLLM's ``use_tqdm`` (which takes a tqdm factory): the bar vLLM would draw when
+    ``show``, and a ``Ticker`` over the samples it counts, so a long Grow on vLLM reports how far it is in the
+    log and the Prefect UI like the other samplers (``alignment.progress``)."""
+    from tqdm.auto import tqdm
+
+    class CountingBar(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any):
+            kwargs["disable"] = kwargs.get("disable", False) or not show
+            super().__init__(*args, **kwargs)
+            self.samples, self.tick = 0, Ticker(int(kwargs.get("total") or 0), "samples")
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self.samples += int(n or 0)
+            self.tick(self.samples)
+            return super().update(n)
+
+    return CountingBar
 
 
 def _formatter(model_path: str, prompt: Any, trust_remote_code: bool):
