@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from alignment.models import default_device, load_tokenizer
+from alignment.progress import Ticker
 from alignment.rewards import RewardFn, score
 from alignment.prompting import Formatter
 from alignment.train_settings import RewardModelConfig
@@ -131,11 +132,13 @@ class RewardModel:
         encoded = _encode(self.tokenizer, prompts, completions, self.model.config)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         scores = [0.0] * len(encoded)
+        tick = Ticker(len(encoded), "completions scored")  # a large Grow takes a reward model a while too
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             values = self.model(**_collate([encoded[i] for i in rows], self.tokenizer.pad_token_id, self.model.device))
             for i, value in zip(rows, values.logits[:, 0].float().tolist(), strict=True):
                 scores[i] = value
+            tick(start + len(rows))
         return scores
 
 

@@ -17,6 +17,7 @@ give it rewards on one scale.
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import math
 import re
@@ -146,7 +147,8 @@ class TimedReward:
             except BaseException as exc:  # handed to the caller's thread
                 box["error"] = exc
 
-        worker = threading.Thread(target=call, name=f"reward {self!r}", daemon=True)
+        # The call sees the caller's context (a stage's progress block, the Prefect run it logs to).
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(call,), name=f"reward {self!r}", daemon=True)
         worker.start()
         worker.join(self.timeout_s)
         if worker.is_alive():

@@ -14,7 +14,7 @@ from prefect import unmapped
 from alignment.metrics import is_policy_sample
 from alignment.rewards import resolve_reward_spec, with_timeout
 from alignment.rewards import score as call_reward
-from tasks.context import RunRef, figure, flywheel_task, io_retries, log, retry_on_io
+from tasks.context import RunRef, figure, flywheel_task, io_retries, log, progress_lines, retry_on_io
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_sharded, run_stage
 
@@ -37,7 +37,8 @@ def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: 
         reward = with_timeout(resolve_reward_spec(ref.recipe.reward), ref.recipe.reward_timeout_s)
     # Labelled demonstrations without a reference are not the reward's to judge: their reward stays null.
     judged = samples.with_row_index("_row").filter(is_policy_sample() | pl.col("reference").is_not_null())
-    rewards = call_reward(reward, judged["prompt"].to_list(), judged["completion"].to_list(), judged["reference"].to_list())
+    with progress_lines():  # a reward model over a large part says how far it is
+        rewards = call_reward(reward, judged["prompt"].to_list(), judged["completion"].to_list(), judged["reference"].to_list())
     values: list[float | None] = [None] * samples.height
     for row, r in zip(judged["_row"].to_list(), rewards, strict=True):
         values[row] = r

@@ -91,6 +91,21 @@ def test_length_sorted_batches_return_the_caller_order(trained):
     assert torch.allclose(torch.tensor(batched), torch.tensor(one_at_a_time), atol=1e-5)
 
 
+def test_scoring_reports_its_progress_also_under_a_timeout(trained):
+    """A reward model over a large Grow says how far it is in a stage's progress block, also when the recipe's
+    reward_timeout_s runs it in a worker thread (which carries the caller's context)."""
+    from alignment.progress import reporting
+    from alignment.rewards import with_timeout
+
+    pairs = trained["pairs"].head(20)
+    for reward in (RewardModel(trained["rm"], batch_size=8), with_timeout(RewardModel(trained["rm"], batch_size=8), 60)):
+        reports = []
+        with reporting(lambda *args: reports.append(args), every=0):
+            reward(pairs["prompt"], pairs["chosen"], pairs["reference"])
+        assert [(done, total, unit) for done, total, unit, _, _ in reports] == [(8, 20, "completions scored"),
+                                                                              (16, 20, "completions scored")]
+
+
 def test_quantile_filter_over_reward_model_scores_keeps_the_expected_fraction(trained):
     scored = candidates(arithmetic_task().eval.head(8), seed=2)  # 8 prompts x 5 samples = 40 rows
     rm_scores = RewardModel(trained["rm"])(scored["prompt"], scored["completion"], scored["reference"])
