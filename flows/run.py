@@ -155,7 +155,8 @@ def stop_on_signals(lake_uri: str, run: str, grace_s: float = 5.0) -> Iterator[N
 
 
 def _close_quietly(lake_uri: str, run: str) -> None:
-    """Release the run's lease and stop this process's embedded Prefect server, saying nothing."""
+    """Release the run's lease and stop this process's embedded Prefect server and the local Ray cluster it
+    started (``orchestration.runner: ray`` without an address), saying nothing."""
     import logging
     import sys
 
@@ -167,6 +168,7 @@ def _close_quietly(lake_uri: str, run: str) -> None:
         from flows import server as embedded
 
         embedded.kill()
+        _stop_local_ray()
         if "prefect.server.api.server" not in sys.modules:
             return
         from prefect.server.api.server import SubprocessASGIServer
@@ -181,6 +183,19 @@ def _close_quietly(lake_uri: str, run: str) -> None:
                 server.stop()
     except Exception:
         pass
+
+
+def _stop_local_ray() -> None:
+    """Shut Ray down as the process's exit would (os._exit skips it): a cluster this process started is stopped
+    with its dashboard and runtime-env agents, which would otherwise outlive the run; a cluster it only connected
+    to is left running (Ray kills only the processes it spawned)."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def flow_for(recipe: Recipe):

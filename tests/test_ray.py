@@ -146,3 +146,74 @@ def test_seeded_flow_run_identical_on_ray(ray_cluster, workdir):
         out[runner] = _frames(recipe.lake, "seeded")
     for stage, _ in STAGES:
         assert out["ray"][stage] == out["thread"][stage], f"{stage} differs between the thread and Ray runners"
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Every live process below ``root``, with its command line."""
+    import os
+    from pathlib import Path
+
+    procs: dict[int, tuple[int, str]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                if stat[0] not in ("Z", "X"):
+                    procs[int(proc.name)] = (int(stat[1]), (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = {}, {root}
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in procs.items() if ppid in frontier and pid not in found and pid != os.getpid()}
+        found.update({pid: procs[pid][1] for pid in frontier})
+    return found
+
+
+@pytest.mark.slow
+def test_a_stopped_run_stops_the_ray_cluster_it_started(tmp_path):
+    """``flywheel run`` with ``runner: ray`` and no address starts a local Ray; Ctrl-C stops the run in order and
+    Ray with it, its dashboard and runtime-env agents included (the process's exit alone leaves those behind)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("prefect_ray", reason="prefect-ray is not installed: pip install -e '.[ray]'")
+    from tests.flywheel_helpers import FAST, RECIPE, ROOT
+
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(RECIPE), "--run-name", "stopped",
+           *[a for s in [*FAST, "orchestration.runner=ray"] for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    try:
+        deadline, ray = time.monotonic() + 300, {}
+        while time.monotonic() < deadline and proc.poll() is None and not any("RuntimeEnvAgent" in c for c in ray.values()):
+            ray = {pid: c for pid, c in _descendants(proc.pid).items() if "ray" in c.lower()}
+            time.sleep(0.5)
+        assert any("raylet" in c for c in ray.values()), ray
+        time.sleep(2)
+        ray = {pid: c for pid, c in _descendants(proc.pid).items() if "ray" in c.lower()}
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "flywheel: stopped by SIGINT" in err and "Traceback" not in err
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _alive(ray):
+        time.sleep(0.2)
+    assert not _alive(ray), _alive(ray)
+
+
+def _alive(procs: dict[int, str]) -> dict[int, str]:
+    from pathlib import Path
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except OSError:
+            return False
+
+    return {pid: c[:80] for pid, c in procs.items() if running(pid)}
