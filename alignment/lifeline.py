@@ -59,6 +59,27 @@ def gone(launcher: str) -> bool:
     return state in (["Z"], ["X"]) or identity(pid) != launcher
 
 
+def descendants(pid: int | None = None) -> list[int]:
+    """The live processes below ``pid`` (this process by default), from ``/proc``; none where there is no ``/proc``."""
+    root = os.getpid() if pid is None else pid
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) and fields[0] not in ("Z", "X"):
+            parents[int(entry.name)] = int(fields[1])
+    found: list[int] = []
+    frontier = {root}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier and child not in found}
+        found += sorted(frontier)
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
+
+
 def follow_launcher(every: float = 1.0, *, say: bool = True) -> None:
     """When ``$FLYWHEEL_LAUNCHER`` names a process, exit this one (code 1) once it is gone, with one line on
     stderr (a rank's log) when ``say``."""

@@ -185,17 +185,31 @@ def _close_quietly(lake_uri: str, run: str) -> None:
         pass
 
 
-def _stop_local_ray() -> None:
-    """Shut Ray down as the process's exit would (os._exit skips it): a cluster this process started is stopped
-    with its dashboard and runtime-env agents, which would otherwise outlive the run; a cluster it only connected
-    to is left running (Ray kills only the processes it spawned)."""
+def _stop_local_ray(grace_s: float = 2.0) -> None:
+    """Shut Ray down as the process's exit would (os._exit skips it): a cluster this process started is stopped,
+    and whatever of it outlives ``grace_s`` is killed — its dashboard and runtime-env agents would outlive the run,
+    and the runtime-env agent does not always heed SIGTERM. A cluster it only connected to is left running (Ray
+    stops only the processes it spawned, and only this process's own descendants are killed)."""
+    import signal
     import sys
+    import time
 
-    if "ray" in sys.modules:
-        import ray
+    from alignment import lifeline
 
-        if ray.is_initialized():
-            ray.shutdown()
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    spawned = lifeline.descendants()  # before the shutdown: the agents are the raylet's children, then init's
+    ray.shutdown()
+    deadline = time.monotonic() + grace_s
+    while any(map(lifeline.running, spawned)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in filter(lifeline.running, spawned):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def flow_for(recipe: Recipe):

@@ -80,3 +80,21 @@ def test_without_a_launcher_nothing_is_followed(monkeypatch):
     import threading
 
     assert "follow-launcher" not in [t.name for t in threading.enumerate()]
+
+
+def test_descendants_are_found_to_any_depth():
+    """How a stopping run finds what it started (the local Ray cluster's agents sit two levels down)."""
+    grandchild = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    with subprocess.Popen([sys.executable, "-c", grandchild]) as child:
+        try:
+            deadline, below = time.monotonic() + 20, []
+            while not below and time.monotonic() < deadline:
+                below = lifeline.descendants(child.pid)
+                time.sleep(0.1)
+            assert len(below) == 1 and lifeline.running(below[0])
+            assert child.pid in lifeline.descendants() and below[0] in lifeline.descendants()  # this process's too
+        finally:
+            for pid in [*lifeline.descendants(child.pid), child.pid]:
+                os.kill(pid, signal.SIGKILL)
+            child.wait()
+    assert not lifeline.running(child.pid)
