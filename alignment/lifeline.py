@@ -9,7 +9,8 @@ uses, a server would hold its port and memory. Each helper therefore follows the
 and exits within a second of it going.
 
 ``python -m alignment.lifeline -m MODULE ARGS...`` runs ``python -m MODULE ARGS...`` that way, silently; a
-program of our own calls ``follow_launcher()`` first, which leaves one line in its log.
+program of our own calls ``follow_launcher()`` first, which leaves one line in its log. ``descendants()``
+lets a stopping run find what it started that follows nothing (a local Ray cluster's agents).
 """
 
 from __future__ import annotations
@@ -53,10 +54,9 @@ def gone(launcher: str) -> bool:
         return True
     except PermissionError:  # a process of another user holds the number now: ours is gone
         return True
-    state = _stat(pid)[:1]
     # A dead process its parent has not reaped yet is a zombie and still answers kill(0); a parent that
     # waits for its child's output to end before reaping it would wait on us for ever.
-    return state in (["Z"], ["X"]) or identity(pid) != launcher
+    return _stat(pid)[:1] in (["Z"], ["X"]) or identity(pid) != launcher  # (no /proc: kill(0) alone decides)
 
 
 def descendants(pid: int | None = None) -> list[int]:
