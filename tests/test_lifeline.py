@@ -25,13 +25,6 @@ time.sleep(600)
 """
 
 
-def running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
 def test_a_helper_stops_when_the_run_that_started_it_is_killed(tmp_path):
     err = tmp_path / "helper.stderr"
     run = subprocess.Popen([sys.executable, "-c", RUN, str(err)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
@@ -39,12 +32,12 @@ def test_a_helper_stops_when_the_run_that_started_it_is_killed(tmp_path):
     try:
         helper = int(run.stdout.readline())
         time.sleep(1.5)
-        assert running(helper)  # it follows a live run without stopping
+        assert lifeline.running(helper)  # it follows a live run without stopping
         os.kill(run.pid, signal.SIGKILL)  # and not reaped: the run stays a zombie while we watch
         deadline = time.monotonic() + 10
-        while running(helper) and time.monotonic() < deadline:
+        while lifeline.running(helper) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not running(helper)
+        assert not lifeline.running(helper)
         assert err.read_text() == ""  # the helper's output is the run's console: it stops without a word
     finally:
         run.kill()

@@ -148,24 +148,20 @@ def test_seeded_flow_run_identical_on_ray(ray_cluster, workdir):
         assert out["ray"][stage] == out["thread"][stage], f"{stage} differs between the thread and Ray runners"
 
 
-def _descendants(root: int) -> dict[int, str]:
-    """Every live process below ``root``, with its command line."""
-    import os
+def _ray_below(root: int) -> dict[int, str]:
+    """The Ray processes below ``root`` (``alignment.lifeline.descendants``), with their command lines."""
     from pathlib import Path
 
-    procs: dict[int, tuple[int, str]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-                if stat[0] not in ("Z", "X"):
-                    procs[int(proc.name)] = (int(stat[1]), (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = {}, {root}
-    while frontier:
-        frontier = {pid for pid, (ppid, _) in procs.items() if ppid in frontier and pid not in found and pid != os.getpid()}
-        found.update({pid: procs[pid][1] for pid in frontier})
+    from alignment import lifeline
+
+    found = {}
+    for pid in lifeline.descendants(root):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "ray" in command.lower():
+            found[pid] = command
     return found
 
 
@@ -189,11 +185,11 @@ def test_a_stopped_run_stops_the_ray_cluster_it_started(tmp_path):
     try:
         deadline, ray = time.monotonic() + 300, {}
         while time.monotonic() < deadline and proc.poll() is None and not any("RuntimeEnvAgent" in c for c in ray.values()):
-            ray = {pid: c for pid, c in _descendants(proc.pid).items() if "ray" in c.lower()}
+            ray = _ray_below(proc.pid)
             time.sleep(0.5)
         assert any("raylet" in c for c in ray.values()), ray
         time.sleep(2)
-        ray = {pid: c for pid, c in _descendants(proc.pid).items() if "ray" in c.lower()}
+        ray = _ray_below(proc.pid)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -208,12 +204,6 @@ def test_a_stopped_run_stops_the_ray_cluster_it_started(tmp_path):
 
 
 def _alive(procs: dict[int, str]) -> dict[int, str]:
-    from pathlib import Path
+    from alignment import lifeline
 
-    def running(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except OSError:
-            return False
-
-    return {pid: c[:80] for pid, c in procs.items() if running(pid)}
+    return {pid: c[:80] for pid, c in procs.items() if lifeline.running(pid)}
