@@ -78,6 +78,20 @@ def test_long_training_says_how_far_it_is(quiet):
     assert done > max(i for i, m in enumerate(progress) if m)
 
 
+def test_sampling_and_the_reference_pass_say_how_far_they_are(tmp_path):
+    """Iterative DPO through the CLI (35 s): Grow reports the samples drawn, and the preference stage its no-grad
+    log-prob passes over the pairs (completions scored, 64 a batch)."""
+    argv = [FLYWHEEL, "run", str(RECIPE.with_name("arithmetic-dpo.yaml")), "--run-name", "progress",
+            "--set", "task.n_eval=40", "--set", "grow_steps=1"]
+    proc = subprocess.run(argv, cwd=tmp_path, env=cli_env(tmp_path) | {"FLYWHEEL_PROGRESS_SECONDS": "0.01"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    grow = [ln for ln in lines if re.fullmatch(r"grow-shard · \d+ of \d+ samples, about \d+ s left · [\d.]+ s", ln)]
+    scored = [ln for ln in lines if re.fullmatch(r"train-preference · \d+ of \d+ completions scored, about \d+ s left · [\d.]+ s", ln)]
+    assert grow and scored, lines
+
+
 def test_the_run_ends_its_mlflow_runs_and_names_them_in_the_summary(quiet):
     from mlflow import MlflowClient
 
