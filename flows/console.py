@@ -102,7 +102,7 @@ class RunConsole:
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         console = next((h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)), None)
-        to_file = logging.FileHandler(self.log_path, delay=True, encoding="utf-8")
+        self.to_file = to_file = logging.FileHandler(self.log_path, delay=True, encoding="utf-8")
         to_file.setFormatter(console.formatter if console else logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
         for name in ("", "uvicorn", "fastapi"):  # Prefect's console handler sits on these
             logger = logging.getLogger(name)
@@ -121,6 +121,7 @@ class RunConsole:
         self._replace(logging.getLogger("py.warnings"), [to_file], False)
         for logger in run_loggers:
             self._replace(logger, [*logger.handlers, self.stage], logger.propagate)
+        _QUIET.append(self)
         return self
 
     def _replace(self, logger: logging.Logger, handlers: list[logging.Handler], propagate: bool) -> None:
@@ -129,6 +130,8 @@ class RunConsole:
         logger.propagate = propagate
 
     def close(self) -> None:
+        if self in _QUIET:
+            _QUIET.remove(self)
         for logger, handlers, propagate in reversed(self.saved):
             logger.handlers[:] = handlers
             logger.propagate = propagate
@@ -141,6 +144,38 @@ class RunConsole:
         self.saved.clear()
         self.levels.clear()
         self.set_env.clear()
+
+
+_QUIET: list[RunConsole] = []  # this process's quiet run console, while it is open
+
+
+def quiet() -> bool:
+    """Whether a quiet ``RunConsole`` is open in this process (a ``flywheel run`` without ``--verbose``)."""
+    return bool(_QUIET)
+
+
+def to_run_log(name: str) -> None:
+    """While a quiet run console is open, logger ``name``'s lines go to the run's log, not the console: for a
+    library that puts its own console handler on its logger when it is imported (Ray's startup lines)."""
+    for console in _QUIET:
+        console._replace(logging.getLogger(name), [console.to_file], False)
+
+
+def ray_worker_lines() -> None:
+    """Ray's worker setup hook for a quiet run on ``runner: ray``: a stage that runs on a Ray worker prints its
+    stage lines as it would in the run's own process (Ray forwards a worker's stdout to the run's console, each
+    line after the task's name and the worker's pid), not Prefect's per-task lines, which still reach the
+    Prefect server and its UI."""
+    import prefect.main  # noqa: F401  (sets Prefect's logging up now: done later, it would put the console back)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for name in ("", "uvicorn", "fastapi"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [h for h in logger.handlers if not isinstance(h, PrefectConsoleHandler)]
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, StageLines) for h in logger.handlers):
+            logger.addHandler(StageLines())
 
 
 def where_lines(summary: dict, log_path: Path | None) -> list[str]:

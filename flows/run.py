@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -114,11 +115,14 @@ def stop_on_signals(lake_uri: str, run: str, grace_s: float = 5.0) -> Iterator[N
     A stage is committed only by its manifest and every write is atomic, so stopping mid-stage is
     what a SIGKILL would do (the resumed run replaces the unfinished stage); but here the lease is
     released first, so the same command with the same ``--run-name`` resumes at once. Prefect's
-    embedded server is given ``grace_s`` seconds to stop; a second signal exits immediately.
+    embedded server and a local Ray cluster are given ``grace_s`` seconds to stop, then whatever this
+    process started that still runs is killed; a second signal exits immediately.
     """
     import signal
     import sys
     import threading
+
+    from alignment import lifeline
 
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers belong to the main thread
@@ -140,9 +144,13 @@ def stop_on_signals(lake_uri: str, run: str, grace_s: float = 5.0) -> Iterator[N
         sys.stdout.flush()
         os.dup2(quiet, 1)
         os.dup2(quiet, 2)
+        spawned = lifeline.descendants()  # the embedded server, a local Ray cluster and its agents, training ranks
         closer = threading.Thread(target=_close_quietly, args=(lake_uri, run), daemon=True)
         closer.start()
         closer.join(grace_s)
+        for pid in filter(lifeline.running, spawned):  # what did not stop in time (Ray's shutdown can take longer)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         os._exit(code)
 
     stopping = threading.Event()
@@ -237,5 +245,16 @@ def task_runner(recipe: Recipe):
         raise RecipeError(
             "orchestration.runner is 'ray' but prefect-ray is not installed: pip install -e '.[ray]'."
         ) from exc
+    from flows import console
+
     # A local cluster started for the run needs no dashboard; a remote one keeps its own settings.
-    return RayTaskRunner(address=orch.ray_address, init_kwargs={} if orch.ray_address else {"include_dashboard": False})
+    init = {} if orch.ray_address else {"include_dashboard": False}
+    if console.quiet():  # workers print stage lines, not Prefect's; Ray's own startup lines go to the run's log
+        init["runtime_env"] = {"worker_process_setup_hook": "flows.console.ray_worker_lines"}
+        import ray
+
+        ray.is_initialized()  # prefect-ray imports Ray lazily: loading it now puts Ray's own handler on its logger
+        console.to_run_log("ray")
+        if not sys.stdout.isatty():
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray colours the "(task pid=…)" prefix of workers' lines
+    return RayTaskRunner(address=orch.ray_address, init_kwargs=init)

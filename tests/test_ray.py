@@ -207,3 +207,29 @@ def _alive(procs: dict[int, str]) -> dict[int, str]:
     from alignment import lifeline
 
     return {pid: c[:80] for pid, c in procs.items() if lifeline.running(pid)}
+
+
+@pytest.mark.slow
+def test_a_ray_run_prints_stage_lines_and_not_prefects_or_rays(tmp_path):
+    """``flywheel run`` with ``runner: ray``: the stages that run on Ray workers print the same stage lines as on
+    threads (after Ray's ``(task pid=…)`` prefix, uncoloured when the console is not a terminal), not Prefect's
+    per-task lines; Ray's own startup lines go to the run's log. The console is as quiet as a thread run's."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("prefect_ray", reason="prefect-ray is not installed: pip install -e '.[ray]'")
+    from tests.flywheel_helpers import FAST, RECIPE, ROOT
+
+    sets = [*FAST, "grow_steps=1", "orchestration.runner=ray"]
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(RECIPE), "--run-name", "on-ray",
+                          *[a for s in sets for a in ("--set", s)]],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"^\(grow-shard pid=\d+\) grow g=1 shard 1/1: 60 prompts -> 240 samples · ", out.stdout, re.M), out.stdout
+    assert re.search(r"^\(score-shard pid=\d+\) score g=1 part ", out.stdout, re.M), out.stdout
+    assert "Finished in state" not in out.stdout + out.stderr and "\x1b" not in out.stdout + out.stderr
+    assert out.stderr == "", out.stderr[-3000:]
+    log = (tmp_path / ".flywheel" / "logs" / "on-ray.log").read_text()
+    assert "Started a local Ray instance" in log
