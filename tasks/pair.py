@@ -13,7 +13,7 @@ from alignment.filters import pair_decisions
 from alignment.pairs import make_pairs
 from alignment.preference import reference_logps_for
 from alignment.train_settings import trainer_config
-from tasks.context import RunRef, flywheel_task, log
+from tasks.context import RunRef, flywheel_task, log, progress_lines
 from tasks.placement import run_once
 from tasks.results import Selection
 
@@ -22,7 +22,9 @@ from tasks.results import Selection
 def pair(ref: RunRef, scored_uri: str, iteration: int, reference_uri: str) -> Selection:
     """Commit the ``pairs`` stage (best vs worst by default) and return its uri and counts."""
     lake = ref.open_lake()
-    uri = run_once(ref, ref.stage_uri(iteration, "pairs"), "pair", write_pairs, scored_uri, iteration, reference_uri, label=f"t={iteration}")
+    with progress_lines():  # the reference policy's pass over every pair says how far it is
+        uri = run_once(ref, ref.stage_uri(iteration, "pairs"), "pair", write_pairs, scored_uri, iteration, reference_uri,
+                       label=f"t={iteration}")
     m, scored_rows = lake.manifest(uri), lake.manifest(scored_uri).rows
     log().info("pair t=%d: %d pairs from %d scored samples", iteration, m.rows, scored_rows)
     return Selection(uri=uri, kept=m.rows, samples=scored_rows)

@@ -79,8 +79,9 @@ def test_long_training_says_how_far_it_is(quiet):
 
 
 def test_sampling_and_the_reference_pass_say_how_far_they_are(tmp_path):
-    """Iterative DPO through the CLI (35 s): Grow reports the samples drawn, and the preference stage its no-grad
-    log-prob passes over the pairs (completions scored, 64 a batch)."""
+    """Iterative DPO through the CLI (35 s): Grow reports the samples drawn, the pair stage the reference policy's
+    pass over the pairs, before training starts, and training its steps and its closing pass (completions scored,
+    64 a batch)."""
     argv = [FLYWHEEL, "run", str(RECIPE.with_name("arithmetic-dpo.yaml")), "--run-name", "progress",
             "--set", "task.n_eval=40", "--set", "grow_steps=1"]
     proc = subprocess.run(argv, cwd=tmp_path, env=cli_env(tmp_path) | {"FLYWHEEL_PROGRESS_SECONDS": "0.01"},
@@ -89,7 +90,9 @@ def test_sampling_and_the_reference_pass_say_how_far_they_are(tmp_path):
     lines = proc.stdout.splitlines()
     grow = [ln for ln in lines if re.fullmatch(r"grow-shard · \d+ of \d+ samples, about \d+ s left · [\d.]+ s", ln)]
     scored = [ln for ln in lines if re.fullmatch(r"train-preference · \d+ of \d+ completions scored, about \d+ s left · [\d.]+ s", ln)]
-    assert grow and scored, lines
+    reference = [i for i, ln in enumerate(lines) if re.fullmatch(r"pair · \d+ of \d+ completions scored, about \d+ s left · [\d.]+ s", ln)]
+    steps = [i for i, ln in enumerate(lines) if ln.startswith("train-preference · 1 of ")]
+    assert grow and scored and reference and steps and max(reference) < steps[0], lines
 
 
 def test_the_run_ends_its_mlflow_runs_and_names_them_in_the_summary(quiet):
