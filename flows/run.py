@@ -119,7 +119,6 @@ def stop_on_signals(lake_uri: str, run: str, grace_s: float = 5.0) -> Iterator[N
     process started that still runs is killed; a second signal exits immediately.
     """
     import signal
-    import sys
     import threading
 
     from alignment import lifeline
@@ -166,7 +165,6 @@ def _close_quietly(lake_uri: str, run: str) -> None:
     """Release the run's lease and stop this process's embedded Prefect server and the local Ray cluster it
     started (``orchestration.runner: ray`` without an address), saying nothing."""
     import logging
-    import sys
 
     from tasks.lake import release
 
@@ -199,7 +197,6 @@ def _stop_local_ray(grace_s: float = 2.0) -> None:
     and the runtime-env agent does not always heed SIGTERM. A cluster it only connected to is left running (Ray
     stops only the processes it spawned, and only this process's own descendants are killed)."""
     import signal
-    import sys
     import time
 
     from alignment import lifeline
