@@ -147,7 +147,7 @@ def stop_on_signals(lake_uri: str, run: str, grace_s: float = 5.0) -> Iterator[N
         closer = threading.Thread(target=_close_quietly, args=(lake_uri, run), daemon=True)
         closer.start()
         closer.join(grace_s)
-        for pid in filter(lifeline.running, spawned):  # what did not stop in time (Ray's shutdown can take longer)
+        for pid in filter(lifeline.running, spawned):  # what did not stop in time or ignored SIGTERM (Ray's agents)
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         os._exit(code)
@@ -191,30 +191,16 @@ def _close_quietly(lake_uri: str, run: str) -> None:
         pass
 
 
-def _stop_local_ray(grace_s: float = 2.0) -> None:
-    """Shut Ray down as the process's exit would (os._exit skips it): a cluster this process started is stopped,
-    and whatever of it outlives ``grace_s`` is killed — its dashboard and runtime-env agents would outlive the run,
-    and the runtime-env agent does not always heed SIGTERM. A cluster it only connected to is left running (Ray
-    stops only the processes it spawned, and only this process's own descendants are killed)."""
-    import signal
-    import time
-
-    from alignment import lifeline
-
+def _stop_local_ray() -> None:
+    """Shut Ray down as the process's exit would (os._exit skips it): a cluster this process started is stopped, one
+    it only connected to is left running. What of it outlives the stop's grace period (its dashboard and runtime-env
+    agents do not always heed SIGTERM) is killed with the rest of the run's descendants by ``stop_on_signals``."""
     if "ray" not in sys.modules:
         return
     import ray
 
-    if not ray.is_initialized():
-        return
-    spawned = lifeline.descendants()  # before the shutdown: the agents are the raylet's children, then init's
-    ray.shutdown()
-    deadline = time.monotonic() + grace_s
-    while any(map(lifeline.running, spawned)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in filter(lifeline.running, spawned):
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def flow_for(recipe: Recipe):
