@@ -129,6 +129,11 @@ def log() -> logging.Logger:
         return logging.getLogger("flywheel")
 
 
+def where(iteration: int, step: int | None = None) -> str:
+    """Where a console line's work lies: ``g=2`` (an iteration's Grow), ``g=2 step 3`` (a step of it)."""
+    return f"g={iteration}" if step is None else f"g={iteration} step {step}"
+
+
 def figure(value: float | None, digits: int = 3) -> str:
     """A number for a console line: ``digits`` significant digits, never an exponent (0.922, 12.3, 1234).
     Only what people read is rounded: the lake and MLflow keep every digit."""

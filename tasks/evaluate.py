@@ -5,7 +5,7 @@ from __future__ import annotations
 from alignment.evaluation import score_heldout
 from alignment.rewards import resolve_reward_spec, with_timeout
 from alignment.samplers import make_sampler
-from tasks.context import RunRef, figure, flywheel_task, log, progress_lines, retry_on_io, warn_truncated
+from tasks.context import RunRef, figure, flywheel_task, log, progress_lines, retry_on_io, warn_truncated, where
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_once
 from tasks.step_metrics import held_out_extras
@@ -14,7 +14,7 @@ from tasks.step_metrics import held_out_extras
 @flywheel_task(name="evaluate", retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_on_io)
 def evaluate(ref: RunRef, model_uri: str, iteration: int, step: int) -> dict[str, float]:
     """Greedy completions for every held-out prompt, committed as ``eval/step={i}``; returns the metrics."""
-    lake, label = ref.open_lake(), f"g={iteration} step {step}"
+    lake, label = ref.open_lake(), where(iteration, step)
     uri = run_once(ref, ref.stage_uri(iteration, "eval", step), "evaluate", write_eval, model_uri, iteration, step, label=label)
     manifest = lake.manifest_doc(uri)
     metrics = {**manifest["metrics"], **manifest.get("seconds", {})}

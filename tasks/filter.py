@@ -8,7 +8,7 @@ import polars as pl
 from alignment import filters
 from alignment.metrics import own
 from alignment.recipe import FilterConfig
-from tasks.context import RunRef, figure, flywheel_task, log, progress_lines, retry_on_io
+from tasks.context import RunRef, figure, flywheel_task, log, progress_lines, retry_on_io, where
 from tasks.placement import run_once, run_stage
 from tasks.results import Selection
 
@@ -43,13 +43,13 @@ def compute_thresholds(ref: RunRef, scored_uri: str) -> list[float | None]:
 @flywheel_task(name="filter", retries=2, retry_delay_seconds=[2, 5], retry_condition_fn=retry_on_io)
 def filter_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, tau: float | None) -> Selection:
     """Commit ``filtered/step={i}``: the rows of ``scored`` that F(x, y; tau) keeps. Returns uri and counts."""
-    lake, label = ref.open_lake(), f"g={iteration} step {step}"
+    lake, label = ref.open_lake(), where(iteration, step)
     uri = run_once(ref, ref.stage_uri(iteration, "filtered", step), "filter", write_filtered, scored_uri, iteration, step, tau, label=label)
     m = lake.manifest(uri)
     scored_rows = lake.manifest(scored_uri).rows
     dropped = lake.manifest_doc(uri).get("dropped", {})
     why = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
-    log().info("filter g=%d step %d: tau=%s kept %d of %d%s", iteration, step, figure(tau), m.rows, scored_rows, f" (dropped: {why})" if why else "")
+    log().info("filter %s: tau=%s kept %d of %d%s", label, figure(tau), m.rows, scored_rows, f" (dropped: {why})" if why else "")
     return Selection(uri=uri, kept=m.rows, samples=scored_rows)
 
 
@@ -81,13 +81,13 @@ def write_filtered(ref: RunRef, scored_uri: str, iteration: int, step: int, tau:
 def group_stage(ref: RunRef, scored_uri: str, iteration: int, step: int, old_uri: str, reference_uri: str) -> Selection:
     """Commit ``groups/step={i}``: the step's informative groups with their advantages and the per-token log-probs
     of π_old (``old_uri``, which sampled them) and π_ref (``reference_uri``, when beta > 0). Returns uri and counts."""
-    lake, label = ref.open_lake(), f"g={iteration} step {step}"
+    lake, label = ref.open_lake(), where(iteration, step)
     uri = run_once(ref, ref.stage_uri(iteration, "groups", step), "pair", write_groups, scored_uri, iteration, step,
                    old_uri, reference_uri, label=label)  # fmt: skip
     m, scored_rows = lake.manifest(uri), lake.manifest(scored_uri).rows
     dropped = lake.manifest_doc(uri).get("dropped", {})
     why = ", ".join(f"{n} {reason}" for reason, n in dropped.items() if n)
-    log().info("groups g=%d step %d: kept %d of %d samples%s", iteration, step, m.rows, scored_rows, f" (dropped: {why})" if why else "")
+    log().info("groups %s: kept %d of %d samples%s", label, m.rows, scored_rows, f" (dropped: {why})" if why else "")
     return Selection(uri=uri, kept=m.rows, samples=scored_rows)
 
 

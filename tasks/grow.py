@@ -16,7 +16,7 @@ from prefect import unmapped
 
 from alignment.metrics import length_stats
 from alignment.samplers import SamplingParams, make_sampler, sampler_options
-from tasks.context import RunRef, flywheel_task, io_retries, log, progress_lines, retry_on_io, warn_truncated
+from tasks.context import RunRef, flywheel_task, io_retries, log, progress_lines, retry_on_io, warn_truncated, where
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_sharded, run_stage
 
@@ -36,7 +36,7 @@ SAMPLE_SCHEMA = {
 def grow_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: int, step: int | None = None) -> dict:
     """Sample one shard of the prompts and write it as one part of the ``samples`` stage (a GPU stage)."""
     return run_stage(ref, "grow", sample_shard, model_uri, iteration, shard, shards, step,
-                     label=f"g={iteration}{'' if step is None else f' step {step}'} shard {shard + 1}/{shards}")
+                     label=f"{where(iteration, step)} shard {shard + 1}/{shards}")
 
 
 def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards: int, step: int | None = None) -> dict:
@@ -71,7 +71,7 @@ def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards
         schema=SAMPLE_SCHEMA,
     )
     device = f" on GPU {os.environ['CUDA_VISIBLE_DEVICES']}" if os.environ.get("CUDA_VISIBLE_DEVICES") else ""
-    log().info("grow g=%d shard %d/%d%s: %d prompts -> %d samples", iteration, shard + 1, shards, device, part.height, frame.height)
+    log().info("grow %s shard %d/%d%s: %d prompts -> %d samples", where(iteration, step), shard + 1, shards, device, part.height, frame.height)
     return lake.write_part(uri, shard, frame)
 
 
@@ -107,6 +107,6 @@ def grow(ref: RunRef, model_uri: str, iteration: int, step: int | None = None) -
         lambda parts: commit_samples(ref, model_uri, iteration, parts, step),
     )
     grown = ref.open_lake().read(uri).select("sample_idx", "num_tokens", "finish_reason")
-    warn_truncated(f"grow g={iteration}" + (f" step {step}" if step else ""), length_stats(grown, "grown")["grown_truncated"],
+    warn_truncated(f"grow {where(iteration, step)}", length_stats(grown, "grown")["grown_truncated"],
                    "samples", "grow.max_new_tokens", ref.recipe.grow.max_new_tokens)
     return uri

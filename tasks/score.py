@@ -14,7 +14,7 @@ from prefect import unmapped
 from alignment.metrics import is_policy_sample
 from alignment.rewards import resolve_reward_spec, with_timeout
 from alignment.rewards import score as call_reward
-from tasks.context import RunRef, figure, flywheel_task, io_retries, log, progress_lines, retry_on_io
+from tasks.context import RunRef, figure, flywheel_task, io_retries, log, progress_lines, retry_on_io, where
 from tasks.gpu import MODEL_LOAD_LOCK
 from tasks.placement import run_sharded, run_stage
 
@@ -23,7 +23,7 @@ from tasks.placement import run_sharded, run_stage
 def score_shard(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: int, step: int | None = None) -> dict:
     """Add a ``reward`` column to one part of ``samples`` and write it as part ``shard`` of ``scored``."""
     return run_stage(ref, "score", score_part, samples_uri, iteration, part, shard, step,
-                     label=f"g={iteration}{'' if step is None else f' step {step}'} part {shard + 1}")
+                     label=f"{where(iteration, step)} part {shard + 1}")
 
 
 def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: int, step: int | None = None) -> dict:
@@ -45,10 +45,10 @@ def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: 
     scored = samples.with_columns(pl.Series("reward", values, dtype=pl.Float64))
     judged_rows, unjudged = judged.height, scored.height - judged.height
     if judged_rows == 0:  # the labelled part: demonstrations, not the reward's to judge
-        log().info("score g=%d part %s: %d labelled demonstrations, not scored (no reference)", iteration, part, scored.height)
+        log().info("score %s part %s: %d labelled demonstrations, not scored (no reference)", where(iteration, step), part, scored.height)
     else:
         also = f" ({unjudged} labelled demonstrations not scored)" if unjudged else ""
-        log().info("score g=%d part %s: %d rows, mean reward %s%s", iteration, part, judged_rows, figure(scored["reward"].mean()), also)
+        log().info("score %s part %s: %d rows, mean reward %s%s", where(iteration, step), part, judged_rows, figure(scored["reward"].mean()), also)
     return lake.write_part(uri, shard, scored)
 
 
@@ -57,7 +57,7 @@ def commit_scored(ref: RunRef, samples_uri: str, iteration: int, parts: list[dic
     """Verify the parts and commit the ``scored`` stage (a plain call, as ``tasks.grow.commit_samples`` is)."""
     lake, uri = ref.open_lake(), ref.stage_uri(iteration, "scored", step)
     manifest = lake.commit(uri, sorted(parts, key=lambda p: p["name"]), config={"reward": ref.recipe.reward}, parents=[samples_uri])
-    log().info("score g=%d: committed %d rows in %d parts", iteration, manifest.rows, len(parts))
+    log().info("score %s: committed %d rows in %d parts", where(iteration, step), manifest.rows, len(parts))
     return manifest.uri
 
 
