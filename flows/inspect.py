@@ -8,8 +8,10 @@ The URI names what to show::
     file://./lake/models/RUN[/iteration=G/...]      a run's checkpoints
 
 For every committed stage it selects: row count, reward statistics and a histogram, the kept fraction
-of filtered data against its scored parent, and example kept and dropped rows. Only committed stages
-(with a manifest) are shown; an interrupted stage is invisible here as it is to every reader.
+of a selection (ReST's ``filtered``, GRPO's ``groups``) against its scored parent, each sample's fate
+(``decisions``: kept, or the reason it was dropped), the mean of GRPO's per-update diagnostics
+(``updates``), and example kept and dropped rows. Only committed stages (with a manifest) are shown; an
+interrupted stage is invisible here as it is to every reader.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from alignment.metrics import describe
 from tasks.lake import MANIFEST, MODELS, TABLES, Address, Lake, StageNotFound
 from tasks.lake import normalize_uri
 
-SHOW = ["prompt_id", "sample_idx", "prompt", "completion", "reference", "reward"]
+SHOW = ["prompt_id", "sample_idx", "prompt", "completion", "chosen", "rejected", "reference", "reward", "chosen_reward",
+        "rejected_reward", "advantage", "reason"]
+SELECTIONS = ("filtered", "groups")  # the rows a step trains on, chosen from its scored parent (manifest parents[0])
+_UPDATE_MEANS = ("loss", "pg_loss", "kl", "entropy", "clip_ratio_region", "grad_norm")
 _KEYS = r"(?:/iteration=(?P<iteration>\d+)(?:/(?P<model>{models}))?(?:/step=(?P<step>\d+))?)?/?"
 _SELECTIONS = [
     re.compile(r"(?P<root>.+?)/runs/(?P<run>[^/]+)" + _KEYS.format(models="(?!)")),
@@ -92,12 +97,21 @@ def inspect_stage(lake: Lake, stage_uri: str, limit: int) -> dict[str, Any]:
     frame = lake.read(stage_uri)
     if "reward" in frame.columns:
         out["reward"] = reward_stats(frame["reward"])
+    if a.stage == "decisions":  # each sample's fate: how many were kept, and how many each reason dropped
+        fates = frame.select(pl.when(pl.col("decision") == "kept").then(pl.lit("kept")).otherwise(pl.col("reason")).alias("fate"))
+        out["fates"] = dict(sorted(fates["fate"].fill_null("dropped").value_counts().iter_rows(), key=lambda kv: kv[0] != "kept"))
+    if a.stage == "updates":  # GRPO's optimiser updates of one step: their mean diagnostics
+        means = {c: frame[c].mean() for c in _UPDATE_MEANS if c in frame.columns}
+        out["means"] = {c: v for c, v in means.items() if v is not None}  # a figure a run did not record (kl at beta 0) is left out
     out["sample_rows"] = _rows(frame, limit)
-    if out["stage"].startswith("filtered") and m.parents:
+    if a.stage in SELECTIONS and m.parents:
         scored = lake.read(m.parents[0])
         out["scored_rows"] = scored.height
         out["kept_fraction"] = m.rows / scored.height if scored.height else 0.0
         dropped = scored.join(frame.select("prompt_id", "sample_idx"), on=["prompt_id", "sample_idx"], how="anti")
+        decisions = lake.stage_uri(a.run, a.iteration, "decisions", a.step)
+        if lake.is_done(decisions):  # why each was dropped
+            dropped = dropped.join(lake.read(decisions).select("prompt_id", "sample_idx", "reason"), on=["prompt_id", "sample_idx"], how="left")
         out["dropped_rows"] = _rows(dropped.sort("reward", descending=True), limit)
     return out
 
@@ -124,13 +138,21 @@ def inspect_uri(uri: str, *, limit: int = 5) -> dict[str, Any]:
     report["kept_by_step"] = [
         {"iteration": s.get("iteration"), "step": s.get("step"), "kept": s["rows"], "scored": s.get("scored_rows"),
          "kept_fraction": s.get("kept_fraction"), "settings": s.get("settings", {})}
-        for s in stages if s["stage"].startswith("filtered")
+        for s in stages if s["stage"].split("/")[0] in SELECTIONS
     ]
     return report
 
 
-_ORDER = {name: i for i, name in enumerate(("prompts", "eval_prompts", "labelled", "base", "samples", "scored", "decisions",
-                                             "filtered", "pairs", "checkpoint", "eval"))}
+def _pipeline() -> dict[str, int]:
+    """Each stage's place in a step: the order of ``TABLES``, with the base model after the inputs and a
+    step's checkpoint before its evaluation (so a table added to the lake finds its place)."""
+    order = list(TABLES)
+    order.insert(order.index("samples"), "base")
+    order.insert(order.index("eval"), "checkpoint")
+    return {name: i for i, name in enumerate(order)}
+
+
+_ORDER = _pipeline()
 
 
 def _sort_key(a: Address) -> tuple:
@@ -158,12 +180,16 @@ def render(report: dict[str, Any]) -> str:
             head += " " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in s["settings"].items())
         if "metrics" in s and s.get("kind") is None:
             head += " " + " ".join(f"{k}={v:.3f}" for k, v in s["metrics"].items())
+        if s.get("fates"):
+            head += " " + " ".join(f"{fate}={n}" for fate, n in s["fates"].items())
+        if s.get("means"):
+            head += " mean " + " ".join(f"{k}={v:.4g}" for k, v in s["means"].items())
         lines.append(head)
         r = s.get("reward")
         if r and r.get("count"):
             lines.append(f"      reward mean={r['mean']:.3f} std={r['std']:.3f} min={r['min']:.3f} max={r['max']:.3f} |{_histogram_line(r)}|")
     if report["kept_by_step"]:
-        lines.append("  kept per Improve step:")
+        lines.append("  kept per step:")
         for k in report["kept_by_step"]:
             lines.append(f"    iteration={k['iteration']} step={k['step']} kept {k['kept']} of {k['scored']} ({k['kept_fraction']:.1%})")
     stages = report["stages"]

@@ -269,3 +269,30 @@ def test_a_run_killed_during_its_updates_resumes_to_the_same_data(tmp_path):
     steps = lambda d, r: [[{k: v for k, v in s.items() if not k.startswith(fast)} for s in row["steps"]]  # noqa: E731
                           for row in summary_of(d, r)["iterations"]]
     assert steps(resumed_dir, "resumed") == steps(reference_dir, "uninterrupted")
+
+
+def test_inspect_reads_a_run_step_by_step(small):
+    """``flywheel inspect`` as a user runs it on a GRPO run: each step's stages in the order the step made
+    them, each sample's fate counted, the kept groups against their scored parent with their advantages,
+    the dropped ones with their reason, and the mean diagnostics of each step's updates."""
+    uri = f"file://{small.workdir / 'lake'}/runs/{small.name}"
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", uri], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    heads = [line.split() for line in proc.stdout.splitlines() if line.startswith(f"  {small.name} iteration=1 ")]
+    stages = [h[2] for h in heads]
+    expected = [f"{t}/step={i}" for i in (1, 2, 3) for t in ("samples", "scored", "decisions", "groups", "updates")]
+    assert stages == [*expected, "checkpoint/step=3", "eval/step=3"], stages
+    for i in (1, 2, 3):
+        fates = dict(f.split("=") for f in heads[stages.index(f"decisions/step={i}")][4:])
+        groups = small.read(1, "groups", i)
+        assert int(fates["kept"]) == groups.height and sum(map(int, fates.values())) == 16 * 4, fates
+        assert heads[stages.index(f"groups/step={i}")][4].startswith("kept=")
+        means = heads[stages.index(f"updates/step={i}")]
+        assert means[4] == "mean" and float(dict(m.split("=") for m in means[5:])["kl"]) >= 0, means
+    assert proc.stdout.count("\n    iteration=") == 6  # kept per step, two iterations of three
+    kept, dropped = proc.stdout.split("  kept rows of groups/step=3 (iteration=2):\n")[1].split("  dropped rows (best first):\n")
+    last = small.read(2, "groups", 3).height
+    assert kept.count("'advantage': ") == min(5, last) and dropped.count("'reason': ") == min(5, 16 * 4 - last) > 0
+    # The console's Grow and Score lines say which step they belong to, as the filter's do.
+    assert re.search(r"^grow g=2 step 3 shard 1/1: 16 prompts -> 64 samples", small.out, re.M), small.out
+    assert re.search(r"^score g=2 step 3: committed 64 rows", small.out, re.M)
