@@ -140,7 +140,10 @@ def render(frame: pl.DataFrame, fmt: str) -> bytes:
     """The result as a printed table, JSON rows, CSV or Parquet bytes."""
     if fmt == "json":
         return (json.dumps(frame.to_dicts(), default=str) + "\n").encode()
-    if fmt == "csv":
+    if fmt == "csv":  # CSV holds no nested values: a list or struct column (GRPO's per-token log-probs) is its JSON text
+        nested = [c for c, dtype in frame.schema.items() if dtype.is_nested()]
+        frame = frame.with_columns(pl.Series(c, [None if v is None else json.dumps(v) for v in frame[c].to_list()], dtype=pl.String)
+                                   for c in nested)  # fmt: skip
         return frame.write_csv().encode()
     if fmt == "parquet":
         buf = io.BytesIO()

@@ -83,6 +83,18 @@ def test_stage_tables_span_iterations_with_their_partition_columns(lake):
     assert got.select("run", "iteration").rows() == [("q", 1), ("q", 2), ("q2", 1)]
 
 
+def test_csv_writes_a_list_column_as_its_json_text(lake):
+    """CSV has no nested values; a list column (GRPO's per-token log-probs, an ARRAY_AGG) is written as JSON, not a traceback."""
+    proc = cli("sql", "SELECT run, iteration, ARRAY_AGG(sample_idx) AS idx FROM scored GROUP BY run, iteration ORDER BY run, iteration",
+               "--lake", f"file://{lake}", "--format", "csv")
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    got = pl.read_csv(proc.stdout.encode())
+    assert got.select("run", "iteration").rows() == [("q", 1), ("q", 2), ("q2", 1)]
+    for row in got.iter_rows(named=True):
+        scored = read_stage(lake, row["run"], f"iteration={row['iteration']}/scored")
+        assert sorted(json.loads(row["idx"])) == sorted(scored["sample_idx"].to_list())
+
+
 def test_each_table_prefix_holds_only_its_parquet(lake):
     for table in TABLES:
         files = [p for p in (lake / table).rglob("*") if p.is_file()]
