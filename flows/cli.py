@@ -126,9 +126,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from flows.sql import check_out, open_lake, query, render, write
+    from flows.sql import QueryError, check_out, open_lake, query, render, write
 
     out = check_out(args.out) if args.out else None
+    if args.format == "parquet" and out is None and sys.stdout.isatty():
+        raise QueryError("--format parquet is binary and stdout is a terminal; give --out FILE.parquet or redirect the output to a file.")
     write(render(query(open_lake(args.lake), args.query), args.format), out)
     return 0
 

@@ -207,3 +207,33 @@ def test_a_good_query_on_the_same_lake_answers(base):
                            "--format", "json"], cwd=base, env=_env(base, {}), capture_output=True, text=True, timeout=CASE_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == [{"run": "bad", "n": 3}, {"run": "r", "n": 3}]
+
+
+def test_parquet_to_a_terminal_is_refused_and_to_a_pipe_is_written(base):
+    """``--format parquet`` without ``--out`` would print binary on a terminal: one sentence instead; piped, it is the file."""
+    import pty
+
+    lake = f"file://{base / 'work' / 'lake'}"
+    argv = [FLYWHEEL, "sql", "SELECT run FROM prompts", "--lake", lake, "--format", "parquet"]
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(argv, cwd=base, env=_env(base, {}), stdout=follower, stderr=subprocess.PIPE, text=True,
+                              timeout=CASE_TIMEOUT_S)
+        os.close(follower)
+        shown = b""
+        while True:  # what reached the terminal (EIO once the follower is closed and drained)
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--out" in lines[0] and lines[0].startswith("flywheel: "), proc.stderr
+    assert b"PAR1" not in shown
+    piped = subprocess.run(argv, cwd=base, env=_env(base, {}), capture_output=True, timeout=CASE_TIMEOUT_S)
+    assert piped.returncode == 0, piped.stderr
+    assert pl.read_parquet(piped.stdout)["run"].sort().to_list() == ["bad"] * 3 + ["r"] * 3
