@@ -66,6 +66,13 @@ def test_two_algorithms_and_bad_schedules(tmp_path):
     rest = load_recipe(_recipe_file(tmp_path))
     dpo = rest.model_copy(update={"name": "served-dpo", "algorithm": "iterative_dpo"})
     assert [d.flow_name for d in build_deployments([rest, dpo])] == ["rest", "iterative-dpo"]
+    # What `flywheel serve` deploys given no files: every shipped recipe, each on its algorithm's flow.
+    from flows.serve import default_recipe_files
+
+    shipped = build_deployments([load_recipe(f) for f in default_recipe_files(Path(__file__).resolve().parents[1] / "recipes")])
+    assert {d.name: d.flow_name for d in shipped} == {
+        "arithmetic-rest": "rest", "wordmath-rest": "rest", "arithmetic-dpo": "iterative-dpo", "arithmetic-grpo": "grpo",
+        "wordmath-grpo": "grpo"}  # fmt: skip
     with pytest.raises(RecipeError, match="unique"):
         build_deployments([rest, rest])
     bad = load_recipe(_recipe_file(tmp_path), ["orchestration.schedule=every day"])
