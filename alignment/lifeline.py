@@ -11,12 +11,20 @@ and exits within a second of it going.
 ``python -m alignment.lifeline -m MODULE ARGS...`` runs ``python -m MODULE ARGS...`` that way, silently; a
 program of our own calls ``follow_launcher()`` first, which leaves one line in its log. ``descendants()``
 lets a stopping run find what it started that follows nothing (a local Ray cluster's agents).
+
+What follows nothing also outlives a run killed outright: a local Ray cluster's own processes die with the
+run, but its dashboard and runtime-env agents, their children, are left to init. ``start_reaper()`` starts
+a small process (``python -m alignment.lifeline --reap``) that notes what runs below the run every half
+second and, once the run is gone, kills what of it still runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -99,9 +107,42 @@ def follow_launcher(every: float = 1.0, *, say: bool = True) -> None:
     threading.Thread(target=watch, name="follow-launcher", daemon=True).start()
 
 
+def reap(launcher: str, every: float = 0.5) -> list[int]:
+    """Until the process ``launcher`` names is gone, note every process below it (this one aside); then kill
+    those that still run, each checked by its start time so a process that reused a number is left alone.
+    Returns the processes killed."""
+    root, me = int(launcher.split(":", 1)[0]), os.getpid()
+    seen: dict[int, str] = {}
+    while not gone(launcher):
+        seen.update((pid, identity(pid)) for pid in descendants(root) if pid != me)
+        time.sleep(every)
+    killed = []
+    for pid, who in seen.items():
+        if running(pid) and identity(pid) == who:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
+def start_reaper() -> subprocess.Popen:
+    """A process that kills what this one started and left running once this one is gone, SIGKILL included
+    (``reap``). It runs in a session of its own, so a Ctrl-C in the terminal leaves it to the run's orderly stop."""
+    reaper = subprocess.Popen([sys.executable, "-m", "alignment.lifeline", "--reap"], env=launched_env(), start_new_session=True,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _REAPERS.append(reaper)  # held for the life of this process, which it outlives
+    return reaper
+
+
+_REAPERS: list[subprocess.Popen] = []
+
+
 def main(argv: list[str]) -> None:
+    if argv == ["--reap"] and os.environ.get(LAUNCHER_ENV):
+        reap(os.environ[LAUNCHER_ENV])
+        return
     if len(argv) < 2 or argv[0] != "-m":
-        sys.exit("usage: python -m alignment.lifeline -m MODULE [ARGS...]")
+        sys.exit("usage: python -m alignment.lifeline -m MODULE [ARGS...] | --reap")
     follow_launcher(say=False)  # its output is the run's console: the run has said how it ended
     sys.argv = [argv[1], *argv[2:]]
     runpy.run_module(argv[1], run_name="__main__", alter_sys=True)

@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from alignment.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # a mistake in the recipe is reported before anything heavy loads
-    from flows.run import run_recipe
+    from flows.run import run_recipe, starts_local_ray
     from tasks.lake import check_name
     from tasks.lake import default_run_name
     from tasks.tracking.probe import check_tracking
@@ -73,6 +73,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.console import RunConsole, where_lines
 
     console = RunConsole(log_path, args.verbose).open()
+    if args.process_exits and starts_local_ray(recipe):
+        from alignment import lifeline
+
+        lifeline.start_reaper()  # the local cluster's agents would outlive a run killed outright (SIGKILL)
     try:
         summary = run_recipe(recipe, name)
     except Exception as exc:

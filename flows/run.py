@@ -203,6 +203,12 @@ def _stop_local_ray() -> None:
         ray.shutdown()
 
 
+def starts_local_ray(recipe: Recipe) -> bool:
+    """Whether the run starts a Ray cluster of its own: ``runner: ray`` with no address, here or in ``RAY_ADDRESS``."""
+    orch = recipe.orchestration
+    return orch.runner == "ray" and not orch.ray_address and not os.environ.get("RAY_ADDRESS")
+
+
 def flow_for(recipe: Recipe):
     """The recipe's flow (``rest``, ``iterative_dpo`` or ``grpo``) with the recipe's task runner."""
     if recipe.algorithm == "rest":

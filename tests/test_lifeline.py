@@ -91,3 +91,42 @@ def test_descendants_are_found_to_any_depth():
                 os.kill(pid, signal.SIGKILL)
             child.wait()
     assert not lifeline.running(child.pid)
+
+
+# A stand-in run with a local Ray cluster: it starts a reaper, then a helper (raylet) whose child (an agent)
+# ignores SIGTERM and follows nothing; it says the reaper's, the helper's and the agent's pids, and waits.
+RAY_LIKE = """
+import subprocess, sys, time
+from alignment import lifeline
+reaper = lifeline.start_reaper()
+agent = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+helper = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {agent!r}]); print(p.pid, flush=True); time.sleep(600)"],
+                          stdout=subprocess.PIPE, text=True)
+print(reaper.pid, helper.pid, helper.stdout.readline().strip(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_reaper_kills_what_a_killed_run_left_behind():
+    """A run killed outright: its helper dies with it (Ray's raylet does, by the kernel), and the helper's own child,
+    left to init, is killed by the reaper within a second or two; the reaper then ends."""
+    run = subprocess.Popen([sys.executable, "-c", RAY_LIKE], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    pids: list[int] = []
+    try:
+        pids = [int(p) for p in run.stdout.readline().split()]
+        reaper, helper, agent = pids
+        time.sleep(1.5)  # the reaper has seen them
+        assert all(map(lifeline.running, pids))
+        os.kill(run.pid, signal.SIGKILL)
+        os.kill(helper, signal.SIGKILL)  # what the kernel does to Ray's own processes when the run goes
+        run.wait()
+        deadline = time.monotonic() + 10
+        while (lifeline.running(agent) or lifeline.running(reaper)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not lifeline.running(agent) and not lifeline.running(reaper)
+    finally:
+        run.kill()
+        run.wait()
+        for pid in filter(lifeline.running, pids):  # a failed test leaves nothing behind either
+            os.kill(pid, signal.SIGKILL)

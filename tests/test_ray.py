@@ -203,6 +203,45 @@ def test_a_stopped_run_stops_the_ray_cluster_it_started(tmp_path):
     assert not _alive(ray), _alive(ray)
 
 
+@pytest.mark.slow
+def test_a_killed_run_leaves_no_ray_process(tmp_path):
+    """SIGKILL leaves a run no time to stop its local Ray cluster: Ray's own processes die with it, and the reaper
+    the run started kills the dashboard and runtime-env agents they leave (alone, they linger about a minute)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("prefect_ray", reason="prefect-ray is not installed: pip install -e '.[ray]'")
+    from tests.flywheel_helpers import FAST, RECIPE, ROOT
+
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(RECIPE), "--run-name", "killed",
+           *[a for s in [*FAST, "orchestration.runner=ray"] for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    ray: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and not any("RuntimeEnvAgent" in c for c in ray.values()):
+            ray = _ray_below(proc.pid)
+            time.sleep(0.5)
+        time.sleep(2)
+        ray = _ray_below(proc.pid)
+        assert any("DashboardAgent" in c for c in ray.values()) and any("RuntimeEnvAgent" in c for c in ray.values()), ray
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(ray):
+            time.sleep(0.2)
+        assert not _alive(ray), _alive(ray)
+    finally:
+        for pid in _alive(ray):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _alive(procs: dict[int, str]) -> dict[int, str]:
     from alignment import lifeline
 
