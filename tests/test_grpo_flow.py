@@ -296,3 +296,4 @@ def test_inspect_reads_a_run_step_by_step(small):
     # The console's Grow and Score lines say which step they belong to, as the filter's do.
     assert re.search(r"^grow g=2 step 3 shard 1/1: 16 prompts -> 64 samples", small.out, re.M), small.out
     assert re.search(r"^score g=2 step 3: committed 64 rows", small.out, re.M)
+    assert "prompts_per_step" not in small.out  # 16 prompts a step of 60: no note that a step samples them all
