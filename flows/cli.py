@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -135,7 +136,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
     out = check_out(args.out) if args.out else None
     if args.format == "parquet" and out is None and sys.stdout.isatty():
         raise QueryError("--format parquet is binary and stdout is a terminal; give --out FILE.parquet or redirect the output to a file.")
-    write(render(query(open_lake(args.lake), args.query), args.format), out)
+    width = shutil.get_terminal_size().columns if out is None and sys.stdout.isatty() else None
+    write(render(query(open_lake(args.lake), args.query), args.format, width), out)
     return 0
 
 

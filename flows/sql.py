@@ -136,8 +136,9 @@ def query(lake: Lake, sql: str) -> pl.DataFrame:
         ) from None
 
 
-def render(frame: pl.DataFrame, fmt: str) -> bytes:
-    """The result as a printed table, JSON rows, CSV or Parquet bytes."""
+def render(frame: pl.DataFrame, fmt: str, width: int | None = None) -> bytes:
+    """The result as a printed table, JSON rows, CSV or Parquet bytes. The table fits ``width`` characters
+    (a terminal's), wrapping its cells; without one (a pipe, a file) each row is one line."""
     if fmt == "json":
         return (json.dumps(frame.to_dicts(), default=str) + "\n").encode()
     if fmt == "csv":  # CSV holds no nested values: a list or struct column (GRPO's per-token log-probs) is its JSON text
@@ -149,7 +150,7 @@ def render(frame: pl.DataFrame, fmt: str) -> bytes:
         buf = io.BytesIO()
         frame.write_parquet(buf)
         return buf.getvalue()
-    with pl.Config(tbl_rows=200, tbl_cols=30, fmt_str_lengths=60, tbl_hide_dataframe_shape=True):
+    with pl.Config(tbl_rows=200, tbl_cols=30, fmt_str_lengths=60, tbl_hide_dataframe_shape=True, tbl_width_chars=width or 65_535):
         return (str(frame) + "\n").encode()
 
 

@@ -7,6 +7,7 @@ iterations with the same numbers as polars; a bad query is one sentence.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -93,6 +94,38 @@ def test_csv_writes_a_list_column_as_its_json_text(lake):
     for row in got.iter_rows(named=True):
         scored = read_stage(lake, row["run"], f"iteration={row['iteration']}/scored")
         assert sorted(json.loads(row["idx"])) == sorted(scored["sample_idx"].to_list())
+
+
+def test_the_table_is_one_line_a_row_in_a_pipe_and_fits_a_terminal(lake):
+    """Piped or written to a file, the printed table keeps each row and column name on one line (for ``less -S``,
+    ``grep``); on a terminal it fits the terminal's width."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    query = ("sql", "SELECT * FROM scored WHERE run = 'q' AND iteration = 1 LIMIT 3", "--lake", f"file://{lake}")
+    proc = cli(*query)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    columns = [*read_stage(lake, "q", "iteration=1/scored").columns, "run", "iteration", "step"]
+    assert [c.strip() for c in lines[1].strip("│").split("┆")] == columns, lines[1]
+    assert len([line for line in lines if line.startswith("│ ") and "┆ q " in line]) == 3, proc.stdout
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        on_tty = subprocess.run([sys.executable, "-m", "flows.cli", *query], stdout=follower, stderr=subprocess.PIPE, timeout=120,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)} | {"COLUMNS": ""})
+        os.close(follower)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once the closed follower is drained
+            while chunk := os.read(leader, 65536):
+                shown += chunk
+    finally:
+        os.close(leader)
+    assert on_tty.returncode == 0, on_tty.stderr
+    table = shown.decode().splitlines()
+    assert len(table) > 8 and max(map(len, table)) <= 80, shown.decode()
 
 
 def test_each_table_prefix_holds_only_its_parquet(lake):
