@@ -33,7 +33,7 @@ _KEYS = r"(?:/iteration=(?P<iteration>\d+)(?:/(?P<model>{models}))?(?:/step=(?P<
 _SELECTIONS = [
     re.compile(r"(?P<root>.+?)/runs/(?P<run>[^/]+)" + _KEYS.format(models="(?!)")),
     re.compile(rf"(?P<root>.+)/(?P<table>{'|'.join(TABLES)})(?:/run=(?P<run>[^/]+)" + _KEYS.format(models="(?!)") + ")?/?"),
-    re.compile(r"(?P<root>.+?)/models/(?P<run>[^/]+)" + _KEYS.format(models="|".join(MODELS))),
+    re.compile(r"(?P<root>.+?)/(?P<models>models)/(?P<run>[^/]+)" + _KEYS.format(models="|".join(MODELS))),
 ]
 
 
@@ -52,6 +52,8 @@ def _selected(a: Address, selection: dict[str, Any]) -> bool:
     if "table" in selection and a.stage != selection["table"]:
         return False
     if "model" in selection and a.stage != selection["model"]:
+        return False
+    if "models" in selection and a.is_table:  # {lake}/models/RUN names the run's checkpoints, not its tables
         return False
     return all(getattr(a, k) == selection[k] for k in ("run", "iteration", "step") if k in selection)
 
@@ -121,7 +123,7 @@ def inspect_uri(uri: str, *, limit: int = 5) -> dict[str, Any]:
     uri = normalize_uri(uri).rstrip("/")
     lake, selection = select(uri)
     run = selection.get("run")
-    found = lake.committed(run) if "model" not in selection else []
+    found = lake.committed(run) if "models" not in selection else []
     if "table" not in selection:  # the run's checkpoints too
         models = f"{lake.uri}/models" + (f"/{run}" if run else "")
         found += [a for u in lake.store.list(models) if u.endswith("/" + MANIFEST) and (a := lake.address(u[: -len(MANIFEST) - 1]))]

@@ -297,3 +297,10 @@ def test_inspect_reads_a_run_step_by_step(small):
     assert re.search(r"^grow g=2 step 3 shard 1/1: 16 prompts -> 64 samples", small.out, re.M), small.out
     assert re.search(r"^score g=2 step 3: committed 64 rows", small.out, re.M)
     assert "prompts_per_step" not in small.out  # 16 prompts a step of 60: no note that a step samples them all
+    # The run's models, and nothing else, under {lake}/models/RUN: the one model each iteration keeps.
+    models = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", f"file://{small.workdir / 'lake'}/models/{small.name}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert models.returncode == 0, models.stderr
+    assert [line.split()[1:3] for line in models.stdout.splitlines()[1:]] == [
+        ["iteration=0", "base"], ["iteration=0", "checkpoint/step=0"], ["iteration=1", "checkpoint/step=3"],
+        ["iteration=2", "checkpoint/step=3"]], models.stdout  # fmt: skip
