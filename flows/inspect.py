@@ -176,6 +176,7 @@ def render(report: dict[str, Any]) -> str:
         head = f"  {where:<14} {s['stage']:<22} rows={s['rows']:<7}"
         if s.get("kind"):
             head += f" {s['kind']} ({s['files']} files)"
+            head += "".join(f" {k}={v:.4g}" for k, v in (s.get("metrics") or {}).items() if isinstance(v, int | float))  # its training
         if "kept_fraction" in s:
             head += f" kept={s['kept_fraction']:.1%} of {s['scored_rows']}"
         if s["stage"].startswith(("filtered", "pairs")) and s.get("settings"):  # the rule that chose these rows

@@ -304,3 +304,4 @@ def test_inspect_reads_a_run_step_by_step(small):
     assert [line.split()[1:3] for line in models.stdout.splitlines()[1:]] == [
         ["iteration=0", "base"], ["iteration=0", "checkpoint/step=0"], ["iteration=1", "checkpoint/step=3"],
         ["iteration=2", "checkpoint/step=3"]], models.stdout  # fmt: skip
+    assert all(" world_size=1 " in line for line in models.stdout.splitlines() if "checkpoint (" in line)  # how each trained
