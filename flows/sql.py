@@ -150,8 +150,26 @@ def render(frame: pl.DataFrame, fmt: str, width: int | None = None) -> bytes:
         buf = io.BytesIO()
         frame.write_parquet(buf)
         return buf.getvalue()
-    with pl.Config(tbl_rows=200, tbl_cols=30, fmt_str_lengths=60, tbl_hide_dataframe_shape=True, tbl_width_chars=width or 65_535):
-        return (str(frame) + "\n").encode()
+    return (_table(frame, width) + "\n").encode()
+
+
+def _table(frame: pl.DataFrame, width: int | None) -> str:
+    """``frame`` as a printed table. Within ``width`` it shows as many whole columns as fit, the first and the
+    last with ``…`` between (as DuckDB's shell does), rather than wrapping every cell to a few characters."""
+    settings = {"tbl_rows": 200, "fmt_str_lengths": 60, "tbl_hide_dataframe_shape": True}
+    with pl.Config(**settings, tbl_cols=-1, tbl_width_chars=65_535):
+        table = str(frame)
+    if width is None or max(map(len, table.splitlines()), default=0) <= width or frame.width < 3:
+        return table
+    # Each column's printed width, read off the top border ┌───┬────┐ of the unwrapped table.
+    sizes = [len(part) + 1 for part in table.splitlines()[0][1:-1].split("┬")]
+    n, shown = len(sizes), 2
+    for k in range(n - 1, 1, -1):  # the first ceil(k/2) and the last floor(k/2) columns, and the … column
+        if sum(sizes[: (k + 1) // 2]) + sum(sizes[n - k // 2 :]) + 5 <= width:
+            shown = k
+            break
+    with pl.Config(**settings, tbl_cols=shown, tbl_width_chars=width):
+        return str(frame)
 
 
 def runs(lake: Lake) -> list[dict[str, Any]]:

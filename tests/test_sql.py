@@ -98,7 +98,8 @@ def test_csv_writes_a_list_column_as_its_json_text(lake):
 
 def test_the_table_is_one_line_a_row_in_a_pipe_and_fits_a_terminal(lake):
     """Piped or written to a file, the printed table keeps each row and column name on one line (for ``less -S``,
-    ``grep``); on a terminal it fits the terminal's width."""
+    ``grep``); on a terminal it fits the terminal's width with whole columns, the first and the last, and ``…``
+    for those between."""
     import fcntl
     import pty
     import struct
@@ -125,7 +126,10 @@ def test_the_table_is_one_line_a_row_in_a_pipe_and_fits_a_terminal(lake):
         os.close(leader)
     assert on_tty.returncode == 0, on_tty.stderr
     table = shown.decode().splitlines()
-    assert len(table) > 8 and max(map(len, table)) <= 80, shown.decode()
+    assert len(table) == 9 and max(map(len, table)) <= 80, shown.decode()  # borders, names, types, 3 rows
+    names = [c.strip() for c in table[1].strip("│").split("┆")]
+    k = names.index("…")
+    assert 4 <= len(names) - 1 < len(columns) and names[:k] + names[k + 1 :] == columns[:k] + columns[k - len(names) + 1 :], names
 
 
 def test_each_table_prefix_holds_only_its_parquet(lake):
