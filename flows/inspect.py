@@ -113,7 +113,8 @@ def inspect_stage(lake: Lake, stage_uri: str, limit: int) -> dict[str, Any]:
         dropped = scored.join(frame.select("prompt_id", "sample_idx"), on=["prompt_id", "sample_idx"], how="anti")
         decisions = lake.stage_uri(a.run, a.iteration, "decisions", a.step)
         if lake.is_done(decisions):  # why each was dropped
-            dropped = dropped.join(lake.read(decisions).select("prompt_id", "sample_idx", "reason"), on=["prompt_id", "sample_idx"], how="left")
+            reasons = lake.read(decisions).select("prompt_id", "sample_idx", "reason")
+            dropped = dropped.join(reasons, on=["prompt_id", "sample_idx"], how="left")
         out["dropped_rows"] = _rows(dropped.sort("reward", descending=True), limit)
     return out
 

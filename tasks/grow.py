@@ -71,7 +71,8 @@ def sample_shard(ref: RunRef, model_uri: str, iteration: int, shard: int, shards
         schema=SAMPLE_SCHEMA,
     )
     device = f" on GPU {os.environ['CUDA_VISIBLE_DEVICES']}" if os.environ.get("CUDA_VISIBLE_DEVICES") else ""
-    log().info("grow %s shard %d/%d%s: %d prompts -> %d samples", where(iteration, step), shard + 1, shards, device, part.height, frame.height)
+    log().info("grow %s shard %d/%d%s: %d prompts -> %d samples", where(iteration, step), shard + 1, shards, device, part.height,
+               frame.height)
     return lake.write_part(uri, shard, frame)
 
 

@@ -48,7 +48,8 @@ def score_part(ref: RunRef, samples_uri: str, iteration: int, part: str, shard: 
         log().info("score %s part %s: %d labelled demonstrations, not scored (no reference)", where(iteration, step), part, scored.height)
     else:
         also = f" ({unjudged} labelled demonstrations not scored)" if unjudged else ""
-        log().info("score %s part %s: %d rows, mean reward %s%s", where(iteration, step), part, judged_rows, figure(scored["reward"].mean()), also)
+        log().info("score %s part %s: %d rows, mean reward %s%s", where(iteration, step), part, judged_rows,
+                   figure(scored["reward"].mean()), also)
     return lake.write_part(uri, shard, scored)
 
 

@@ -100,8 +100,8 @@ import subprocess, sys, time
 from alignment import lifeline
 reaper = lifeline.start_reaper()
 agent = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
-helper = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {agent!r}]); print(p.pid, flush=True); time.sleep(600)"],
-                          stdout=subprocess.PIPE, text=True)
+raylet = f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {agent!r}]); print(p.pid, flush=True); time.sleep(600)"
+helper = subprocess.Popen([sys.executable, "-c", raylet], stdout=subprocess.PIPE, text=True)
 print(reaper.pid, helper.pid, helper.stdout.readline().strip(), flush=True)
 time.sleep(600)
 """
