@@ -58,7 +58,7 @@ def commit_scored(ref: RunRef, samples_uri: str, iteration: int, parts: list[dic
     """Verify the parts and commit the ``scored`` stage (a plain call, as ``tasks.grow.commit_samples`` is)."""
     lake, uri = ref.open_lake(), ref.stage_uri(iteration, "scored", step)
     manifest = lake.commit(uri, sorted(parts, key=lambda p: p["name"]), config={"reward": ref.recipe.reward}, parents=[samples_uri])
-    log().info("score %s: committed %d rows in %d parts", where(iteration, step), manifest.rows, len(parts))
+    log().info("score %s: committed %d rows in %d part%s", where(iteration, step), manifest.rows, len(parts), "" if len(parts) == 1 else "s")
     return manifest.uri
 
 

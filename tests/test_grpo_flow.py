@@ -295,7 +295,7 @@ def test_inspect_reads_a_run_step_by_step(small):
     assert kept.count("'advantage': ") == min(5, last) and dropped.count("'reason': ") == min(5, 16 * 4 - last) > 0
     # The console's Grow and Score lines say which step they belong to, as the filter's do.
     assert re.search(r"^grow g=2 step 3 shard 1/1: 16 prompts -> 64 samples", small.out, re.M), small.out
-    assert re.search(r"^score g=2 step 3: committed 64 rows", small.out, re.M)
+    assert re.search(r"^score g=2 step 3: committed 64 rows in 1 part · ", small.out, re.M)
     assert "prompts_per_step" not in small.out  # 16 prompts a step of 60: no note that a step samples them all
     # The run's models, and nothing else, under {lake}/models/RUN: the one model each iteration keeps.
     models = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", f"file://{small.workdir / 'lake'}/models/{small.name}"],
