@@ -216,6 +216,11 @@ def test_inspect_shows_each_filter_step_with_the_threshold_it_used(fast_run):
     lines = [line for line in proc.stdout.splitlines() if "filtered/step=1" in line and "kept=" in line]
     assert [f"tau={row['tau']:.3f}" in line for row, line in zip(fast_run.summary["iterations"], lines, strict=True)] == [True] * len(lines)
     assert len(lines) == len(fast_run.summary["iterations"]) > 0
+    # Each sample's fate, counted, and the dropped rows shown with the reason the filter gave.
+    fates = [line for line in proc.stdout.splitlines() if "decisions/step=1" in line]
+    assert len(fates) == len(lines) and all(" kept=" in line and "below_threshold=" in line for line in fates), fates
+    dropped = proc.stdout.split("  dropped rows (best first):\n")[1].splitlines()
+    assert dropped and all("'reason': '" in row for row in dropped), dropped
 
 
 def test_rows_carry_the_design_columns(fast_run):
