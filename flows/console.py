@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 OUR_CODE = tuple(str(ROOT / d) + os.sep for d in ("alignment", "tasks", "flows"))
 
 
+LINE_CHARS = 200  # the longest console line a stage prints
+
+
 class StageLines(logging.Handler):
     """Prints the flow's and tasks' own INFO and WARNING lines (not Prefect's engine lines) as one console line each.
 
@@ -39,13 +42,14 @@ class StageLines(logging.Handler):
             took, message = self._took(), record.getMessage()
             if stage != "flow" and message[:4].lower() != stage[:4]:  # "filter · filter g=1 ..." says it twice
                 message = f"{stage} · {message}"
+            head, tail = message, ""
             if record.levelno >= logging.WARNING:
-                line = f"{record.levelname.lower()}: {message}"
-            elif took is None:
-                line = message
-            else:  # seconds to 4 significant digits at most: 0.1 s, 12.3 s, 1234 s
-                line = f"{message} · {took:.1f} s" if took < 100 else f"{message} · {took:.0f} s"
-            _write(self.stream or sys.stdout, line[:200])  # not print(): in a run, Prefect's log_prints sends it back here
+                head = f"{record.levelname.lower()}: {message}"
+            elif took is not None:  # seconds to 4 significant digits at most: 0.1 s, 12.3 s, 1234 s
+                tail = f" · {took:.1f} s" if took < 100 else f" · {took:.0f} s"
+            if len(head) + len(tail) > LINE_CHARS:  # a long message is cut, not the time it took
+                head = head[: LINE_CHARS - len(tail) - 1] + "…"
+            _write(self.stream or sys.stdout, head + tail)  # not print(): in a run, Prefect's log_prints sends it back here
         except Exception:
             self.handleError(record)
 

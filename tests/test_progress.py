@@ -91,3 +91,19 @@ def test_without_a_bar_a_console_line_is_plain():
     terminal = io.StringIO()
     _write(terminal, "grow g=1 · 0.1 s")
     assert terminal.getvalue() == "grow g=1 · 0.1 s\n"
+
+
+def test_a_long_stage_line_is_cut_in_its_message_and_keeps_its_time():
+    import logging
+    import re
+
+    from flows.console import LINE_CHARS, ROOT, StageLines
+
+    terminal = io.StringIO()
+    lines = StageLines(terminal)
+    where = str(ROOT / "tasks" / "report" / "artifacts.py")  # a line flywheel's own code logs
+    for text in ("published artifacts " + "a-long-run-name-" * 20, "short"):
+        lines.emit(logging.LogRecord("flywheel", logging.INFO, where, 1, text, None, None))
+    long, short = terminal.getvalue().splitlines()
+    assert len(long) == LINE_CHARS and re.search(r"…(?= · \d+\.\d s$)", long), long
+    assert re.fullmatch(r"short · \d+\.\d s", short), short

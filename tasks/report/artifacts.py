@@ -62,7 +62,8 @@ def publish_iteration(ref: RunRef, iteration: int, scored_uri: str, kept_uri: st
     create_markdown_artifact(markdown=samples_markdown(scored, kept, lake.address(kept_uri).label), key=keys["samples"],
                              description=f"Selection and dropped rows of iteration {iteration}.")
     log_plots(ref, iteration)
-    log().info("published artifacts %s and plots for iteration %d", ", ".join(keys.values()), iteration)
+    prefix = artifact_key(ref.run, iteration, "")  # the run's and iteration's part of each key
+    log().info("published artifacts %s-{%s} and plots for iteration %d", prefix, ",".join(keys), iteration)
     return keys
 
 
