@@ -148,11 +148,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'run':40} {'status':10} {'algorithm':13} {'iter':>4}  {'champion':28} {'reward':>7}  started")
+    def figure(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    wide = max([len(r["run"]) for r in rows] + [30])  # a long run name does not push the columns out of line
+    print(f"{'run':{wide}} {'status':10} {'algorithm':13} {'iter':>4} {'best':>6}  {'champion (at its end)':28} {'reward':>7}  started")
     for r in rows:
-        reward = "-" if r["champion_reward"] is None else f"{r['champion_reward']:.3f}"
-        print(f"{r['run']:40} {r['status']:10} {r['algorithm'] or '-':13} {r['iterations']:>4}  "
-              f"{r['champion'] or '-':28} {reward:>7}  {r['started'] or '-'}")
+        print(f"{r['run']:{wide}} {r['status']:10} {r['algorithm'] or '-':13} {r['iterations']:>4} {figure(r['best_reward']):>6}  "
+              f"{r['champion'] or '-':28} {figure(r['champion_reward']):>7}  {r['started'] or '-'}")
     return 0
 
 

@@ -173,7 +173,8 @@ def _table(frame: pl.DataFrame, width: int | None) -> str:
 
 
 def runs(lake: Lake) -> list[dict[str, Any]]:
-    """The runs in the lake: status (running / finished / unfinished), iterations, champion, start time."""
+    """The runs in the lake: status (running / finished / unfinished), iterations, the run's best held-out reward
+    (its baseline's or an iteration's), the model's champion when the run ended, start time."""
     root = f"{lake.uri}/runs/"
     names = sorted({u[len(root) :].split("/", 1)[0] for u in lake.store.list(root.rstrip("/")) if u.endswith(("/" + RUN_FILE, "/_manifest.json"))})
     rows = []
@@ -188,6 +189,8 @@ def runs(lake: Lake) -> list[dict[str, Any]]:
         rows.append({
             "run": run, "status": status, "algorithm": summary.get("algorithm"),
             "iterations": max((r.get("iteration", 0) for r in summary.get("iterations", [])), default=0),
+            "best_reward": max((r["eval_reward"] for r in [summary.get("baseline") or {}, *summary.get("iterations", [])]
+                                if r.get("eval_reward") is not None), default=None),
             "champion": f"{champion['model_name']} v{champion['version']}" if champion else None,
             "champion_reward": champion.get("eval_reward"), "started": identity.get("created_at"),
         })  # fmt: skip

@@ -181,7 +181,12 @@ def test_runs_lists_status_iterations_and_champion(lake):
     summary = json.loads((lake / "runs" / "q" / "summary.json").read_text())
     assert run["run"] == "q" and run["status"] == "finished" and run["iterations"] == 2
     assert run["champion"] == f"{summary['champion']['model_name']} v{summary['champion']['version']}"
+    assert run["best_reward"] == max(r["eval_reward"] for r in [summary["baseline"], *summary["iterations"]])
     assert run["started"]
+    # As a table: one row a run, in line, with the run's best held-out reward beside the champion's.
+    table = cli("runs", "--lake", f"file://{lake}").stdout.splitlines()
+    assert [line.split()[0] for line in table] == ["run", "q", "q2"] and len({line.index(" finished ") for line in table[1:]}) == 1
+    assert table[1].split()[4] == f"{run['best_reward']:.3f}", table
 
 
 def test_a_bad_query_is_one_sentence(lake):
