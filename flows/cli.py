@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=["table", "json", "csv", "parquet"], default="table", help="Output format.")
     p.add_argument("--out", default=None, help="Write the result to this file instead of stdout.")
     p.set_defaults(func=cmd_sql)
-    p = sub.add_parser("runs", help="List the runs in a lake: status, iterations, champion, start time.")
+    p = sub.add_parser("runs", help="List the runs in a lake: status, iterations, best held-out reward, champion, start time.")
     lake_option(p)
     p.add_argument("--json", action="store_true", help="Print JSON for scripts.")
     p.set_defaults(func=cmd_runs)
