@@ -137,8 +137,8 @@ def query(lake: Lake, sql: str) -> pl.DataFrame:
 
 
 def render(frame: pl.DataFrame, fmt: str, width: int | None = None) -> bytes:
-    """The result as a printed table, JSON rows, CSV or Parquet bytes. The table fits ``width`` characters
-    (a terminal's), wrapping its cells; without one (a pipe, a file) each row is one line."""
+    """The result as a printed table, JSON rows, CSV or Parquet bytes. The table fits ``width`` characters (a
+    terminal's) with the whole columns that fit (``_table``); without one (a pipe, a file) each row is one line."""
     if fmt == "json":
         return (json.dumps(frame.to_dicts(), default=str) + "\n").encode()
     if fmt == "csv":  # CSV holds no nested values: a list or struct column (GRPO's per-token log-probs) is its JSON text
