@@ -134,10 +134,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
     from flows.sql import QueryError, check_out, open_lake, query, render, write
 
     out = check_out(args.out) if args.out else None
-    if args.format == "parquet" and out is None and sys.stdout.isatty():
+    terminal = out is None and sys.stdout.isatty()
+    if args.format == "parquet" and terminal:
         raise QueryError("--format parquet is binary and stdout is a terminal; give --out FILE.parquet or redirect the output to a file.")
-    width = shutil.get_terminal_size().columns if out is None and sys.stdout.isatty() else None
-    write(render(query(open_lake(args.lake), args.query), args.format, width), out)
+    write(render(query(open_lake(args.lake), args.query), args.format, shutil.get_terminal_size().columns if terminal else None), out)
     return 0
 
 

@@ -35,6 +35,7 @@ from tasks.evaluate import evaluate
 from tasks.filter import group_stage
 from tasks.grow import grow
 from tasks.results import Selection
+from tasks.context import log
 from tasks.score import score
 from tasks.tracking.registry import log_step_metrics
 from tasks.train import drop_superseded, grpo_figures, last_checkpoint, train_grpo
@@ -52,6 +53,9 @@ def grpo(recipe: Recipe, run_name: str | None = None) -> dict[str, Any]:
     with open_loop(recipe, run_name, "grpo") as loop:  # Input: the initial policy π_θ_init (warm-started), measured
         ref, clock, cfg = loop.ref, loop.clock, recipe.grpo
         policy = loop.initial
+        if (prompts := ref.open_lake().manifest(ref.stage_uri(0, "prompts")).rows) < cfg.prompts_per_step:
+            log().warning("grpo.prompts_per_step=%d is more than the task's %d prompts: every step samples all of them",
+                          cfg.prompts_per_step, prompts)
 
         for g in range(1, recipe.grow_steps + 1):  # for iteration = 1, ..., I
             start = policy

@@ -107,11 +107,7 @@ def grow(ref: RunRef, model_uri: str, iteration: int, step: int | None = None) -
                                unmapped(step)),
         lambda parts: commit_samples(ref, model_uri, iteration, parts, step),
     )
-    lake = ref.open_lake()
-    grown = lake.read(uri).select("sample_idx", "num_tokens", "finish_reason")
-    if step == 1 and iteration == 1 and (n := lake.manifest(ref.stage_uri(0, "prompts")).rows) < ref.recipe.grpo.prompts_per_step:
-        log().warning("grpo.prompts_per_step=%d is more than the task's %d prompts: every step samples all of them",
-                      ref.recipe.grpo.prompts_per_step, n)
+    grown = ref.open_lake().read(uri).select("sample_idx", "num_tokens", "finish_reason")
     warn_truncated(f"grow {where(iteration, step)}", length_stats(grown, "grown")["grown_truncated"],
                    "samples", "grow.max_new_tokens", ref.recipe.grow.max_new_tokens)
     return uri
