@@ -187,6 +187,26 @@ def test_bad_grpo_settings_are_one_sentence_and_write_nothing(tmp_path, sets, ex
     assert not list(tmp_path.rglob(MANIFEST)) and not (tmp_path / "mlflow").exists()
 
 
+def test_a_batch_larger_than_the_task_is_said_once_and_each_line_names_its_step(tmp_path, prefect_server):
+    """``flywheel run`` in a subprocess with more prompts a step than the task has: one warning line before the first
+    step (every step samples all of them), and Grow's and Score's lines name the step they belong to."""
+    sets = ["task.n_labelled=40", "task.n_prompts=8", "task.n_eval=8", "warm_start.epochs=2", "grow_steps=1",
+            "grow.samples_per_prompt=2", "grpo.steps_per_iteration=2", "grpo.prompts_per_step=16"]
+    argv = [sys.executable, "-m", "flows.cli", "run", str(RECIPE), "--run-name", "wide", *[a for x in sets for a in ("--set", x)]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_"))}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PREFECT_API_URL": prefect_server}
+    proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    warned = [i for i, line in enumerate(lines) if "prompts_per_step" in line]
+    assert [lines[i] for i in warned] == [
+        "warning: grpo.prompts_per_step=16 is more than the task's 8 prompts: every step samples all of them"], lines
+    assert warned[0] < min(i for i, line in enumerate(lines) if line.startswith("grow g=1 step 1 "))
+    for step in (1, 2):
+        assert any(re.match(rf"grow g=1 step {step} shard 1/1: 8 prompts -> 16 samples · ", line) for line in lines), lines
+        assert any(line.startswith(f"score g=1 step {step}: committed 16 rows in 1 part · ") for line in lines), lines
+
+
 # -- the recipe as it ships, and a run killed during its updates (slow) -----------------------------------
 
 
